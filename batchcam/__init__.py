@@ -1,0 +1,3 @@
+"""batchcam: batch predictions and Grad-CAM explanations over folders of chest X-rays."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from batchcam.cli import main
+
+raise SystemExit(main())

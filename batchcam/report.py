@@ -1,0 +1,116 @@
+"""The report folder's writers: overlays, predictions.csv, manifest.json, metrics.json, cams.npz.
+
+Every file is written to a temporary name in its folder, fsynced and renamed, in the order a
+reader can trust: overlays first, then the CSV and the manifest, the gallery last, so an
+index.html never points at an overlay that is not there.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import batchcam
+from batchcam import rows as rowlib
+from batchcam.fsutil import atomic_write, fsync_dir, write_bytes_atomic
+from batchcam.metrics import classification_metrics
+from batchcam.model import LoadedModel
+from batchcam.rows import Row
+
+SCHEMA_VERSION = 1
+
+
+class ReportFolder:
+    """Owns REPORT: creates it and writes every file inside it, and nothing outside it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def prepare(self) -> None:
+        (self.path / "overlays").mkdir(parents=True, exist_ok=True)
+
+    def write_overlay(self, overlay: str, overlay_jpeg: bytes, thumb_jpeg: bytes) -> None:
+        write_bytes_atomic(self.path / overlay, overlay_jpeg)
+        write_bytes_atomic(self.path / rowlib.thumb_path(overlay), thumb_jpeg)
+
+    def write_csv(self, rows: Sequence[Row], class_names: Sequence[str]) -> None:
+        fsync_dir(self.path / "overlays")
+        with atomic_write(self.path / "predictions.csv", "w", encoding="utf-8", newline="") as f:
+            rowlib.write_csv(f, rows, class_names)
+
+    def write_json(self, name: str, data: dict) -> None:
+        with atomic_write(self.path / name, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+    def remove(self, name: str) -> None:
+        (self.path / name).unlink(missing_ok=True)
+
+    def write_cams(self, cams: dict[str, np.ndarray]) -> None:
+        with atomic_write(self.path / "cams.npz", "wb") as f:
+            np.savez_compressed(f, **cams)
+
+    def write_index(self, html: str) -> None:
+        with atomic_write(self.path / "index.html", "w", encoding="utf-8") as f:
+            f.write(html)
+        fsync_dir(self.path)
+
+
+def label_for(relpath: str, class_names: Sequence[str]) -> str:
+    """The true class when the file's parent folder is named like a class (case-insensitive)."""
+    parts = relpath.split("/")
+    if len(parts) < 2:
+        return ""
+    parent = parts[-2].lower()
+    return next((name for name in class_names if name.lower() == parent), "")
+
+
+def scan_metrics(rows: Sequence[Row], class_names: Sequence[str]) -> dict | None:
+    labelled = [row for row in rows if row.ok and row.label]
+    if not labelled:
+        return None
+    index = {name: i for i, name in enumerate(class_names)}
+    return classification_metrics([index[r.label] for r in labelled], [index[r.prediction] for r in labelled],
+                                  np.array([r.probabilities for r in labelled]), class_names)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "grad-cam", "pillow", "numpy", "jinja2"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def manifest(*, root: Path, argv: Sequence[str], loaded: LoadedModel, cam: dict, device: str, counts: dict,
+             started_at: str, finished_at: str, seconds: float) -> dict:
+    spec = loaded.spec
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "batchcam_version": batchcam.__version__,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "root": str(root.resolve()),
+        "args": list(argv),
+        "model": {"path": str(loaded.path), "name": loaded.path.name, "sha256": loaded.sha256, "arch": spec.arch,
+                  "class_names": list(spec.class_names), "image_size": spec.image_size, "mean": list(spec.mean),
+                  "std": list(spec.std), "dropout": spec.dropout, "demo": loaded.demo},
+        "cam": cam,
+        "device": device,
+        "versions": library_versions(),
+        "platform": {"system": platform.system(), "machine": platform.machine()},
+        "counts": counts,
+        "timings": {"seconds": round(seconds, 3),
+                    "images_per_second": round(counts.get("processed", 0) / seconds, 3) if seconds > 0 else None},
+    }

@@ -1,0 +1,118 @@
+"""The result row of one image: what predictions.csv holds, and how it is written and read."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+BASE_COLUMNS = ("path", "status", "error", "prediction", "confidence")
+TAIL_COLUMNS = ("label", "correct", "cam_target", "cam_peak_x", "cam_peak_y", "overlay", "width",
+                "height", "sha256", "model_sha256")
+
+
+@dataclass
+class Row:
+    path: str
+    status: str                     # "ok" or "error"
+    error: str = ""
+    prediction: str = ""
+    confidence: float | None = None
+    probabilities: list[float] = field(default_factory=list)  # checkpoint class order
+    label: str = ""
+    cam_target: str = ""
+    cam_peak_x: int | None = None
+    cam_peak_y: int | None = None
+    overlay: str = ""
+    width: int | None = None
+    height: int | None = None
+    sha256: str = ""
+    model_sha256: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def correct(self) -> bool | None:
+        return None if not (self.ok and self.label) else self.label == self.prediction
+
+    @property
+    def thumb(self) -> str:
+        return thumb_path(self.overlay) if self.overlay else ""
+
+
+def columns(class_names: Sequence[str]) -> list[str]:
+    """The contract's columns in order, with one p_<CLASS> column per class after confidence."""
+    return [*BASE_COLUMNS, *(f"p_{name}" for name in class_names), *TAIL_COLUMNS]
+
+
+def to_csv_dict(row: Row, class_names: Sequence[str]) -> dict[str, str]:
+    values = {"path": row.path, "status": row.status, "error": one_line(row.error), "prediction": row.prediction,
+              "confidence": _number(row.confidence), "label": row.label,
+              "correct": "" if row.correct is None else str(row.correct).lower(), "cam_target": row.cam_target,
+              "cam_peak_x": _number(row.cam_peak_x), "cam_peak_y": _number(row.cam_peak_y),
+              "overlay": row.overlay, "width": _number(row.width), "height": _number(row.height),
+              "sha256": row.sha256, "model_sha256": row.model_sha256}
+    for name, p in zip(class_names, row.probabilities or [None] * len(class_names)):
+        values[f"p_{name}"] = _number(p)
+    return values
+
+
+def from_csv_dict(values: dict[str, str], class_names: Sequence[str]) -> Row:
+    probabilities = [float(values[f"p_{n}"]) for n in class_names] if values.get(f"p_{class_names[0]}") else []
+    return Row(path=values["path"], status=values["status"], error=values.get("error", ""),
+               prediction=values.get("prediction", ""), confidence=_float(values.get("confidence")),
+               probabilities=probabilities, label=values.get("label", ""), cam_target=values.get("cam_target", ""),
+               cam_peak_x=_int(values.get("cam_peak_x")), cam_peak_y=_int(values.get("cam_peak_y")),
+               overlay=values.get("overlay", ""), width=_int(values.get("width")), height=_int(values.get("height")),
+               sha256=values.get("sha256", ""), model_sha256=values.get("model_sha256", ""))
+
+
+def write_csv(stream: io.TextIOBase, rows: Iterable[Row], class_names: Sequence[str]) -> None:
+    writer = csv.DictWriter(stream, fieldnames=columns(class_names), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(to_csv_dict(row, class_names))
+
+
+def read_csv(stream: io.TextIOBase, class_names: Sequence[str]) -> list[Row]:
+    return [from_csv_dict(values, class_names) for values in csv.DictReader(stream)]
+
+
+def overlay_path(relpath: str) -> str:
+    """A safe, unique overlay name for a relative path: readable stem + hash of the whole path.
+
+    Two files called image.png in different folders differ in the hash; nothing in the name can
+    leave overlays/ or need escaping.
+    """
+    stem = relpath.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:60] or "image"
+    digest = hashlib.sha256(relpath.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"overlays/{safe}-{digest}.jpg"
+
+
+def thumb_path(overlay: str) -> str:
+    return overlay[: -len(".jpg")] + ".thumb.jpg"
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _number(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    return str(value)
+
+
+def _float(text: str | None) -> float | None:
+    return float(text) if text else None
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text else None

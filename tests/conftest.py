@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models and tiny synthetic X-ray folders, made fresh in temporary folders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchcam.model import ModelSpec, build_model, save_checkpoint
+from batchcam.synthetic import generate
+
+TINY_SIZE = 64  # model input for fast tests; the checkpoint carries it, so scan uses it too
+
+
+def tiny_checkpoint(path: Path, dropout: float = 0.0, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = build_model(2, dropout).eval()
+    save_checkpoint(path, model, ModelSpec(class_names=("NORMAL", "PNEUMONIA"), image_size=TINY_SIZE,
+                                           dropout=dropout))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised ResNet18 checkpoint with a 64 px input."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+def write_xrays(folder: Path, count: int = 4, size: tuple[int, int] = (160, 128), start_seed: int = 0,
+                suffix: str = ".png") -> list[Path]:
+    """A few small synthetic X-rays, alternating classes, in class-named subfolders."""
+    paths = []
+    for i in range(count):
+        label = ("NORMAL", "PNEUMONIA")[i % 2]
+        path = folder / label / f"img{i:02d}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        generate(start_seed + i, label, size).image.save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def xray_folder(tmp_path) -> Path:
+    root = tmp_path / "xrays"
+    write_xrays(root)
+    return root
