@@ -168,11 +168,16 @@ def seed_worker(worker_id: int) -> None:
 
 
 def make_loader(items, args, augment: bool, shuffle: bool) -> DataLoader:
-    generator = torch.Generator().manual_seed(args.seed)
+    """Workers are not persistent: each epoch reseeds the generator (see ``reseed``), so the
+    shuffle and augmentation of epoch N are the same whether or not the run was resumed."""
     return DataLoader(XrayFolder(items, args.image_size, augment, args.rotation), batch_size=args.batch_size,
                       shuffle=shuffle, num_workers=args.workers, collate_fn=collate,
-                      worker_init_fn=seed_worker, generator=generator,
-                      persistent_workers=args.workers > 0)
+                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(args.seed))
+
+
+def reseed(loader: DataLoader, seed: int, epoch: int) -> None:
+    loader.generator.manual_seed(seed * 10_007 + epoch)
+    random.seed(seed * 10_007 + epoch)
 
 
 # ---------------------------------------------------------------- model
@@ -314,6 +319,7 @@ def train(args, dropout: float, out: Path, class_names, splits) -> dict:
     state = resume_state(out, model, optimizer) if args.resume else {"epoch": 0, "best": None, "history": []}
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         started = time.time()
+        reseed(loaders["train"], args.seed, epoch)
         train_result = train_one_epoch(model, loaders["train"], criterion, optimizer, scaler, spec, device, progress)
         val_result = evaluate(model, loaders["val"], criterion, spec, device, class_names, progress)
         better, score = is_better(val_result, state["best"], args.select_by)
@@ -363,9 +369,14 @@ def resume_state(out: Path, model, optimizer) -> dict:
     path = out / "last.pt"
     if not path.is_file():
         raise TrainingError(f"--resume: {path} does not exist (nothing to resume)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(saved["state_dict"])
-    optimizer.load_state_dict(saved["optimizer"])
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+    except Exception as e:  # unreadable, or saved by a run with other classes or options
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrainingError(f"{path}: cannot resume from it: it does not match this run's model and "
+                            f"options ({first_line[:160]})") from None
     print(f"resuming after epoch {saved['epoch']}", flush=True)
     return {"epoch": saved["epoch"], "best": saved["best"], "history": saved["history"]}
 

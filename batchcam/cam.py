@@ -18,12 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
-                              XGradCAM)
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-LIBRARY_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM,
-                   "xgradcam": XGradCAM, "layercam": LayerCAM, "eigencam": EigenCAM, "scorecam": ScoreCAM}
+# Method name -> pytorch-grad-cam class name. The library is imported only when one is used: it
+# pulls in OpenCV, matplotlib and scikit-learn (seconds of start-up the exact path does not need).
+LIBRARY_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
+                   "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM", "scorecam": "ScoreCAM"}
 METHODS = tuple(LIBRARY_METHODS)
 TARGET_LAYER = "layer4"
 
@@ -104,7 +102,10 @@ class CamEngine:
         with torch.inference_mode():
             logits = self.model(x).float()
         targets = self._targets(logits)
-        method = _raw_map_capturing(LIBRARY_METHODS[self.method])
+        import pytorch_grad_cam
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        method = _raw_map_capturing(getattr(pytorch_grad_cam, LIBRARY_METHODS[self.method]))
         # Targets for the whole batch, always: a short list silently yields all-zero maps.
         wanted = [ClassifierOutputTarget(int(t)) for t in targets]
         with torch.enable_grad(), method(model=self.model, target_layers=[self.layer]) as cam:

@@ -17,7 +17,7 @@ def environment() -> Environment:
                       trim_blocks=True, lstrip_blocks=True)
     # Relative links are percent-encoded so names with #, ?, %, spaces or non-ASCII still resolve.
     env.filters["url"] = lambda path: quote(path, safe="/")
-    env.filters["percent"] = lambda value: "" if value is None else f"{100 * value:.1f}%"
+    env.filters["percent"] = lambda value: "n/a" if value is None else f"{100 * value:.1f}%"
     return env
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,16 +134,32 @@ def load_checkpoint(path: str | os.PathLike, *, demo: bool = False) -> LoadedMod
 def _read_weights_only(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and not magic.startswith(b"\x80"):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a legacy "
+                              "torch.save file)")
     try:
         # weights_only=True is always passed explicitly: nothing in the file can run code.
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise CheckpointError(f"{path}: refused: the file holds Python objects other than plain "
-                              f"weights and metadata ({reason[:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: refused: the file holds Python objects other than plain weights "
+                              f"and metadata ({_unpickler_reason(e)})") from None
+    except Exception as e:  # torch raises many types for corrupt archives; all mean "unreadable"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).strip()[:200]})") from None
+                              f"{_strip_ansi(str(e)).strip()[:200]})") from None
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The specific cause in torch's long weights-only message (e.g. 'Unsupported global: ...')."""
+    lines = [_strip_ansi(line).strip() for line in str(error).splitlines()]
+    specific = [line for line in lines if "WeightsUnpickler error" in line or "Unsupported global" in line]
+    reason = specific[0] if specific else next((line for line in lines if line), "unsupported content")
+    return reason.removeprefix("WeightsUnpickler error:").strip()[:200]
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def _parse_batchcam(path: Path, raw: dict) -> tuple[ModelSpec, dict, dict]:

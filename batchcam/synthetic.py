@@ -51,10 +51,10 @@ def write_imagefolder(root: str | Path, count: int, *, seed: int = 0, splits: di
                       save_masks: bool = False) -> list[Path]:
     """Write an ImageFolder tree (``split/CLASS/name``) like the Kaggle chest X-ray set.
 
-    ``count`` images per split are divided between the classes by the split fractions; formats
-    alternate through ``formats`` ("png", "jpg"). Masks, when asked for, go to
-    ``split/CLASS/masks/NAME.png`` (a hidden-free sibling folder ignored by ImageFolder readers
-    that only list class folders). Returns the written image paths.
+    ``count`` images are divided between the splits by their fractions and alternate between the
+    classes; formats alternate through ``formats`` ("png", "jpg") independently of the class. A
+    split named "" writes the class folders directly under ``root``. Masks, when asked for, go to
+    ``root/masks/split/CLASS/NAME.png``, outside the class folders, so no reader trains on them. Returns the written image paths.
     """
     root = Path(root)
     fractions = splits or SPLITS
@@ -71,7 +71,7 @@ def write_imagefolder(root: str | Path, count: int, *, seed: int = 0, splits: di
             ext = formats[(index // len(CLASSES)) % len(formats)]  # formats must not leak the class
             folder = root / split / label
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{split}_{index:05d}.{ext}"
+            path = folder / f"{split or 'xray'}_{index:05d}.{ext}"
             save(xray.image, path)
             if save_masks:
                 mask_dir = root / "masks" / split / label
@@ -180,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-size", type=int, default=512, help="smallest side length drawn, px")
     parser.add_argument("--max-size", type=int, default=2048, help="largest side length drawn, px")
     parser.add_argument("--masks", action="store_true", help="also save opacity masks under OUT/masks/")
+    parser.add_argument("--no-splits", action="store_true",
+                        help="write OUT/NORMAL and OUT/PNEUMONIA directly, without train/val/test")
     args = parser.parse_args(argv)
     paths = write_imagefolder(args.out, args.count, seed=args.seed, formats=tuple(args.formats.split(",")),
+                              splits={"": 1.0} if args.no_splits else None,
                               size_range=(args.min_size, args.max_size), save_masks=args.masks)
     print(f"wrote {len(paths)} images under {args.out}")
     return 0
