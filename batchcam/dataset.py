@@ -49,19 +49,24 @@ class ScanDataset(Dataset):
             data = candidate.path.read_bytes()
         except OSError as e:
             return Sample(relpath=candidate.relpath, error=f"cannot read file: {e.strerror or e}")
-        sample = Sample(relpath=candidate.relpath, sha256=hashlib.sha256(data).hexdigest())
-        try:
-            decoded = decode_grayscale(data, min_long_side=max(self.display_max_side, self.image_size))
-        except DecodeError as e:
-            sample.error = str(e)
-            return sample
-        except Exception as e:  # a decoder bug must cost one row, not the run
-            sample.error = f"cannot decode image: {type(e).__name__}: {e}"[:240]
-            return sample
-        sample.width, sample.height = decoded.width, decoded.height
-        sample.model_view = resize_square(decoded.gray, self.image_size)
-        sample.display = np.asarray(fit_within(decoded.gray, self.display_max_side), dtype=np.uint8)
+        return decode_sample(candidate.relpath, data, self.image_size, self.display_max_side)
+
+
+def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: int = WORKING_LONG_SIDE) -> Sample:
+    """Decode one file's bytes into a Sample; any failure becomes ``Sample.error``, never an exception."""
+    sample = Sample(relpath=relpath, sha256=hashlib.sha256(data).hexdigest())
+    try:
+        decoded = decode_grayscale(data, min_long_side=max(display_max_side, image_size))
+    except DecodeError as e:
+        sample.error = str(e)
         return sample
+    except Exception as e:  # a decoder bug must cost one row, not the run
+        sample.error = f"cannot decode image: {type(e).__name__}: {e}"[:240]
+        return sample
+    sample.width, sample.height = decoded.width, decoded.height
+    sample.model_view = resize_square(decoded.gray, image_size)
+    sample.display = np.asarray(fit_within(decoded.gray, display_max_side), dtype=np.uint8)
+    return sample
 
 
 def collate_samples(samples: list[Sample]) -> tuple[list[Sample], torch.Tensor | None]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
 
@@ -28,13 +27,9 @@ def summary(rows: Sequence[Row], class_names: Sequence[str]) -> dict:
             "wrong": sum(row.correct is False for row in rows)}
 
 
-def render_index(rows: Sequence[Row], class_names: Sequence[str], manifest: dict, metrics: dict | None) -> str:
+def render_gallery(rows: Sequence[Row], class_names: Sequence[str], manifest: dict,
+                   metrics: dict | None) -> dict[str, str]:
+    """The gallery's files, relative to REPORT, name -> text (``index.html`` is the entry page)."""
     template = environment().get_template("index.html")
-    return template.render(rows=rows, class_names=class_names, manifest=manifest, metrics=metrics,
-                           summary=summary(rows, class_names))
-
-
-def write_index(path: Path, html: str) -> None:
-    from batchcam.fsutil import atomic_write
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        f.write(html)
+    return {"index.html": template.render(rows=rows, class_names=class_names, manifest=manifest,
+                                          metrics=metrics, summary=summary(rows, class_names))}

@@ -25,6 +25,7 @@ JPEG_QUALITY = 88
 class RenderedOverlay:
     overlay_jpeg: bytes
     thumb_jpeg: bytes
+    original_jpeg: bytes  # the X-ray as displayed, without heat: the gallery's "original" toggle
     peak_x: int  # in original-image pixels
     peak_y: int
 
@@ -66,7 +67,8 @@ def render(display: np.ndarray, cam: torch.Tensor, width: int, height: int) -> R
     overlay = Image.fromarray(blended, mode="RGB")
     thumb = overlay.copy()
     thumb.thumbnail((THUMB_MAX_SIDE, THUMB_MAX_SIDE), Image.BILINEAR)
-    return RenderedOverlay(_jpeg(overlay), _jpeg(thumb), peak_x, peak_y)
+    original = Image.fromarray(display, mode="L")
+    return RenderedOverlay(_jpeg(overlay), _jpeg(thumb), _jpeg(original), peak_x, peak_y)
 
 
 def _jpeg(image: Image.Image) -> bytes:

@@ -22,7 +22,7 @@ from batchcam.config import ScanConfig, UsageError, resolve_device, resolve_targ
 from batchcam.console import Console
 from batchcam.dataset import Sample, ScanDataset, collate_samples
 from batchcam.discover import IMAGE_EXTENSIONS, discover
-from batchcam.gallery import render_index
+from batchcam.gallery import render_gallery
 from batchcam.model import LoadedModel, load_checkpoint, normalize
 from batchcam.report import ReportFolder, label_for, manifest, now_iso, scan_metrics
 from batchcam.resources import DEMO_MODEL, DEMO_NOTICE
@@ -76,12 +76,10 @@ def scan(config: ScanConfig, console: Console) -> ScanResult:
     raw_cams: dict[str, np.ndarray] = {}
     with CamEngine(model, config.cam, target) as engine, OverlayStage(report) as stage:
         for samples, views in console.progress(loader, len(dataset), lambda batch: len(batch[0])):
-            cam_batch = None if views is None else engine(normalize(views.to(device, non_blocking=True), loaded.spec)
-                                                          .contiguous(memory_format=torch.channels_last))
-            rows.extend(stage.submit(batch_rows(samples, cam_batch, loaded)))
-            if config.save_cams and cam_batch is not None:
-                ok = [s for s in samples if s.ok]
-                raw_cams.update((s.relpath, cam.numpy()) for s, cam in zip(ok, cam_batch.cams))
+            results = explain_batch(samples, views, engine, loaded, device)
+            rows.extend(stage.submit(results))
+            if config.save_cams:
+                raw_cams.update((row.path, cam.numpy()) for row, _, cam in results if cam is not None)
         rows.extend(stage.drain())
 
     rows.sort(key=lambda row: row.path)
@@ -102,8 +100,22 @@ def scan(config: ScanConfig, console: Console) -> ScanResult:
         report.remove("metrics.json")
     if config.save_cams:
         report.write_cams(raw_cams)
-    report.write_index(render_index(rows, loaded.spec.class_names, report_manifest, metrics))
+    report.write_gallery(render_gallery(rows, loaded.spec.class_names, report_manifest, metrics))
     return ScanResult(report=config.out, rows=rows, counts=counts, seconds=seconds)
+
+
+def explain_batch(samples: list[Sample], views: torch.Tensor | None, engine: CamEngine, loaded: LoadedModel,
+                  device: torch.device) -> list[tuple[Row, Sample, torch.Tensor | None]]:
+    """Model + CAM on the good samples of a batch (as collated by ``collate_samples``).
+
+    Returns one (row, sample, raw map) per sample in order; the row lacks only the CAM peak, which
+    ``overlay.render`` computes. predict and serve call this too, so they explain exactly as scan does.
+    """
+    cam_batch = None
+    if views is not None:
+        x = normalize(views.to(device, non_blocking=True), loaded.spec).contiguous(memory_format=torch.channels_last)
+        cam_batch = engine(x)
+    return batch_rows(samples, cam_batch, loaded)
 
 
 def batch_rows(samples: list[Sample], cam_batch: CamBatch | None,
@@ -169,5 +181,5 @@ class OverlayStage:
 
     def _render(self, row: Row, sample: Sample, cam: torch.Tensor) -> None:
         rendered = overlays.render(sample.display, cam, sample.width, sample.height)
-        self.report.write_overlay(row.overlay, rendered.overlay_jpeg, rendered.thumb_jpeg)
+        self.report.write_overlay(row.overlay, rendered)
         row.cam_peak_x, row.cam_peak_y = rendered.peak_x, rendered.peak_y

@@ -20,6 +20,7 @@ from batchcam import rows as rowlib
 from batchcam.fsutil import atomic_write, fsync_dir, write_bytes_atomic
 from batchcam.metrics import classification_metrics
 from batchcam.model import LoadedModel
+from batchcam.overlay import RenderedOverlay
 from batchcam.rows import Row
 
 SCHEMA_VERSION = 1
@@ -34,9 +35,10 @@ class ReportFolder:
     def prepare(self) -> None:
         (self.path / "overlays").mkdir(parents=True, exist_ok=True)
 
-    def write_overlay(self, overlay: str, overlay_jpeg: bytes, thumb_jpeg: bytes) -> None:
-        write_bytes_atomic(self.path / overlay, overlay_jpeg)
-        write_bytes_atomic(self.path / rowlib.thumb_path(overlay), thumb_jpeg)
+    def write_overlay(self, overlay: str, rendered: RenderedOverlay) -> None:
+        write_bytes_atomic(self.path / overlay, rendered.overlay_jpeg)
+        write_bytes_atomic(self.path / rowlib.thumb_path(overlay), rendered.thumb_jpeg)
+        write_bytes_atomic(self.path / rowlib.original_path(overlay), rendered.original_jpeg)
 
     def write_csv(self, rows: Sequence[Row], class_names: Sequence[str]) -> None:
         fsync_dir(self.path / "overlays")
@@ -55,9 +57,14 @@ class ReportFolder:
         with atomic_write(self.path / "cams.npz", "wb") as f:
             np.savez_compressed(f, **cams)
 
-    def write_index(self, html: str) -> None:
-        with atomic_write(self.path / "index.html", "w", encoding="utf-8") as f:
-            f.write(html)
+    def write_gallery(self, pages: dict[str, str]) -> None:
+        """Write the gallery's files (relative name -> text), index.html last, so the entry page
+        never links to a page that is not there yet."""
+        for name in sorted(pages, key=lambda n: n == "index.html"):
+            target = self.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(target, "w", encoding="utf-8") as f:
+                f.write(pages[name])
         fsync_dir(self.path)
 
 

@@ -43,6 +43,10 @@ class Row:
     def thumb(self) -> str:
         return thumb_path(self.overlay) if self.overlay else ""
 
+    @property
+    def original(self) -> str:
+        return original_path(self.overlay) if self.overlay else ""
+
 
 def columns(class_names: Sequence[str]) -> list[str]:
     """The contract's columns in order, with one p_<CLASS> column per class after confidence."""
@@ -96,6 +100,11 @@ def overlay_path(relpath: str) -> str:
 
 def thumb_path(overlay: str) -> str:
     return overlay[: -len(".jpg")] + ".thumb.jpg"
+
+
+def original_path(overlay: str) -> str:
+    """The displayed X-ray without heat (a JPEG copy: the source may be 16-bit or DICOM)."""
+    return overlay[: -len(".jpg")] + ".orig.jpg"
 
 
 def one_line(text: str) -> str:
