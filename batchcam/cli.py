@@ -2,7 +2,8 @@
 
 ``main(argv) -> int`` returns the exit code instead of exiting, so tests call it in-process.
 Exit codes (see README): 0 all images ok, 2 usage/configuration error, 3 report written with
-error rows; 1 only ever comes from an unexpected internal failure.
+error rows, 74 report not writable, 75 report locked by another run, 130/143 stopped by
+SIGINT/SIGTERM after saving; 1 only ever comes from an unexpected internal failure.
 """
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from batchcam import __version__
 from batchcam.cam import METHODS
 from batchcam.config import ScanConfig, UsageError, default_workers
 from batchcam.console import Console
+from batchcam.gallery import DEFAULT_PAGE_SIZE
+from batchcam.interrupt import Interrupted
+from batchcam.lock import ReportLocked
 from batchcam.model import CheckpointError
+from batchcam.report import ReportWriteError
 
-EXIT_OK, EXIT_USAGE, EXIT_IMAGE_ERRORS = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_IMAGE_ERRORS, EXIT_CANNOT_WRITE, EXIT_LOCKED, EXIT_SIGINT = 0, 2, 3, 74, 75, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,14 +45,81 @@ def build_parser() -> argparse.ArgumentParser:
                       help="class the heatmap explains: 'predicted' or a class name")
     scan.add_argument("--save-cams", action="store_true",
                       help="also write cams.npz with the raw low-resolution map of every ok image")
+    scan.add_argument("--full", action="store_true",
+                      help="recompute every image (default: reuse rows of unchanged files and settings)")
     scan.add_argument("--quiet", action="store_true", help="print only warnings, errors and the summary line")
+    scan.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="images per gallery page")
+    add_predict_parser(commands)
+    add_serve_parser(commands)
     return parser
+
+
+def add_model_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", type=Path, default=None,
+                         help="batchcam checkpoint or ResNet18 state dict (default: the bundled demo model)")
+    command.add_argument("--device", default="auto",
+                         help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
+
+
+def add_predict_parser(commands) -> None:
+    predict = commands.add_parser("predict", help="classify and explain a few X-ray files, print the results")
+    predict.add_argument("files", nargs="+", metavar="FILE",
+                         help="X-ray images (JPEG, PNG, BMP, TIFF, 16-bit too; DICOM with the dicom extra)")
+    add_model_options(predict)
+    predict.add_argument("--out", type=Path, default=None, metavar="DIR",
+                         help="write each overlay (JPEG) into DIR (default: no files are written)")
+    predict.add_argument("--json", action="store_true", help="print one JSON object per file instead of a table")
+    predict.add_argument("--batch-size", type=int, default=16, help="images per model batch (default: 16)")
+    predict.add_argument("--cam", default="gradcam", choices=METHODS, metavar="METHOD",
+                         help=f"CAM method, one of: {', '.join(METHODS)} (default: gradcam)")
+    predict.add_argument("--target", default="predicted",
+                         help="class the heatmap explains: 'predicted' (the default) or a class name")
+
+
+def add_serve_parser(commands) -> None:
+    from batchcam.serve import DEFAULT_MAX_UPLOAD_MB
+
+    serve = commands.add_parser("serve", help="a local web page to upload X-rays and see predictions and overlays "
+                                "(needs the 'serve' extra)")
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: 127.0.0.1); anything but loopback exposes the page "
+                       "to the network")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                       help=f"largest request accepted, in MB of 2^20 bytes (default: {DEFAULT_MAX_UPLOAD_MB}); "
+                       "larger ones get HTTP 413")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from batchcam.predict import PredictConfig, predict
+
+    config = PredictConfig(files=tuple(args.files), model=args.model, out=args.out, json=args.json,
+                           device=args.device, cam=args.cam, target=args.target, batch_size=args.batch_size)
+    console = Console()
+    try:
+        result = predict(config, console)
+    except KeyboardInterrupt:
+        print("batchcam: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+    where = f"; overlays in {config.out}" if config.out is not None else ""
+    print(f"{result.summary_line}{where}", file=sys.stderr, flush=True)
+    return EXIT_IMAGE_ERRORS if result.error else EXIT_OK
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from batchcam.serve import ServeConfig, serve
+
+    config = ServeConfig(model=args.model, host=args.host, port=args.port, device=args.device,
+                         max_upload_mb=args.max_upload_mb)
+    return serve(config, Console())
 
 
 def scan_config(args: argparse.Namespace, argv: list[str]) -> ScanConfig:
     return ScanConfig(root=args.root, out=args.out, model=args.model, device=args.device,
                       batch_size=args.batch_size, workers=args.workers, cam=args.cam, target=args.target,
-                      save_cams=args.save_cams, quiet=args.quiet, argv=tuple(argv))
+                      save_cams=args.save_cams, full=args.full, quiet=args.quiet, page_size=args.page_size,
+                      argv=tuple(argv))
 
 
 def run_scan(config: ScanConfig) -> int:
@@ -69,8 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "scan":
             return run_scan(scan_config(args, argv))
+        if args.command == "predict":
+            return run_predict(args)
+        if args.command == "serve":
+            return run_serve(args)
     except (UsageError, CheckpointError) as e:
         print(f"batchcam: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except ReportWriteError as e:
+        print(f"batchcam: error: {e}", file=sys.stderr)
+        return EXIT_CANNOT_WRITE
+    except ReportLocked as e:
+        print(f"batchcam: {e}; nothing was changed", file=sys.stderr)
+        return EXIT_LOCKED
+    except Interrupted as e:
+        print(f"batchcam: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("batchcam: interrupted; finished batches are saved and the next run resumes", file=sys.stderr)
+        return EXIT_SIGINT
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE

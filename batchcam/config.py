@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from batchcam.cam import METHODS
+from batchcam.gallery import DEFAULT_PAGE_SIZE
 
 
 class UsageError(Exception):
@@ -30,7 +31,9 @@ class ScanConfig:
     cam: str = "gradcam"
     target: str = "predicted"        # "predicted" or a class name
     save_cams: bool = False
+    full: bool = False               # recompute every image instead of reusing unchanged rows
     quiet: bool = False
+    page_size: int = DEFAULT_PAGE_SIZE   # images per gallery page
     argv: tuple[str, ...] = ()
 
     def validate(self) -> None:
@@ -42,6 +45,8 @@ class ScanConfig:
             raise UsageError(f"--out {self.out} exists and is not a folder")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.page_size < 1:
+            raise UsageError(f"--page-size must be at least 1, got {self.page_size}")
         if self.workers < 0:
             raise UsageError(f"--workers must be 0 (decode in the main process) or more, got {self.workers}")
         if self.cam not in METHODS:

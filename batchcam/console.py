@@ -9,17 +9,44 @@ T = TypeVar("T")
 
 
 class Console:
+    """stderr for people (quiet keeps only warnings), and a detailed log file once REPORT is known."""
+
     def __init__(self, quiet: bool = False, stream=None):
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._log = None
+
+    def attach_log(self, path) -> None:
+        """Append this run's details to ``path`` (REPORT/batchcam.log); best effort, never fatal."""
+        try:
+            self._log = open(path, "a", encoding="utf-8", errors="backslashreplace")
+        except OSError:
+            self._log = None
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def info(self, message: str) -> None:
         if not self.quiet:
             print(message, file=self.stream, flush=True)
+        self.log(message)
 
     def warn(self, message: str) -> None:
         print(f"batchcam: warning: {message}", file=self.stream, flush=True)
+        self.log(f"warning: {message}")
+
+    def log(self, message: str) -> None:
+        """Only into the log file: details that would make cron mail long."""
+        if self._log is None:
+            return
+        try:
+            self._log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {message}\n")
+            self._log.flush()
+        except OSError:
+            pass  # a full disk must not turn a log line into a failed run
 
     def progress(self, batches: Iterable[T], total_images: int, sizes) -> Iterator[T]:
         """Yield batches while showing progress in images (``sizes(batch)`` counts one batch)."""

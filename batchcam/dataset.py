@@ -7,13 +7,16 @@ slide onto a neighbour's row.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from batchcam.discover import Candidate
 from batchcam.imaging import WORKING_LONG_SIDE, DecodeError, decode_grayscale, fit_within, resize_square
 
 
@@ -28,35 +31,68 @@ class Sample:
     height: int = 0
     model_view: np.ndarray | None = None   # uint8 (size, size): what the model sees
     display: np.ndarray | None = None      # uint8 (h, w), longer side <= overlay cap: the overlay's base
+    size: int = -1                         # the file's size and mtime when it was read
+    mtime_ns: int = -1
+    transient: bool = False                # the error may not recur (the file changed or vanished)
+    warnings: tuple[str, ...] = ()         # decoded anyway, but worth a log line (malformed EXIF, say)
 
     @property
     def ok(self) -> bool:
         return not self.error
 
 
+class FileInFlux(Exception):
+    """The file vanished, or changed while it was being read: no row can be trusted this time."""
+
+
 class ScanDataset(Dataset):
-    def __init__(self, candidates: list[Candidate], image_size: int, display_max_side: int = WORKING_LONG_SIDE):
-        self.candidates = candidates
+    """Items are anything with ``relpath`` and ``path`` (a discovery Candidate, a PlannedFile)."""
+
+    def __init__(self, items: Sequence, image_size: int, display_max_side: int = WORKING_LONG_SIDE):
+        self.items = items
         self.image_size = image_size
         self.display_max_side = display_max_side
 
     def __len__(self) -> int:
-        return len(self.candidates)
+        return len(self.items)
 
     def __getitem__(self, index: int) -> Sample:
-        candidate = self.candidates[index]
+        item = self.items[index]
         try:
-            data = candidate.path.read_bytes()
+            data, size, mtime_ns = read_consistently(item.path)
+        except FileInFlux as e:
+            return Sample(relpath=item.relpath, error=str(e), transient=True)
         except OSError as e:
-            return Sample(relpath=candidate.relpath, error=f"cannot read file: {e.strerror or e}")
-        return decode_sample(candidate.relpath, data, self.image_size, self.display_max_side)
+            return Sample(relpath=item.relpath, error=f"cannot read file: {e.strerror or e}")
+        sample = decode_sample(item.relpath, data, self.image_size, self.display_max_side)
+        sample.size, sample.mtime_ns = size, mtime_ns
+        return sample
+
+
+def read_consistently(path: Path) -> tuple[bytes, int, int]:
+    """The file's bytes with its size and mtime, checked unchanged across the read."""
+    try:
+        before = os.stat(path)
+        data = path.read_bytes()
+        after = os.stat(path)
+    except FileNotFoundError:
+        raise FileInFlux("file vanished during the scan") from None
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(data) != after.st_size:
+        raise FileInFlux("file changed while it was being read; it is read again on the next run")
+    return data, after.st_size, after.st_mtime_ns
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader worker init: Ctrl-C reaches the whole process group, but only the main process
+    decides how a run stops (it finishes the batch in flight and saves), so workers ignore it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: int = WORKING_LONG_SIDE) -> Sample:
     """Decode one file's bytes into a Sample; any failure becomes ``Sample.error``, never an exception."""
     sample = Sample(relpath=relpath, sha256=hashlib.sha256(data).hexdigest())
     try:
-        decoded = decode_grayscale(data, min_long_side=max(display_max_side, image_size))
+        decoded = decode_grayscale(data, min_long_side=max(display_max_side, image_size), name=relpath)
     except DecodeError as e:
         sample.error = str(e)
         return sample
@@ -64,6 +100,7 @@ def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: 
         sample.error = f"cannot decode image: {type(e).__name__}: {e}"[:240]
         return sample
     sample.width, sample.height = decoded.width, decoded.height
+    sample.warnings = tuple(decoded.warnings)
     sample.model_view = resize_square(decoded.gray, image_size)
     sample.display = np.asarray(fit_within(decoded.gray, display_max_side), dtype=np.uint8)
     return sample

@@ -1,6 +1,7 @@
 """The one place the stages are wired together:
 
-    discover -> decode (ScanDataset in DataLoader workers) -> model + CAM -> overlay -> writers
+    discover -> plan (reuse unchanged rows) -> decode (ScanDataset in DataLoader workers)
+             -> model + CAM -> overlay -> journal -> writers (CSV, manifest, gallery)
 
 Decoding runs in DataLoader worker processes and overlay rendering/encoding in a thread pool,
 both overlapping the model, which runs in the main process.
@@ -20,13 +21,16 @@ from batchcam import overlay as overlays
 from batchcam.cam import TARGET_LAYER, CamBatch, CamEngine
 from batchcam.config import ScanConfig, UsageError, resolve_device, resolve_target
 from batchcam.console import Console
-from batchcam.dataset import Sample, ScanDataset, collate_samples
+from batchcam.dataset import Sample, ScanDataset, collate_samples, ignore_interrupts
 from batchcam.discover import IMAGE_EXTENSIONS, discover
 from batchcam.gallery import render_gallery
+from batchcam.interrupt import InterruptGuard, Interrupted
+from batchcam.lock import ReportLock
 from batchcam.model import LoadedModel, load_checkpoint, normalize
-from batchcam.report import ReportFolder, label_for, manifest, now_iso, scan_metrics
+from batchcam.report import ReportFolder, ReportWriteError, label_for, manifest, now_iso, scan_metrics
+from batchcam.state import PlannedFile, RowStore, Settings, make_plan, stat_candidates
 from batchcam.resources import DEMO_MODEL, DEMO_NOTICE
-from batchcam.rows import Row, overlay_path
+from batchcam.rows import Row, display_path, overlay_path
 
 
 @dataclass
@@ -52,81 +56,167 @@ def load_model(path: Path | None, console: Console) -> LoadedModel:
 
 
 def scan(config: ScanConfig, console: Console) -> ScanResult:
-    """Run a whole scan; raises UsageError or CheckpointError before REPORT is touched."""
+    """Run a whole scan.
+
+    Raises UsageError or CheckpointError before REPORT is touched, ReportLocked when another run
+    holds REPORT, ReportWriteError when REPORT cannot be written, Interrupted after a signal.
+    """
     started, started_at = time.monotonic(), now_iso()
     config.validate()
     device = resolve_device(config.device)
+    files = discover_files(config, console)
+    loaded = load_model(config.model, console)
+    target = resolve_target(config.target, loaded.spec.class_names)
+    settings = Settings(model_sha256=loaded.sha256, cam=config.cam, target=config.target, target_layer=TARGET_LAYER,
+                        image_size=loaded.spec.image_size, mean=loaded.spec.mean, std=loaded.spec.std)
+    try:
+        with ReportLock(config.out):
+            console.attach_log(config.out / "batchcam.log")
+            console.log(f"run started: batchcam {' '.join(config.argv)}")
+            return scan_locked(config, console, files, loaded, target, settings, device, started, started_at)
+    except OSError as e:
+        if e.filename and not _inside(Path(e.filename), config.out):
+            raise  # not a write into REPORT (a broken installation, say): a real internal failure
+        raise ReportWriteError(f"cannot write the report in {config.out}: {e.strerror or e}"
+                               f"{f' ({e.filename})' if e.filename else ''}; the previous report is unchanged") from None
+    finally:
+        console.close()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def discover_files(config: ScanConfig, console: Console) -> list[PlannedFile]:
     discovery = discover(config.root, exclude=config.out)
     for problem in discovery.problems:
         console.warn(problem)
     if not discovery.candidates:
         raise UsageError(f"no image files under {config.root} (looked for "
                          f"{', '.join(sorted(IMAGE_EXTENSIONS))}, case-insensitive, hidden files skipped)")
-    loaded = load_model(config.model, console)
-    target = resolve_target(config.target, loaded.spec.class_names)
-    model = loaded.model.to(device).to(memory_format=torch.channels_last)
+    return stat_candidates(discovery.candidates)
 
+
+def scan_locked(config: ScanConfig, console: Console, files: list[PlannedFile], loaded: LoadedModel,
+                target: int | None, settings: Settings, device: torch.device, started: float,
+                started_at: str) -> ScanResult:
     report = ReportFolder(config.out)
     report.prepare()
-    console.info(f"scanning {len(discovery.candidates)} images under {config.root} on {device}")
-    dataset = ScanDataset(discovery.candidates, loaded.spec.image_size)
-    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers,
-                        collate_fn=collate_samples, pin_memory=device.type == "cuda")
-    rows: list[Row] = []
-    raw_cams: dict[str, np.ndarray] = {}
-    with CamEngine(model, config.cam, target) as engine, OverlayStage(report) as stage:
-        for samples, views in console.progress(loader, len(dataset), lambda batch: len(batch[0])):
-            results = explain_batch(samples, views, engine, loaded, device)
-            rows.extend(stage.submit(results))
-            if config.save_cams:
-                raw_cams.update((row.path, cam.numpy()) for row, _, cam in results if cam is not None)
-        rows.extend(stage.drain())
+    previous_cams = report.read_cams() if config.save_cams else {}
+    with RowStore(config.out, settings.key) as store:
+        plan = make_plan(files, store.load(), full=config.full,
+                         row_is_complete=lambda row: report.has_overlays(row)
+                         and (not config.save_cams or not row.ok or row.path in previous_cams))
+        console.info(f"scanning {len(files)} images under {config.root} on {device}: "
+                     f"{len(plan.process)} to process, {len(plan.reuse)} unchanged")
+        engine = CamEngine(loaded.model.to(device).to(memory_format=torch.channels_last), config.cam, target)
+        processed, new_cams = process(plan.process, config, engine, loaded, device, settings, report, store, console)
+        rows = sorted(plan.reuse + processed, key=lambda row: row.path)
+        counts = {"found": len(files), "processed": len(processed), "reused": len(plan.reuse),
+                  "ok": sum(row.ok for row in rows), "error": sum(not row.ok for row in rows)}
+        seconds = time.monotonic() - started
+        cam_info = {"method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
+                    "exact_fast_path": engine.exact}
+        report_manifest = manifest(root=config.root, argv=config.argv, loaded=loaded, cam=cam_info,
+                                   device=str(device), counts=counts, started_at=started_at,
+                                   finished_at=now_iso(), seconds=seconds)
+        write_report(report, rows, loaded, report_manifest,
+                     cams={**previous_cams, **new_cams} if config.save_cams else None, page_size=config.page_size)
+        store.commit(rows)
+    report.remove_unreferenced_overlays(rows)
+    report_errors(rows, processed, console)
+    return ScanResult(report=config.out, rows=rows, counts=counts, seconds=seconds)
 
-    rows.sort(key=lambda row: row.path)
-    counts = {"found": len(discovery.candidates), "processed": len(rows), "reused": 0,
-              "ok": sum(row.ok for row in rows), "error": sum(not row.ok for row in rows)}
-    seconds = time.monotonic() - started
-    cam_info = {"method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
-                "exact_fast_path": engine.exact}
-    report_manifest = manifest(root=config.root, argv=config.argv, loaded=loaded, cam=cam_info,
-                               device=str(device), counts=counts, started_at=started_at,
-                               finished_at=now_iso(), seconds=seconds)
-    metrics = scan_metrics(rows, loaded.spec.class_names)
-    report.write_csv(rows, loaded.spec.class_names)
+
+def process(files: list[PlannedFile], config: ScanConfig, engine: CamEngine, loaded: LoadedModel,
+            device: torch.device, settings: Settings, report: ReportFolder, store: RowStore,
+            console: Console) -> tuple[list[Row], dict[str, np.ndarray]]:
+    """Decode, explain and render ``files``, journaling each batch once its overlays are written."""
+    rows: list[Row] = []
+    cams: dict[str, np.ndarray] = {}
+    if not files:
+        return rows, cams
+    dataset = ScanDataset(files, loaded.spec.image_size)
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers,
+                        collate_fn=collate_samples, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_interrupts if config.workers else None)
+
+    def keep(finished: list[Row]) -> None:
+        store.append(finished)
+        rows.extend(finished)
+
+    with InterruptGuard() as guard, engine, OverlayStage(report) as stage:
+        for samples, views in console.progress(loader, len(dataset), lambda batch: len(batch[0])):
+            results = explain_batch(samples, views, engine, loaded, device, settings_key=settings.key)
+            log_decode_warnings(samples, console)
+            keep(stage.submit(results))
+            if config.save_cams:
+                cams.update((row.path, cam.numpy()) for row, _, cam in results if cam is not None)
+            if guard.requested:
+                break
+        keep(stage.drain())
+    if guard.requested:
+        raise Interrupted(guard.signum)
+    return rows, cams
+
+
+def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, report_manifest: dict,
+                 cams: dict[str, np.ndarray] | None, page_size: int) -> None:
+    """CSV and manifest (and metrics, cams), then the gallery: the order a reader can trust."""
+    class_names = loaded.spec.class_names
+    metrics = scan_metrics(rows, class_names)
+    report.write_csv(rows, class_names)
     report.write_json("manifest.json", report_manifest)
     if metrics is not None:
         report.write_json("metrics.json", metrics)
     else:
         report.remove("metrics.json")
-    if config.save_cams:
-        report.write_cams(raw_cams)
-    report.write_gallery(render_gallery(rows, loaded.spec.class_names, report_manifest, metrics))
-    return ScanResult(report=config.out, rows=rows, counts=counts, seconds=seconds)
+    if cams is not None:
+        report.write_cams({row.path: cams[row.path] for row in rows if row.path in cams})
+    report.write_gallery(render_gallery(rows, class_names, report_manifest, metrics, page_size))
+
+
+def log_decode_warnings(samples: list[Sample], console: Console) -> None:
+    for sample in samples:
+        for warning in sample.warnings:
+            console.log(f"warning: {display_path(sample.relpath)}: {warning}")
+
+
+def report_errors(rows: list[Row], processed: list[Row], console: Console) -> None:
+    for row in processed:
+        if not row.ok:
+            console.log(f"error row: {row.path}: {row.error}")
+    errors = sum(not row.ok for row in rows)
+    if errors:
+        console.warn(f"{errors} image(s) could not be processed (status 'error' in predictions.csv; "
+                     "reasons in batchcam.log)")
 
 
 def explain_batch(samples: list[Sample], views: torch.Tensor | None, engine: CamEngine, loaded: LoadedModel,
-                  device: torch.device) -> list[tuple[Row, Sample, torch.Tensor | None]]:
+                  device: torch.device, settings_key: str = "") -> list[tuple[Row, Sample, torch.Tensor | None]]:
     """Model + CAM on the good samples of a batch (as collated by ``collate_samples``).
 
     Returns one (row, sample, raw map) per sample in order; the row lacks only the CAM peak, which
     ``overlay.render`` computes. predict and serve call this too, so they explain exactly as scan does.
+    ``settings_key`` goes into overlay names, so a changed file or setting never reuses a name.
     """
     cam_batch = None
     if views is not None:
         x = normalize(views.to(device, non_blocking=True), loaded.spec).contiguous(memory_format=torch.channels_last)
         cam_batch = engine(x)
-    return batch_rows(samples, cam_batch, loaded)
+    return batch_rows(samples, cam_batch, loaded, settings_key)
 
 
-def batch_rows(samples: list[Sample], cam_batch: CamBatch | None,
-               loaded: LoadedModel) -> list[tuple[Row, Sample, torch.Tensor | None]]:
+def batch_rows(samples: list[Sample], cam_batch: CamBatch | None, loaded: LoadedModel,
+               settings_key: str = "") -> list[tuple[Row, Sample, torch.Tensor | None]]:
     """One row per sample, in order; ok samples take the next prediction and map in turn."""
     class_names = loaded.spec.class_names
     results = []
     ok_index = 0
     for sample in samples:
-        row = Row(path=sample.relpath, status="ok" if sample.ok else "error", error=sample.error,
-                  sha256=sample.sha256, model_sha256=loaded.sha256)
+        row = Row(path=display_path(sample.relpath), status="ok" if sample.ok else "error", error=sample.error,
+                  sha256=sample.sha256, model_sha256=loaded.sha256, relpath=sample.relpath,
+                  size=sample.size, mtime_ns=sample.mtime_ns, transient=sample.transient)
         cam = None
         if sample.ok:
             probabilities = cam_batch.probabilities[ok_index]
@@ -137,7 +227,7 @@ def batch_rows(samples: list[Sample], cam_batch: CamBatch | None,
             row.label = label_for(sample.relpath, class_names)
             row.cam_target = class_names[int(cam_batch.targets[ok_index])]
             row.width, row.height = sample.width, sample.height
-            row.overlay = overlay_path(sample.relpath)
+            row.overlay = overlay_path(sample.relpath, f"{sample.sha256}:{settings_key}")
             cam = cam_batch.cams[ok_index]
             ok_index += 1
         results.append((row, sample, cam))

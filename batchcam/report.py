@@ -7,6 +7,7 @@ index.html never points at an overlay that is not there.
 from __future__ import annotations
 
 import json
+import os
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
@@ -26,14 +27,35 @@ from batchcam.rows import Row
 SCHEMA_VERSION = 1
 
 
+class ReportWriteError(Exception):
+    """REPORT could not be written (disk full, permissions): exit 74, the previous report intact."""
+
+
 class ReportFolder:
-    """Owns REPORT: creates it and writes every file inside it, and nothing outside it."""
+    """Owns REPORT: creates it and writes every file inside it, and nothing outside it.
+
+    Files are replaced by rename, which replaces a planted symbolic link instead of following it;
+    a symbolic link planted in place of ``overlays/`` is removed rather than written through.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def prepare(self) -> None:
-        (self.path / "overlays").mkdir(parents=True, exist_ok=True)
+        overlays = self.path / "overlays"
+        if overlays.is_symlink():
+            overlays.unlink()
+        overlays.mkdir(parents=True, exist_ok=True)
+
+    def remove_unreferenced_overlays(self, rows: Sequence[Row]) -> int:
+        """Delete overlays no row refers to any more (files gone, changed, or a killed run's)."""
+        keep = {name for row in rows if row.overlay for name in (row.overlay, row.thumb, row.original)}
+        removed = 0
+        for entry in os.scandir(self.path / "overlays"):
+            if f"overlays/{entry.name}" not in keep and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
+        return removed
 
     def write_overlay(self, overlay: str, rendered: RenderedOverlay) -> None:
         write_bytes_atomic(self.path / overlay, rendered.overlay_jpeg)
@@ -53,18 +75,41 @@ class ReportFolder:
     def remove(self, name: str) -> None:
         (self.path / name).unlink(missing_ok=True)
 
+    def has_overlays(self, row: Row) -> bool:
+        return not row.ok or all((self.path / name).is_file() for name in (row.overlay, row.thumb, row.original))
+
+    def read_cams(self) -> dict[str, np.ndarray]:
+        """The previous run's raw maps (reused rows keep theirs); empty when absent or unreadable."""
+        try:
+            with np.load(self.path / "cams.npz") as saved:
+                return {key: saved[key] for key in saved.files}
+        except (OSError, ValueError, KeyError):
+            return {}
+
     def write_cams(self, cams: dict[str, np.ndarray]) -> None:
         with atomic_write(self.path / "cams.npz", "wb") as f:
             np.savez_compressed(f, **cams)
 
     def write_gallery(self, pages: dict[str, str]) -> None:
         """Write the gallery's files (relative name -> text), index.html last, so the entry page
-        never links to a page that is not there yet."""
+        never links to a page that is not there yet; then delete the pages a previous, longer run
+        left in the gallery's own folders (gallery/page-N.html beyond the new last page).
+
+        A symbolic link planted in place of such a folder is removed rather than written through.
+        """
+        folders = {(self.path / name).parent for name in pages} - {self.path}
+        for folder in folders:
+            if folder.is_symlink():
+                folder.unlink()
+            folder.mkdir(parents=True, exist_ok=True)
         for name in sorted(pages, key=lambda n: n == "index.html"):
-            target = self.path / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(target, "w", encoding="utf-8") as f:
+            with atomic_write(self.path / name, "w", encoding="utf-8") as f:
                 f.write(pages[name])
+        for folder in folders:
+            for stale in folder.glob("*.html"):
+                if stale.relative_to(self.path).as_posix() not in pages:
+                    stale.unlink()
+            fsync_dir(folder)
         fsync_dir(self.path)
 
 

@@ -30,6 +30,14 @@ class Row:
     height: int | None = None
     sha256: str = ""
     model_sha256: str = ""
+    # Not CSV columns: what the incremental store needs to decide whether the row can be reused.
+    relpath: str = ""        # the file's own relative path (``path`` may be an escaped form of it)
+    size: int = -1           # bytes, as read
+    mtime_ns: int = -1
+    transient: bool = False  # an error that may not happen again (file changed or vanished mid-scan)
+
+    def __post_init__(self) -> None:
+        self.relpath = self.relpath or self.path
 
     @property
     def ok(self) -> bool:
@@ -86,15 +94,18 @@ def read_csv(stream: io.TextIOBase, class_names: Sequence[str]) -> list[Row]:
     return [from_csv_dict(values, class_names) for values in csv.DictReader(stream)]
 
 
-def overlay_path(relpath: str) -> str:
-    """A safe, unique overlay name for a relative path: readable stem + hash of the whole path.
+def overlay_path(relpath: str, version: str = "") -> str:
+    """A safe, unique overlay name: readable stem + hash of the whole relative path and ``version``.
 
     Two files called image.png in different folders differ in the hash; nothing in the name can
-    leave overlays/ or need escaping.
+    leave overlays/ or need escaping. ``version`` (scan passes the file's sha256 and the settings)
+    gives a changed file a new overlay name, so a run never overwrites an overlay that the
+    previous report's pages still show.
     """
     stem = relpath.rsplit("/", 1)[-1].rsplit(".", 1)[0]
     safe = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:60] or "image"
-    digest = hashlib.sha256(relpath.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    identity = relpath.encode("utf-8", "surrogateescape") + b"\0" + version.encode()
+    digest = hashlib.sha256(identity).hexdigest()[:12]
     return f"overlays/{safe}-{digest}.jpg"
 
 
@@ -109,6 +120,38 @@ def original_path(overlay: str) -> str:
 
 def one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+_NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def display_path(relpath: str) -> str:
+    """The form of a relative path shown in predictions.csv, the gallery and the logs.
+
+    A POSIX file name is bytes and may hold anything but ``/`` and NUL; the report is UTF-8 text
+    read by people, spreadsheets and scripts. So printable characters (any script, spaces, quotes,
+    commas, ``#?%``) are kept as they are, and the rest is written with Python-style escapes: a
+    byte that is not UTF-8 as ``\\xNN`` (NN >= 80), a control character as ``\\n``, ``\\r``,
+    ``\\t`` or ``\\xNN`` (NN < 80), another invisible or layout character (a bidi override, a
+    zero-width space, U+2028) as ``\\uNNNN``; in such a name a backslash is doubled, so its escapes
+    read back unambiguously. A printable name, backslashes included, is shown exactly as it is.
+    """
+    if relpath.isprintable():
+        return relpath
+    return "".join(_display_char(char) for char in relpath)
+
+
+def _display_char(char: str) -> str:
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's surrogateescape stand-in for an undecodable byte
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _number(value) -> str:

@@ -1,0 +1,163 @@
+"""``batchcam predict FILE...``: the study's upload-and-test step, from a terminal.
+
+Each file's bytes are decoded by scan's own ``decode_sample`` and explained by
+``explain.Explainer``, so a file gets the prediction and overlay a scan would give it; results
+print as a table, or as JSON lines for scripts, while later batches are still running.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence, TextIO
+
+from batchcam.cam import METHODS
+from batchcam.config import UsageError, resolve_device, resolve_target
+from batchcam.console import Console
+from batchcam.dataset import Sample
+from batchcam.explain import Explainer, Explanation
+from batchcam.fsutil import write_bytes_atomic
+from batchcam.pipeline import load_model
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    files: tuple[str, ...]
+    model: Path | None = None        # None: the bundled demo model
+    out: Path | None = None          # None: no overlay is written anywhere
+    json: bool = False
+    device: str = "auto"
+    cam: str = "gradcam"
+    target: str = "predicted"
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        if not self.files:
+            raise UsageError("predict needs at least one FILE")
+        if self.out is not None and self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} exists and is not a folder")
+        if self.model is not None and not self.model.is_file():
+            raise UsageError(f"--model {self.model} does not exist")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.cam not in METHODS:
+            raise UsageError(f"--cam {self.cam!r} is not one of: {', '.join(METHODS)}")
+        resolve_device(self.device)
+
+
+@dataclass
+class PredictResult:
+    ok: int = 0
+    error: int = 0
+    overlays: list[Path] = field(default_factory=list)
+
+    @property
+    def summary_line(self) -> str:
+        total = self.ok + self.error
+        return f"batchcam: {total} file{'' if total == 1 else 's'}, {self.ok} ok, {self.error} error"
+
+
+def predict(config: PredictConfig, console: Console, stdout: TextIO | None = None) -> PredictResult:
+    """Explain every file in ``config.files``; raises UsageError or CheckpointError before any output."""
+    stdout = stdout or sys.stdout  # looked up per call, not at import, so redirections apply
+    config.validate()
+    device = resolve_device(config.device)
+    loaded = load_model(config.model, console)
+    explainer = Explainer(loaded, device, config.cam, resolve_target(config.target, loaded.spec.class_names))
+    if config.out is not None:
+        _make_folder(config.out)
+    printer = JsonLinesPrinter(stdout) if config.json else TablePrinter(
+        stdout, config.files, explainer.class_names, with_overlay=config.out is not None)
+    result = PredictResult()
+    for explanation in explain_files(explainer, config.files, config.batch_size):
+        overlay = _save_overlay(explanation, config.out) if config.out is not None and explanation.ok else None
+        if explanation.ok:
+            result.ok += 1
+        else:
+            result.error += 1
+            print(f"batchcam: error: {explanation.name}: {explanation.error}", file=console.stream, flush=True)
+        if overlay is not None:
+            result.overlays.append(overlay)
+        printer.print(explanation, overlay)
+    return result
+
+
+def explain_files(explainer: Explainer, files: Sequence[str], batch_size: int) -> Iterator[Explanation]:
+    """Read and explain files a batch at a time, in the order given (only one batch in memory)."""
+    for start in range(0, len(files), batch_size):
+        yield from explainer.explain([read_sample(explainer, name) for name in files[start:start + batch_size]])
+
+
+def read_sample(explainer: Explainer, name: str) -> Sample:
+    """A file that cannot be read becomes an error sample, like one that cannot be decoded."""
+    path = Path(name)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        reason = "is a folder (use scan for folders)" if path.is_dir() else f"cannot read file: {e.strerror or e}"
+        return Sample(relpath=path.as_posix(), error=reason)
+    return explainer.decode(path.as_posix(), data)
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out} cannot be created: {e.strerror or e}") from None
+
+
+def _save_overlay(explanation: Explanation, out: Path) -> Path | None:
+    """Write the overlay under scan's collision-free name; a write failure turns the file into an error."""
+    path = out / Path(explanation.row.overlay).name
+    try:
+        write_bytes_atomic(path, explanation.rendered.overlay_jpeg)
+    except OSError as e:
+        explanation.row.status, explanation.row.error = "error", f"cannot write overlay {path}: {e.strerror or e}"
+        return None
+    return path
+
+
+class JsonLinesPrinter:
+    """One JSON object per file, flushed at once, so a script can stream the results."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def print(self, explanation: Explanation, overlay: Path | None) -> None:
+        record = {**explanation.as_dict(), "overlay": None if overlay is None else str(overlay)}
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+
+class TablePrinter:
+    """A fixed-width table; column widths are known up front, so rows print as they are ready."""
+
+    def __init__(self, stream: TextIO, files: Sequence[str], class_names: Sequence[str], with_overlay: bool):
+        self.stream = stream
+        self.with_overlay = with_overlay
+        self.file_width = max(len("file"), *(len(Path(name).as_posix()) for name in files))
+        self.prediction_width = max(len("prediction"), len("error"), *(len(name) for name in class_names))
+        self.probability_headers = [f"p_{name}" for name in class_names]
+        header = ["file".ljust(self.file_width), "prediction".ljust(self.prediction_width), "confidence",
+                  *(f"{h:>8}" for h in self.probability_headers)]
+        self._write(header + (["overlay"] if with_overlay else []))
+
+    def print(self, explanation: Explanation, overlay: Path | None) -> None:
+        row = explanation.row
+        if row.ok:
+            prediction, numbers = row.prediction, [row.confidence, *row.probabilities]
+        else:
+            prediction, numbers = "error", [None] * (1 + len(self.probability_headers))
+        widths = [len("confidence"), *(max(8, len(h)) for h in self.probability_headers)]
+        cells = [row.path.ljust(self.file_width), prediction.ljust(self.prediction_width),
+                 *(_number(value).rjust(width) for value, width in zip(numbers, widths))]
+        self._write(cells + ([str(overlay) if overlay else "-"] if self.with_overlay else []))
+
+    def _write(self, cells: list[str]) -> None:
+        self.stream.write("  ".join(cells).rstrip() + "\n")
+        self.stream.flush()
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,232 @@
+"""How fast is `batchcam scan`, against the ceiling and the alternatives, on the same images?
+
+    python benchmarks/bench_scan.py                 # 256 JPEGs of 1024-2048 px, 3 repeats
+    python benchmarks/bench_scan.py --format png --images 128 --repeats 1
+
+Measures, in one run, on the same images and the bundled demo checkpoint:
+  1. ceiling: the model's forward pass alone on pre-decoded tensors (batch 32, channels_last);
+  2. per-image loop: the original study's way (open, transform, pytorch-grad-cam GradCAM,
+     show_cam_on_image, save), one image at a time;
+  3. library batches: pytorch-grad-cam GradCAM on DataLoader batches, writing overlays;
+  4. batchcam scan end to end (CSV, overlays, gallery), in a fresh process.
+It prints images/s (medians over repeats), the ratios 4/1, 4/2, 4/3 and peak memory, checks that
+scan's predictions and CAM peaks agree with the library path, and writes benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from batchcam.imaging import decode_grayscale, resize_square
+from batchcam.model import load_checkpoint, normalize
+from batchcam.resources import DEMO_MODEL
+from batchcam.synthetic import generate
+
+HERE = Path(__file__).resolve().parent
+BATCH = 32
+
+
+def make_images(folder: Path, count: int, fmt: str) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        label = ("NORMAL", "PNEUMONIA")[i % 2]
+        size = (int(rng.integers(1024, 2049)), int(rng.integers(1024, 2049)))
+        path = folder / label / f"x{i:04d}.{fmt}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = generate(50_000 + i, label, size).image
+        image.save(path, quality=90) if fmt == "jpg" else image.save(path)
+        paths.append(path)
+    return paths
+
+
+def timed(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def forward_only(loaded, tensors: list[torch.Tensor]) -> None:
+    model = loaded.model.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for batch in tensors:
+            model(batch)
+
+
+def per_image_loop(loaded, paths: list[Path], out: Path) -> None:
+    """The original study's notebook: one image at a time, full Grad-CAM with a backward pass."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model, spec = loaded.model, loaded.spec
+    out.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        rgb = np.asarray(image.resize((spec.image_size, spec.image_size)), dtype=np.float32) / 255
+        x = torch.from_numpy((rgb - np.array(spec.mean)) / np.array(spec.std)).permute(2, 0, 1)[None].float()
+        with torch.no_grad():
+            predicted = int(model(x).argmax())
+        with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
+            heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(predicted)])[0]
+        Image.fromarray(show_cam_on_image(rgb, heat, use_rgb=True)).save(out / f"{path.stem}.jpg")
+
+
+class Decoded(Dataset):
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        gray = decode_grayscale(self.paths[i].read_bytes()).gray
+        return torch.from_numpy(resize_square(gray, self.size)), i
+
+
+def library_batches(loaded, paths: list[Path], out: Path, workers: int) -> dict[str, tuple[int, int, int]]:
+    """pytorch-grad-cam on DataLoader batches, overlays at 224 written per image."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    model, spec = loaded.model, loaded.spec
+    results = {}
+    loader = DataLoader(Decoded(paths, spec.image_size), batch_size=BATCH, num_workers=workers)
+    for gray, indices in loader:
+        x = normalize(gray, spec)
+        with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
+            heats = cam(input_tensor=x, targets=None)
+            predictions = cam.outputs.argmax(1).tolist()
+        for heat, g, i, p in zip(heats, gray.numpy(), indices.tolist(), predictions):
+            rgb = np.repeat(g[..., None], 3, axis=2).astype(np.float32) / 255
+            Image.fromarray(show_cam_on_image(rgb, heat, use_rgb=True)).save(out / f"{paths[i].stem}.jpg")
+            y, x_ = np.unravel_index(np.argmax(heat), heat.shape)
+            results[paths[i].relative_to(paths[i].parents[1]).as_posix()] = (p, int(x_), int(y))
+    return results
+
+
+def scan_process(root: Path, out: Path, workers: int) -> tuple[float, float]:
+    """Wall seconds of the scan itself (from its manifest) and the process's peak RSS in MB."""
+    command = [sys.executable, "-c", "import resource, sys\nfrom batchcam.cli import main\n"
+               "code = main(sys.argv[1:])\n"
+               "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n"
+               "raise SystemExit(code)", "scan", str(root), "--out", str(out), "--full", "--quiet",
+               "--workers", str(workers)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"scan failed ({done.returncode}): {done.stderr[-2000:]}")
+    peak_kb = int(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_KB")))
+    return json.loads((out / "manifest.json").read_text())["timings"]["seconds"], peak_kb / 1024
+
+
+def agreement(report: Path, library: dict, image_size: int) -> dict:
+    """Same class everywhere; CAM peaks within one layer4 cell (the library peak is at 224 px)."""
+    rows = list(csv.DictReader(open(report / "predictions.csv", newline="")))
+    same_class = peaks_close = 0
+    for row in rows:
+        predicted, x224, y224 = library[row["path"]]
+        same_class += ["NORMAL", "PNEUMONIA"][predicted] == row["prediction"]
+        cell_x, cell_y = int(row["width"]) / 7, int(row["height"]) / 7
+        x = (x224 + 0.5) * int(row["width"]) / image_size
+        y = (y224 + 0.5) * int(row["height"]) / image_size
+        peaks_close += abs(x - int(row["cam_peak_x"])) <= cell_x and abs(y - int(row["cam_peak_y"])) <= cell_y
+    return {"images": len(rows), "same_class": same_class, "peaks_within_one_cell": peaks_close}
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or "unknown CPU")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256, help="synthetic X-rays to generate")
+    parser.add_argument("--format", choices=("jpg", "png"), default="jpg", help="file format of the images")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each method; medians are reported")
+    parser.add_argument("--loop-images", type=int, default=64,
+                        help="images for the per-image loop (it is slow; its rate is per image anyway)")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers for 3 and 4")
+    parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="Markdown file to write")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="batchcam-bench-"))
+    root = work / "images"
+    print(f"generating {args.images} {args.format} images in {root} ...", flush=True)
+    paths = make_images(root, args.images, args.format)
+    loaded = load_checkpoint(DEMO_MODEL, demo=True)
+    spec = loaded.spec
+    tensors = [normalize(torch.from_numpy(np.stack([resize_square(decode_grayscale(p.read_bytes()).gray,
+                                                                  spec.image_size) for p in paths[i:i + BATCH]])),
+                         spec).contiguous(memory_format=torch.channels_last) for i in range(0, len(paths), BATCH)]
+
+    rates: dict[str, list[float]] = {"forward": [], "loop": [], "library": [], "scan": []}
+    peak_rss = []
+    library = {}
+    for repeat in range(args.repeats):
+        rates["forward"].append(len(paths) / timed(lambda: forward_only(loaded, tensors)))
+        loop_paths = paths[: args.loop_images]
+        rates["loop"].append(len(loop_paths) / timed(lambda: per_image_loop(loaded, loop_paths, work / "loop")))
+        seconds = timed(lambda: library.update(library_batches(loaded, paths, work / "library", args.workers)))
+        rates["library"].append(len(paths) / seconds)
+        scan_seconds, rss = scan_process(root, work / "report", args.workers)
+        rates["scan"].append(len(paths) / scan_seconds)
+        peak_rss.append(rss)
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.1f}/s" for k, v in rates.items()), flush=True)
+
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    checks = agreement(work / "report", library, spec.image_size)
+    table = [
+        "| method | images/s (median) |", "|---|---|",
+        f"| 1. forward pass alone (ceiling) | {median['forward']:.1f} |",
+        f"| 2. per-image loop (original study) | {median['loop']:.1f} |",
+        f"| 3. pytorch-grad-cam on batches | {median['library']:.1f} |",
+        f"| 4. batchcam scan end to end | {median['scan']:.1f} |",
+        "", "| ratio | value |", "|---|---|",
+        f"| 4/1 scan vs ceiling | {median['scan'] / median['forward']:.2f} |",
+        f"| 4/2 scan vs per-image loop | {median['scan'] / median['loop']:.2f} |",
+        f"| 4/3 scan vs library batches | {median['scan'] / median['library']:.2f} |",
+        "", f"Peak RSS of the scan process: {max(peak_rss):.0f} MB (this process: "
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB).",
+        f"Agreement with the library path: {checks['same_class']}/{checks['images']} same class, "
+        f"{checks['peaks_within_one_cell']}/{checks['images']} CAM peaks within one layer4 cell.",
+    ]
+    header = (f"## scan throughput: {args.images} {args.format.upper()} images of 1024-2048 px, batch {BATCH}, "
+              f"{args.workers} DataLoader worker(s), {args.repeats} repeat(s)\n\nMachine: {machine()}\n")
+    print("\n" + header + "\n" + "\n".join(table))
+    write_section(args.results, f"scan-{args.format}", header + "\n" + "\n".join(table) + "\n")
+    return 0
+
+
+def write_section(results: Path, key: str, text: str) -> None:
+    """Replace (or add) one marked section of RESULTS.md, keeping the others."""
+    begin, end = f"<!-- {key} -->", f"<!-- /{key} -->"
+    current = results.read_text() if results.exists() else "# Benchmark results\n\n"
+    block = f"{begin}\n{text}{end}\n"
+    if begin in current:
+        current = current[: current.index(begin)] + block + current[current.index(end) + len(end) + 1:]
+    else:
+        current += "\n" + block
+    results.write_text(current)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,355 @@
+/* batchcam gallery: filters and sorting (this page or the whole run), and the large view.
+ *
+ * A file of its own because the page's Content-Security-Policy refuses inline scripts. Every
+ * view is built with createElement and textContent, never innerHTML, so no file name, class name
+ * or error text can turn into markup. The whole-run view reads gallery/rows.js, loaded with a
+ * <script src> on first use (fetch() of a data file fails on file://).
+ */
+"use strict";
+(function () {
+  const body = document.body;
+  const base = body.dataset.base || "";
+  const byId = (id) => document.getElementById(id);
+  const controls = {
+    form: byId("filters"), scope: byId("f-scope"), cls: byId("f-class"), outcome: byId("f-outcome"),
+    min: byId("f-min"), max: byId("f-max"), errors: byId("f-errors"), sort: byId("f-sort"),
+  };
+  const shownStatus = byId("shown");
+  const pageGrid = byId("cards");
+  const runView = byId("run-view");
+  const runGrid = byId("run-cards");
+  const runSize = Number(body.dataset.pageSize) || 100;
+
+  /** A report-relative path as a link from this page, percent-encoded segment by segment. */
+  function reportUrl(path) {
+    return base + path.split("/").map(encodeURIComponent).join("/");
+  }
+
+  function parseCorrect(text) {
+    return text === "true" ? true : text === "false" ? false : null;
+  }
+
+  function itemFromCard(card) {
+    const link = card.querySelector("a.thumb");
+    return {
+      index: Number(card.dataset.index), status: card.dataset.status, prediction: card.dataset.pred || "",
+      confidence: card.dataset.conf === undefined ? null : Number(card.dataset.conf),
+      label: card.dataset.label || "", correct: parseCorrect(card.dataset.correct),
+      path: card.querySelector(".name").textContent,
+      urls: { overlay: link ? link.getAttribute("href") : "", original: link ? link.dataset.original : "" },
+      card: card,
+    };
+  }
+
+  /** A card's image link; rows.js items keep report-relative paths and are encoded only when shown
+   *  (encoding 150,000 paths up front would cost the whole-run view seconds). */
+  function imageUrl(item, kind) {
+    if (item.urls) return item.urls[kind];
+    return item.paths[kind] ? reportUrl(item.paths[kind]) : "";
+  }
+
+  const pageItems = Array.from(pageGrid.querySelectorAll(".card")).map(itemFromCard);
+
+  // ---- filtering and sorting -------------------------------------------------------------------
+
+  function percentValue(input, fallback) {
+    const value = Number(input.value);
+    return input.value === "" || Number.isNaN(value) ? fallback : Math.min(100, Math.max(0, value)) / 100;
+  }
+
+  function readFilter() {
+    return {
+      scope: controls.scope.value, cls: controls.cls.value, outcome: controls.outcome ? controls.outcome.value : "",
+      min: percentValue(controls.min, 0), max: percentValue(controls.max, 1), errorsOnly: controls.errors.checked,
+      sort: controls.sort.value,
+    };
+  }
+
+  function matches(item, filter) {
+    if (filter.errorsOnly) return item.status === "error";
+    if (filter.cls && item.prediction !== filter.cls) return false;
+    if (filter.outcome === "correct" && item.correct !== true) return false;
+    if (filter.outcome === "wrong" && item.correct !== false) return false;
+    const wholeRange = filter.min <= 0 && filter.max >= 1;
+    if (!wholeRange && (item.confidence === null || item.confidence < filter.min - 1e-9 ||
+                        item.confidence > filter.max + 1e-9)) return false;
+    return true;
+  }
+
+  /** Error rows (no confidence) go last in both confidence orders; ties keep the path order. */
+  function byConfidence(direction) {
+    return (a, b) => {
+      if (a.confidence === null || b.confidence === null) {
+        return (a.confidence === null) - (b.confidence === null) || a.index - b.index;
+      }
+      return direction * (a.confidence - b.confidence) || a.index - b.index;
+    };
+  }
+
+  const comparators = {
+    "path": (a, b) => a.index - b.index,          // rows are in path order
+    "path-desc": (a, b) => b.index - a.index,
+    "conf-desc": byConfidence(-1),
+    "conf-asc": byConfidence(1),
+  };
+
+  function select(items, filter) {
+    return items.filter((item) => matches(item, filter)).sort(comparators[filter.sort] || comparators.path);
+  }
+
+  let shownItems = pageItems;   // what is on screen, in order: the large view walks this list
+
+  function showPage(filter) {
+    const shown = select(pageItems, filter);
+    const visible = new Set(shown);
+    for (const item of pageItems) item.card.hidden = !visible.has(item);
+    for (const item of shown) pageGrid.appendChild(item.card);
+    shownItems = shown;
+    runView.hidden = true;
+    pageGrid.hidden = false;
+    shownStatus.textContent = `Showing ${shown.length} of ${pageItems.length} images on this page.`;
+  }
+
+  // ---- the whole run ---------------------------------------------------------------------------
+
+  let runData = null;
+  let runLoading = null;
+  let runMatches = [];
+  let runOffset = 0;
+
+  function loadRunData() {
+    if (runData) return Promise.resolve(runData);
+    if (!runLoading) {
+      runLoading = new Promise((resolve, reject) => {
+        const script = document.createElement("script");
+        script.src = base + "gallery/rows.js";
+        script.onload = () => (window.BATCHCAM_ROWS ? resolve(window.BATCHCAM_ROWS) : reject(new Error("empty")));
+        script.onerror = () => reject(new Error("gallery/rows.js could not be loaded"));
+        document.head.appendChild(script);
+      }).then((data) => {
+        const items = data.rows.map((record, index) => itemFromRecord(data, record, index));
+        runData = { pages: data.pages, items: items };
+        return runData;
+      });
+      runLoading.catch(() => { runLoading = null; });
+    }
+    return runLoading;
+  }
+
+  function itemFromRecord(data, record, index) {
+    const row = {};
+    data.columns.forEach((name, i) => { row[name] = record[i]; });
+    return {
+      index: index, status: row.status, prediction: row.prediction, confidence: row.confidence, label: row.label,
+      correct: row.correct, path: row.path, error: row.error,
+      paths: { thumb: row.thumb, overlay: row.overlay, original: row.original },
+      page: Math.floor(index / data.pageSize) + 1, card: null,
+    };
+  }
+
+  function showRun() {
+    shownStatus.textContent = "Loading the whole run\u2026";
+    loadRunData().then((data) => {
+      const filter = readFilter();                  // as it is now: the reader may have changed it meanwhile
+      if (filter.scope !== "run") return;
+      runMatches = select(data.items, filter);
+      shownItems = runMatches;
+      runOffset = 0;
+      pageGrid.hidden = true;
+      runView.hidden = false;
+      renderRunSlice();
+    }, (error) => {
+      shownStatus.textContent = `The whole-run view is unavailable: ${error.message}.`;
+    });
+  }
+
+  function renderRunSlice() {
+    const slice = runMatches.slice(runOffset, runOffset + runSize);
+    runGrid.replaceChildren(...slice.map(buildCard));
+    const first = runMatches.length ? runOffset + 1 : 0;
+    const last = runOffset + slice.length;
+    byId("run-range").textContent = `results ${first}\u2013${last} of ${runMatches.length}`;
+    byId("run-prev").disabled = runOffset === 0;
+    byId("run-next").disabled = last >= runMatches.length;
+    shownStatus.textContent =
+      `Showing ${first}\u2013${last} of ${runMatches.length} matching images across the run ` +
+      `(${runData.items.length} in all).`;
+  }
+
+  function element(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function percentText(value) {
+    return value === null || value === undefined ? "n/a" : `${(100 * value).toFixed(1)}%`;
+  }
+
+  /** The same card as the page template's, for a row of rows.js. */
+  function buildCard(item) {
+    const card = element("article", "card");
+    card.dataset.index = String(item.index);
+    card.dataset.status = item.status;
+    card.dataset.pred = item.prediction || "";
+    if (item.confidence !== null) card.dataset.conf = String(item.confidence);
+    card.dataset.correct = item.correct === null ? "" : String(item.correct);
+    if (item.status === "ok") {
+      if (item.correct === false) card.classList.add("wrong");
+      const link = element("a", "thumb");
+      link.href = imageUrl(item, "overlay");
+      link.dataset.original = imageUrl(item, "original");
+      link.title = "Open the large view";
+      const img = element("img");
+      img.src = imageUrl(item, "thumb");
+      img.alt = `Grad-CAM overlay of ${item.path}`;
+      link.appendChild(img);
+      card.appendChild(link);
+      card.appendChild(element("p", "name", item.path));
+      const prediction = element("p", "prediction");
+      prediction.append(element("span", "class", item.prediction), " ",
+                        element("span", "conf", percentText(item.confidence)));
+      const meter = element("meter");
+      meter.min = 0; meter.max = 1; meter.value = item.confidence;
+      meter.setAttribute("aria-label", "confidence");
+      prediction.append(meter);
+      card.appendChild(prediction);
+      if (item.label) {
+        const truth = element("p", "truth", "true ");
+        truth.append(element("span", "label", item.label), " ");
+        truth.append(item.correct === false ? element("strong", "mark-wrong", "\u2717 wrong")
+                                            : element("span", "mark-right", "\u2713 correct"));
+        card.appendChild(truth);
+      }
+    } else {
+      card.classList.add("error");
+      const placeholder = element("div", "thumb placeholder", "no image");
+      placeholder.setAttribute("aria-hidden", "true");
+      card.appendChild(placeholder);
+      card.appendChild(element("p", "name", item.path));
+      const reason = element("p", "error-text");
+      reason.append(element("strong", "", "error:"), " ", element("span", "reason", item.error));
+      card.appendChild(reason);
+    }
+    const where = element("p", "where");
+    const pageLink = element("a", "", `on page ${item.page}`);
+    pageLink.href = reportUrl(runData.pages[item.page - 1]) + `#r${item.index}`;
+    where.appendChild(pageLink);
+    card.appendChild(where);
+    item.card = card;
+    return card;
+  }
+
+  function apply() {
+    const filter = readFilter();
+    if (filter.scope === "run") showRun();
+    else showPage(filter);
+  }
+
+  // ---- the large view --------------------------------------------------------------------------
+
+  const viewer = {
+    dialog: byId("viewer"), image: byId("viewer-image"), path: byId("viewer-path"), info: byId("viewer-info"),
+    mode: byId("viewer-mode"), position: byId("viewer-position"), toggle: byId("viewer-toggle"),
+    file: byId("viewer-file"), figure: byId("viewer-figure"),
+    items: [], at: 0, showing: "overlay", opener: null,
+  };
+
+  function openViewer(item, opener) {
+    viewer.items = shownItems.filter((candidate) => candidate.status === "ok");
+    viewer.at = Math.max(0, viewer.items.indexOf(item));
+    viewer.showing = "overlay";
+    viewer.opener = opener;
+    renderViewer();
+    if (!viewer.dialog.open) viewer.dialog.showModal();
+    viewer.figure.focus();
+  }
+
+  function renderViewer() {
+    const item = viewer.items[viewer.at];
+    if (!item) return;
+    const overlay = viewer.showing === "overlay";
+    const src = imageUrl(item, overlay ? "overlay" : "original");
+    viewer.image.src = src;
+    viewer.image.alt = `${overlay ? "Grad-CAM overlay" : "Original X-ray"} of ${item.path}`;
+    viewer.file.href = src;
+    viewer.dialog.dataset.showing = viewer.showing;
+    viewer.path.textContent = item.path;
+    viewer.info.replaceChildren(`predicted ${item.prediction}, confidence ${percentText(item.confidence)}`);
+    if (item.label) {
+      viewer.info.append(`; true ${item.label} `);
+      if (item.correct === false) viewer.info.append(element("span", "wrong", "\u2717 wrong"));
+      else viewer.info.append("\u2713 correct");
+    }
+    viewer.mode.textContent = overlay ? "Grad-CAM overlay" : "original X-ray";
+    viewer.toggle.textContent = overlay ? "show original" : "show overlay";
+    viewer.position.textContent = `(${viewer.at + 1} of ${viewer.items.length})`;
+  }
+
+  function step(delta) {
+    if (!viewer.items.length) return;
+    viewer.at = (viewer.at + delta + viewer.items.length) % viewer.items.length;
+    renderViewer();
+  }
+
+  function toggleViewer() {
+    viewer.showing = viewer.showing === "overlay" ? "original" : "overlay";
+    renderViewer();
+  }
+
+  function closeViewer() {
+    if (viewer.dialog.open) viewer.dialog.close();
+  }
+
+  viewer.dialog.addEventListener("close", () => {
+    const current = viewer.items[viewer.at];
+    const card = current && current.card;
+    const target = (card && card.isConnected && card.querySelector("a.thumb")) || viewer.opener;
+    if (target && target.isConnected) target.focus();
+  });
+  viewer.dialog.addEventListener("keydown", (event) => {
+    if (event.altKey || event.ctrlKey || event.metaKey) return;
+    if (event.key === "ArrowRight") step(1);
+    else if (event.key === "ArrowLeft") step(-1);
+    else if (event.key === "o" || event.key === "O" || event.key === " ") toggleViewer();
+    else if (event.key === "Escape") closeViewer();
+    else return;
+    event.preventDefault();
+  });
+  viewer.dialog.addEventListener("click", (event) => {
+    if (event.target === viewer.dialog) closeViewer();   // a click on the backdrop
+  });
+  byId("viewer-prev").addEventListener("click", () => step(-1));
+  byId("viewer-next").addEventListener("click", () => step(1));
+  byId("viewer-toggle").addEventListener("click", toggleViewer);
+  byId("viewer-close").addEventListener("click", closeViewer);
+
+  function onGridClick(event) {
+    const link = event.target.closest("a.thumb");
+    if (!link || event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey || event.altKey) return;
+    const card = link.closest(".card");
+    const item = shownItems.find((candidate) => candidate.card === card);
+    if (!item) return;
+    event.preventDefault();
+    openViewer(item, link);
+  }
+  pageGrid.addEventListener("click", onGridClick);
+  runGrid.addEventListener("click", onGridClick);
+
+  // ---- wiring ----------------------------------------------------------------------------------
+
+  function moveRunSlice(delta) {
+    runOffset = Math.max(0, runOffset + delta * runSize);
+    renderRunSlice();
+    shownStatus.scrollIntoView({ block: "start" });
+  }
+  byId("run-prev").addEventListener("click", () => moveRunSlice(-1));
+  byId("run-next").addEventListener("click", () => moveRunSlice(1));
+  controls.form.addEventListener("input", apply);
+  controls.form.addEventListener("change", apply);
+  controls.form.addEventListener("submit", (event) => event.preventDefault());
+  controls.form.addEventListener("reset", () => setTimeout(apply, 0));
+  controls.form.hidden = false;   // the controls only work with this script, so they only show with it
+  apply();
+})();
