@@ -1,7 +1,7 @@
 """From a raw low-resolution map to what a person sees: heatmap, overlay, thumbnail, peak.
 
 The map is min-max normalised at its own resolution (as pytorch-grad-cam does), then upsampled
-bilinearly to the displayed image's geometry, so the heat lines up with the whole image the model
+bilinearly to the displayed image's geometry (Pillow's C code, the arithmetic of ``upsample``), so the heat lines up with the whole image the model
 saw (the model sees the full image squashed to a square; upsampling to the original aspect ratio
 undoes the squash).
 """
@@ -50,30 +50,45 @@ def jet(values: np.ndarray) -> np.ndarray:
 JET_LUT = jet(np.linspace(0, 1, 256, dtype=np.float32))
 
 
-def peak_in_original(heat: torch.Tensor, width: int, height: int) -> tuple[int, int]:
-    """The hottest displayed pixel, mapped to the original image's pixel grid."""
-    shown_h, shown_w = heat.shape
-    index = int(torch.argmax(heat))
-    y, x = divmod(index, shown_w)
-    return (min(width - 1, int((x + 0.5) * width / shown_w)),
-            min(height - 1, int((y + 0.5) * height / shown_h)))
+def peak_in_original(cam: torch.Tensor, width: int, height: int) -> tuple[int, int]:
+    """The hottest point of the upsampled heatmap, in the original image's pixels.
+
+    Bilinear upsampling takes its maximum at the centre of the hottest low-resolution cell, so the
+    peak is that centre mapped onto the original grid: exact for the displayed heat, independent of
+    the display size, and free of a full-resolution argmax.
+    """
+    rows, columns = cam.shape
+    y, x = divmod(int(torch.argmax(cam)), columns)
+    return (min(width - 1, int((x + 0.5) * width / columns)),
+            min(height - 1, int((y + 0.5) * height / rows)))
+
+
+def heat_levels(cam: torch.Tensor, height: int, width: int) -> Image.Image:
+    """The normalised map upsampled to (height, width) as 0..255 levels, in Pillow's C code.
+
+    Pillow's bilinear filter enlarges with half-pixel centres and clamped edges, the same
+    arithmetic as ``upsample`` (torch, ``align_corners=False``); +0.5 makes the conversion to
+    8 bits round instead of truncate.
+    """
+    scaled = normalise(cam.float()).numpy().astype(np.float32) * 255 + 0.5
+    levels = Image.fromarray(scaled, mode="F").resize((width, height), Image.BILINEAR)
+    return levels.convert("L")
 
 
 def render(display: np.ndarray, cam: torch.Tensor, width: int, height: int) -> RenderedOverlay:
     """Blend the heatmap over the displayed X-ray and encode overlay, thumbnail and original as JPEG.
 
-    Colouring is a 256-entry lookup and the blend runs in Pillow's C code: per-pixel float
-    arithmetic in numpy cost several times the model's forward pass per image.
+    Upsampling, colouring (a palette lookup) and blending all run in Pillow's C code: the same
+    steps as float arithmetic in numpy cost more than the model's forward pass per image.
     """
     shown_h, shown_w = display.shape
-    heat = upsample(normalise(cam.float()), shown_h, shown_w)
-    peak_x, peak_y = peak_in_original(heat, width, height)
-    levels = heat.mul(255).round_().to(torch.uint8).numpy()
-    colour = Image.fromarray(JET_LUT[levels], mode="RGB")
+    colour = heat_levels(cam, shown_h, shown_w)
+    colour.putpalette(JET_LUT.tobytes())
     original = Image.fromarray(display, mode="L")
-    overlay = Image.blend(colour, original.convert("RGB"), IMAGE_WEIGHT)
+    overlay = Image.blend(colour.convert("RGB"), original.convert("RGB"), IMAGE_WEIGHT)
     thumb = overlay.copy()
     thumb.thumbnail((THUMB_MAX_SIDE, THUMB_MAX_SIDE), Image.BILINEAR, reducing_gap=2.0)
+    peak_x, peak_y = peak_in_original(cam, width, height)
     return RenderedOverlay(_jpeg(overlay), _jpeg(thumb), _jpeg(original), peak_x, peak_y)
 
 

@@ -20,6 +20,15 @@ def tiny_checkpoint(path: Path, dropout: float = 0.0, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """One intra-op torch thread for a module's tests, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A randomly initialised ResNet18 checkpoint with a 64 px input."""

@@ -17,12 +17,8 @@ CHECKPOINT_KEYS = {"format", "format_version", "class_names", "image_size", "mea
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
+def _one_cpu_thread(one_cpu_thread):
     """ResNet18 on a small shared CPU is many times faster with one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(num_classes=2, dropout=0.0, seed=0):

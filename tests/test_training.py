@@ -42,12 +42,8 @@ METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "precision", "f1", "ro
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
+def _one_cpu_thread(one_cpu_thread):
     """ResNet18 on a small shared CPU is many times faster with one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
