@@ -13,7 +13,7 @@ from pathlib import Path
 
 from batchcam import __version__
 from batchcam.cam import METHODS
-from batchcam.config import ScanConfig, UsageError, default_workers
+from batchcam.config import HEAT_SCALES, ScanConfig, UsageError, default_workers
 from batchcam.console import Console
 from batchcam.gallery import DEFAULT_PAGE_SIZE
 from batchcam.interrupt import Interrupted
@@ -49,7 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="recompute every image (default: reuse rows of unchanged files and settings)")
     scan.add_argument("--quiet", action="store_true", help="print only warnings, errors and the summary line")
     scan.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="images per gallery page")
+    scan.add_argument("--heat-scale", default="image", choices=HEAT_SCALES,
+                      help="image: each heatmap scaled to its own range; run: every heatmap scaled by one run-wide "
+                      "constant (99th percentile of raw map values) so heat compares across images (keeps cams.npz, "
+                      "re-renders every overlay at the end of the run)")
+    scan.add_argument("--faithfulness", action="store_true",
+                      help="also measure the probability drop when the top 20%% of each map (and a random region "
+                      "of the same size) is removed: two extra forward passes per batch")
     add_predict_parser(commands)
+    add_evaluate_parser(commands)
+    add_sanity_parser(commands)
     add_serve_parser(commands)
     return parser
 
@@ -74,6 +83,56 @@ def add_predict_parser(commands) -> None:
                          help=f"CAM method, one of: {', '.join(METHODS)} (default: gradcam)")
     predict.add_argument("--target", default="predicted",
                          help="class the heatmap explains: 'predicted' (the default) or a class name")
+
+
+def add_evaluate_parser(commands) -> None:
+    evaluate = commands.add_parser("evaluate", help="score a report's heatmaps against ground-truth boxes "
+                                   "(pointing game, heat inside the boxes)")
+    evaluate.add_argument("report", type=Path, metavar="REPORT", help="a report folder written by scan")
+    evaluate.add_argument("--boxes", type=Path, required=True, metavar="BOXES.csv",
+                          help="boxes: path,x0,y0,x1,y1 (path as in predictions.csv) or RSNA "
+                          "patientId,x,y,width,height,Target")
+
+
+def add_sanity_parser(commands) -> None:
+    from batchcam.sanity import DEFAULT_SAMPLE
+
+    sanity = commands.add_parser("sanity", help="model-randomisation sanity check of the heatmaps "
+                                 "(Adebayo et al. 2018)")
+    sanity.add_argument("root", type=Path, metavar="ROOT", help="folder of X-rays to sample from")
+    add_model_options(sanity)
+    sanity.add_argument("--sample", type=int, default=DEFAULT_SAMPLE,
+                        help=f"images to sample (default: {DEFAULT_SAMPLE})")
+    sanity.add_argument("--out", type=Path, default=Path("batchcam-sanity"), metavar="DIR",
+                        help="folder for sanity.md, sanity.json and sanity.png (default: batchcam-sanity)")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from batchcam.localisation import evaluate
+
+    results = evaluate(args.report, args.boxes, warn=lambda text: print(f"batchcam: warning: {text}",
+                                                                        file=sys.stderr))
+    rate, energy = results["pointing_game"]["hit_rate"], results["energy_inside"]["mean"]
+    print(f"batchcam: {results['n']} images with boxes, pointing game "
+          f"{'n/a' if rate is None else f'{rate:.3f}'}, heat inside boxes "
+          f"{'n/a' if energy is None else f'{energy:.3f}'} -> {args.report / 'metrics.json'}", flush=True)
+    return EXIT_OK
+
+
+def run_sanity(args: argparse.Namespace) -> int:
+    from batchcam.pipeline import load_model
+    from batchcam.sanity import CASCADE, sanity_check, write_sanity
+
+    if args.model is not None and not args.model.is_file():
+        raise UsageError(f"--model {args.model} does not exist")
+    loaded = load_model(args.model, Console())
+    result = sanity_check(loaded, args.root, args.sample, args.device)
+    write_sanity(result, args.out, loaded.path.name)
+    steps = ", ".join(f"{'+'.join(names)} {result.mean(step):.2f}"
+                      for names, step in zip(CASCADE, result.steps[1:]))
+    print(f"batchcam: sanity check on {len(result.paths)} images, mean rank correlation after randomising "
+          f"{steps} -> {args.out / 'sanity.md'}", flush=True)
+    return EXIT_OK
 
 
 def add_serve_parser(commands) -> None:
@@ -119,7 +178,7 @@ def scan_config(args: argparse.Namespace, argv: list[str]) -> ScanConfig:
     return ScanConfig(root=args.root, out=args.out, model=args.model, device=args.device,
                       batch_size=args.batch_size, workers=args.workers, cam=args.cam, target=args.target,
                       save_cams=args.save_cams, full=args.full, quiet=args.quiet, page_size=args.page_size,
-                      argv=tuple(argv))
+                      faithfulness=args.faithfulness, heat_scale=args.heat_scale, argv=tuple(argv))
 
 
 def run_scan(config: ScanConfig) -> int:
@@ -145,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "evaluate":
+            return run_evaluate(args)
+        if args.command == "sanity":
+            return run_sanity(args)
     except (UsageError, CheckpointError) as e:
         print(f"batchcam: error: {e}", file=sys.stderr)
         return EXIT_USAGE

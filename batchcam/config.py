@@ -11,6 +11,9 @@ from batchcam.cam import METHODS
 from batchcam.gallery import DEFAULT_PAGE_SIZE
 
 
+HEAT_SCALES = ("image", "run")
+
+
 class UsageError(Exception):
     """Bad arguments or configuration: exit 2, nothing in REPORT changed."""
 
@@ -34,7 +37,14 @@ class ScanConfig:
     full: bool = False               # recompute every image instead of reusing unchanged rows
     quiet: bool = False
     page_size: int = DEFAULT_PAGE_SIZE   # images per gallery page
+    faithfulness: bool = False       # two extra forward passes per batch (batchcam.attention)
+    heat_scale: str = "image"        # "image": each map alone; "run": one run-wide constant (keeps cams.npz)
     argv: tuple[str, ...] = ()
+
+    @property
+    def keeps_cams(self) -> bool:
+        """Raw maps are kept (cams.npz): asked for, or needed for the run-wide heat scale."""
+        return self.save_cams or self.heat_scale == "run"
 
     def validate(self) -> None:
         if not self.root.exists():
@@ -49,6 +59,8 @@ class ScanConfig:
             raise UsageError(f"--page-size must be at least 1, got {self.page_size}")
         if self.workers < 0:
             raise UsageError(f"--workers must be 0 (decode in the main process) or more, got {self.workers}")
+        if self.heat_scale not in HEAT_SCALES:
+            raise UsageError(f"--heat-scale {self.heat_scale!r} is not one of: {', '.join(HEAT_SCALES)}")
         if self.cam not in METHODS:
             raise UsageError(f"--cam {self.cam!r} is not one of: {', '.join(METHODS)}")
         if self.model is not None and not self.model.is_file():

@@ -6,6 +6,8 @@ slide onto a neighbour's row.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import signal
@@ -39,6 +41,9 @@ class Sample:
     @property
     def ok(self) -> bool:
         return not self.error
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class FileInFlux(Exception):
@@ -82,10 +87,27 @@ def read_consistently(path: Path) -> tuple[bytes, int, int]:
     return data, after.st_size, after.st_mtime_ns
 
 
-def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader worker init: Ctrl-C reaches the whole process group, but only the main process
-    decides how a run stops (it finishes the batch in flight and saves), so workers ignore it."""
+def worker_init(parent_pid: int, worker_id: int) -> None:
+    """DataLoader worker set-up: tie each worker's life to the run's.
+
+    Ctrl-C reaches the whole process group, but only the main process decides how a run stops (it
+    finishes the batch in flight and saves), so workers ignore SIGINT. And a worker must not
+    outlive a run killed with SIGKILL: blocked on a full queue nobody reads, it would stay forever,
+    so on Linux the kernel is asked to kill it when its parent dies. Bind ``parent_pid`` with
+    ``functools.partial(worker_init, os.getpid())``.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: workers then rely on torch's own parent check
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: int = WORKING_LONG_SIDE) -> Sample:

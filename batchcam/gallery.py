@@ -25,6 +25,7 @@ from urllib.parse import quote
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, Template, select_autoescape
 
+from batchcam.attention import ATTENTION_THRESHOLD
 from batchcam.metrics import positive_class_index, roc_curve
 from batchcam.overlay import jet
 from batchcam.resources import templates_dir
@@ -153,6 +154,7 @@ class Summary:
     histogram: Histogram
     confusion: Confusion | None
     roc: Roc | None
+    attention_flagged: int = 0          # rows whose heat lies mostly on the image's border band
 
 
 # Plot areas of the charts, in SVG user units (the SVGs scale with their viewBox).
@@ -171,7 +173,8 @@ def summarise(rows: Sequence[Row], class_names: Sequence[str], metrics: dict | N
                    wrong=sum(row.correct is False for row in rows), positive_class=class_names[positive],
                    histogram=probability_histogram(ok_rows, class_names, positive),
                    confusion=confusion_chart(metrics) if metrics and labelled else None,
-                   roc=roc_chart(labelled, class_names, positive, metrics) if metrics and labelled else None)
+                   roc=roc_chart(labelled, class_names, positive, metrics) if metrics and labelled else None,
+                   attention_flagged=sum(bool(row.attention_flag) for row in ok_rows))
 
 
 def probability_histogram(rows: Sequence[Row], class_names: Sequence[str], positive: int) -> Histogram:
@@ -234,6 +237,14 @@ def heatmap_legend_stops(count: int = 9) -> list[tuple[str, str]]:
     return [(f"{100 * v:.1f}%", "#{:02x}{:02x}{:02x}".format(*rgb)) for v, rgb in zip(values, jet(values))]
 
 
+def heat_scale_text(cam: dict) -> str:
+    """What the legend says about the scale: per image, or one run-wide constant (--heat-scale)."""
+    if cam.get("heat_scale") == "run" and cam.get("run_scale") is not None:
+        return (f"one scale for the whole run (red = raw map value {cam['run_scale']:.4g}, the run's 99th "
+                "percentile, or more): heat compares across images")
+    return "each map scaled to its own range (red = that image's hottest point): heat does not compare across images"
+
+
 # ---- the data file behind the whole-run view ----------------------------------------------------
 
 def row_record(row: Row) -> list:
@@ -280,7 +291,8 @@ def render_gallery(rows: Sequence[Row], class_names: Sequence[str], manifest: di
     env = environment()
     shared = {"manifest": manifest, "class_names": list(class_names), "pages": pages, "page_size": page_size,
               "total": len(rows), "labels_known": any(row.correct is not None for row in rows),
-              "csp": CONTENT_SECURITY_POLICY, "legend_stops": heatmap_legend_stops(),
+              "csp": CONTENT_SECURITY_POLICY, "attention_threshold": ATTENTION_THRESHOLD,
+              "heat_scale": heat_scale_text(manifest.get("cam", {})), "legend_stops": heatmap_legend_stops(),
               "page_first_paths": [rows[p.start].path if p.stop > p.start else "" for p in pages],
               "page_last_paths": [rows[p.stop - 1].path if p.stop > p.start else "" for p in pages]}
     files = {f"{GALLERY_DIR}/{name}": static_asset(name) for name in STATIC_ASSETS}

@@ -23,9 +23,12 @@ class ReportLock:
     def __init__(self, report: Path):
         self.path = Path(report) / STATE_DIR / "lock"
         self.fd: int | None = None
+        self.created: list[Path] = []  # folders this run made, deepest last
 
     def __enter__(self) -> "ReportLock":
+        missing = [folder for folder in (self.path.parent, *self.path.parent.parents) if not folder.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = missing[::-1]
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,3 +47,14 @@ class ReportLock:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the record lock
             self.fd = None
+
+    def forget_new_report(self) -> None:
+        """Undo a brand-new REPORT: a run refused for its configuration leaves no trace behind."""
+        if not self.created:
+            return
+        self.path.unlink(missing_ok=True)
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:
+                return  # something else is in it now: leave it

@@ -63,26 +63,29 @@ def peak_in_original(cam: torch.Tensor, width: int, height: int) -> tuple[int, i
             min(height - 1, int((y + 0.5) * height / rows)))
 
 
-def heat_levels(cam: torch.Tensor, height: int, width: int) -> Image.Image:
+def heat_levels(cam: torch.Tensor, height: int, width: int, scale: float | None = None) -> Image.Image:
     """The normalised map upsampled to (height, width) as 0..255 levels, in Pillow's C code.
 
     Pillow's bilinear filter enlarges with half-pixel centres and clamped edges, the same
     arithmetic as ``upsample`` (torch, ``align_corners=False``); +0.5 makes the conversion to
-    8 bits round instead of truncate.
+    8 bits round instead of truncate. ``scale`` (``--heat-scale run``): the map divided by this
+    run-wide constant and clipped to 0..1 instead of min-max normalised, so heat compares across images.
     """
-    scaled = normalise(cam.float()).numpy().astype(np.float32) * 255 + 0.5
+    unit = normalise(cam.float()) if scale is None else (cam.float() / scale).clamp(0, 1)
+    scaled = unit.numpy().astype(np.float32) * 255 + 0.5
     levels = Image.fromarray(scaled, mode="F").resize((width, height), Image.BILINEAR)
     return levels.convert("L")
 
 
-def render(display: np.ndarray, cam: torch.Tensor, width: int, height: int) -> RenderedOverlay:
+def render(display: np.ndarray, cam: torch.Tensor, width: int, height: int,
+           scale: float | None = None) -> RenderedOverlay:
     """Blend the heatmap over the displayed X-ray and encode overlay, thumbnail and original as JPEG.
 
     Upsampling, colouring (a palette lookup) and blending all run in Pillow's C code: the same
     steps as float arithmetic in numpy cost more than the model's forward pass per image.
     """
     shown_h, shown_w = display.shape
-    colour = heat_levels(cam, shown_h, shown_w)
+    colour = heat_levels(cam, shown_h, shown_w, scale)
     colour.putpalette(JET_LUT.tobytes())
     original = Image.fromarray(display, mode="L")
     overlay = Image.blend(colour.convert("RGB"), original.convert("RGB"), IMAGE_WEIGHT)

@@ -8,25 +8,28 @@ both overlapping the model, which runs in the main process.
 """
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from batchcam import attention
 from batchcam import overlay as overlays
 from batchcam.cam import TARGET_LAYER, CamBatch, CamEngine
 from batchcam.config import ScanConfig, UsageError, resolve_device, resolve_target
 from batchcam.console import Console
-from batchcam.dataset import Sample, ScanDataset, collate_samples, ignore_interrupts
+from batchcam.dataset import Sample, ScanDataset, collate_samples, worker_init
 from batchcam.discover import IMAGE_EXTENSIONS, discover
 from batchcam.gallery import render_gallery
 from batchcam.interrupt import InterruptGuard, Interrupted
 from batchcam.lock import ReportLock
-from batchcam.model import LoadedModel, load_checkpoint, normalize
+from batchcam.model import CheckpointError, LoadedModel, load_checkpoint, normalize
 from batchcam.report import ReportFolder, ReportWriteError, label_for, manifest, now_iso, scan_metrics
 from batchcam.state import PlannedFile, RowStore, Settings, make_plan, stat_candidates
 from batchcam.resources import DEMO_MODEL, DEMO_NOTICE
@@ -58,19 +61,25 @@ def load_model(path: Path | None, console: Console) -> LoadedModel:
 def scan(config: ScanConfig, console: Console) -> ScanResult:
     """Run a whole scan.
 
-    Raises UsageError or CheckpointError before REPORT is touched, ReportLocked when another run
+    Raises UsageError or CheckpointError leaving REPORT as it was, ReportLocked when another run
     holds REPORT, ReportWriteError when REPORT cannot be written, Interrupted after a signal.
     """
     started, started_at = time.monotonic(), now_iso()
     config.validate()
     device = resolve_device(config.device)
-    files = discover_files(config, console)
-    loaded = load_model(config.model, console)
-    target = resolve_target(config.target, loaded.spec.class_names)
-    settings = Settings(model_sha256=loaded.sha256, cam=config.cam, target=config.target, target_layer=TARGET_LAYER,
-                        image_size=loaded.spec.image_size, mean=loaded.spec.mean, std=loaded.spec.std)
+    lock = ReportLock(config.out)
     try:
-        with ReportLock(config.out):
+        with lock:  # first, so a second run on this REPORT is refused at once
+            try:
+                files = discover_files(config, console)
+                loaded = load_model(config.model, console)
+                target = resolve_target(config.target, loaded.spec.class_names)
+            except (UsageError, CheckpointError):
+                lock.forget_new_report()
+                raise
+            settings = Settings(model_sha256=loaded.sha256, cam=config.cam, target=config.target,
+                                target_layer=TARGET_LAYER, image_size=loaded.spec.image_size, mean=loaded.spec.mean,
+                                std=loaded.spec.std, faithfulness=config.faithfulness, heat_scale=config.heat_scale)
             console.attach_log(config.out / "batchcam.log")
             console.log(f"run started: batchcam {' '.join(config.argv)}")
             return scan_locked(config, console, files, loaded, target, settings, device, started, started_at)
@@ -102,11 +111,11 @@ def scan_locked(config: ScanConfig, console: Console, files: list[PlannedFile], 
                 started_at: str) -> ScanResult:
     report = ReportFolder(config.out)
     report.prepare()
-    previous_cams = report.read_cams() if config.save_cams else {}
+    previous_cams = report.read_cams() if config.keeps_cams else {}
     with RowStore(config.out, settings.key) as store:
         plan = make_plan(files, store.load(), full=config.full,
                          row_is_complete=lambda row: report.has_overlays(row)
-                         and (not config.save_cams or not row.ok or row.path in previous_cams))
+                         and (not config.keeps_cams or not row.ok or row.path in previous_cams))
         console.info(f"scanning {len(files)} images under {config.root} on {device}: "
                      f"{len(plan.process)} to process, {len(plan.reuse)} unchanged")
         engine = CamEngine(loaded.model.to(device).to(memory_format=torch.channels_last), config.cam, target)
@@ -116,12 +125,15 @@ def scan_locked(config: ScanConfig, console: Console, files: list[PlannedFile], 
                   "ok": sum(row.ok for row in rows), "error": sum(not row.ok for row in rows)}
         seconds = time.monotonic() - started
         cam_info = {"method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
-                    "exact_fast_path": engine.exact}
+                    "exact_fast_path": engine.exact, "heat_scale": config.heat_scale}
+        if config.heat_scale == "run":
+            cam_info["run_scale"] = rescale_overlays(rows, files, {**previous_cams, **new_cams}, config, loaded,
+                                                     report, console)
         report_manifest = manifest(root=config.root, argv=config.argv, loaded=loaded, cam=cam_info,
                                    device=str(device), counts=counts, started_at=started_at,
                                    finished_at=now_iso(), seconds=seconds)
         write_report(report, rows, loaded, report_manifest,
-                     cams={**previous_cams, **new_cams} if config.save_cams else None, page_size=config.page_size)
+                     cams={**previous_cams, **new_cams} if config.keeps_cams else None, page_size=config.page_size)
         store.commit(rows)
     report.remove_unreferenced_overlays(rows)
     report_errors(rows, processed, console)
@@ -139,7 +151,7 @@ def process(files: list[PlannedFile], config: ScanConfig, engine: CamEngine, loa
     dataset = ScanDataset(files, loaded.spec.image_size)
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers,
                         collate_fn=collate_samples, pin_memory=device.type == "cuda",
-                        worker_init_fn=ignore_interrupts if config.workers else None)
+                        worker_init_fn=partial(worker_init, os.getpid()) if config.workers else None)
 
     def keep(finished: list[Row]) -> None:
         store.append(finished)
@@ -147,10 +159,11 @@ def process(files: list[PlannedFile], config: ScanConfig, engine: CamEngine, loa
 
     with InterruptGuard() as guard, engine, OverlayStage(report) as stage:
         for samples, views in console.progress(loader, len(dataset), lambda batch: len(batch[0])):
-            results = explain_batch(samples, views, engine, loaded, device, settings_key=settings.key)
+            results = explain_batch(samples, views, engine, loaded, device, settings_key=settings.key,
+                                    faithfulness=config.faithfulness)
             log_decode_warnings(samples, console)
             keep(stage.submit(results))
-            if config.save_cams:
+            if config.keeps_cams:
                 cams.update((row.path, cam.numpy()) for row, _, cam in results if cam is not None)
             if guard.requested:
                 break
@@ -158,6 +171,58 @@ def process(files: list[PlannedFile], config: ScanConfig, engine: CamEngine, loa
     if guard.requested:
         raise Interrupted(guard.signum)
     return rows, cams
+
+
+RUN_SCALE_PERCENTILE = 99.0
+
+
+def run_heat_scale(maps: list[np.ndarray]) -> float:
+    """``--heat-scale run``'s constant: the 99th percentile of every raw map cell of the run.
+
+    A percentile rather than the maximum, so one outlier map does not make every other one cold;
+    maps above it saturate at the hottest colour.
+    """
+    values = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps]) if maps else np.zeros(1)
+    return float(max(np.percentile(values, RUN_SCALE_PERCENTILE), np.finfo(np.float32).tiny))
+
+
+def rescale_overlays(rows: list[Row], files: list[PlannedFile], cams: dict[str, np.ndarray], config: ScanConfig,
+                     loaded: LoadedModel, report: ReportFolder, console: Console) -> float:
+    """The second pass of ``--heat-scale run``: the constant is known only once every map is, so
+    every ok row's overlay is rendered again from its re-decoded image at that one scale.
+
+    Every ok row, reused ones too: the constant moves with the run. A file that changed since the
+    first pass keeps its per-image overlay (logged); the next run redoes it.
+    """
+    scale = run_heat_scale([cams[row.path] for row in rows if row.ok and row.path in cams])
+    by_relpath = {planned.relpath: planned for planned in files}
+    todo = {row.relpath: row for row in rows if row.ok and row.path in cams and row.relpath in by_relpath}
+    dataset = ScanDataset([by_relpath[relpath] for relpath in todo], loaded.spec.image_size)
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers,
+                        collate_fn=collate_samples, worker_init_fn=partial(worker_init, os.getpid()) if config.workers else None)
+    console.info(f"heat scale for the run: {scale:.6g} (99th percentile of raw map values); re-rendering "
+                 f"{len(todo)} overlays")
+
+    def render(sample: Sample, row: Row, cam: torch.Tensor) -> None:
+        report.write_overlay(row.overlay, overlays.render(sample.display, cam, sample.width, sample.height, scale))
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="overlay") as pool:
+        pending = []  # one batch in flight, so memory stays bounded
+        for samples, _ in loader:
+            batch = []
+            for sample in samples:
+                row = todo[sample.relpath]
+                if not sample.ok or sample.sha256 != row.sha256:
+                    console.log(f"warning: {row.path}: changed during the run; its overlay keeps its own scale")
+                    continue
+                batch.append(pool.submit(render, sample, row,
+                                         torch.from_numpy(np.asarray(cams[row.path], dtype=np.float32))))
+            for future in pending:
+                future.result()
+            pending = batch
+        for future in pending:
+            future.result()
+    return scale
 
 
 def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, report_manifest: dict,
@@ -193,18 +258,27 @@ def report_errors(rows: list[Row], processed: list[Row], console: Console) -> No
 
 
 def explain_batch(samples: list[Sample], views: torch.Tensor | None, engine: CamEngine, loaded: LoadedModel,
-                  device: torch.device, settings_key: str = "") -> list[tuple[Row, Sample, torch.Tensor | None]]:
+                  device: torch.device, settings_key: str = "",
+                  faithfulness: bool = False) -> list[tuple[Row, Sample, torch.Tensor | None]]:
     """Model + CAM on the good samples of a batch (as collated by ``collate_samples``).
 
     Returns one (row, sample, raw map) per sample in order; the row lacks only the CAM peak, which
     ``overlay.render`` computes. predict and serve call this too, so they explain exactly as scan does.
     ``settings_key`` goes into overlay names, so a changed file or setting never reuses a name.
+    ``faithfulness`` adds the drops of ``attention.faithfulness`` (two more forward passes).
     """
     cam_batch = None
     if views is not None:
         x = normalize(views.to(device, non_blocking=True), loaded.spec).contiguous(memory_format=torch.channels_last)
         cam_batch = engine(x)
-    return batch_rows(samples, cam_batch, loaded, settings_key)
+    results = batch_rows(samples, cam_batch, loaded, settings_key)
+    if faithfulness and cam_batch is not None:
+        ok = [row for row, _, cam in results if cam is not None]
+        drops = attention.faithfulness(engine.model, x, cam_batch.cams, cam_batch.targets, cam_batch.probabilities,
+                                       [attention.seed_of(f"{row.relpath}:{row.sha256}") for row in ok])
+        for row, top, random in zip(ok, *drops):
+            row.faith_drop_top, row.faith_drop_random = float(top), float(random)
+    return results
 
 
 def batch_rows(samples: list[Sample], cam_batch: CamBatch | None, loaded: LoadedModel,
@@ -229,6 +303,7 @@ def batch_rows(samples: list[Sample], cam_batch: CamBatch | None, loaded: Loaded
             row.width, row.height = sample.width, sample.height
             row.overlay = overlay_path(sample.relpath, f"{sample.sha256}:{settings_key}")
             cam = cam_batch.cams[ok_index]
+            row.attention_outside = attention.attention_outside(cam, sample.width, sample.height)
             ok_index += 1
         results.append((row, sample, cam))
     return results

@@ -18,6 +18,7 @@ import numpy as np
 
 import batchcam
 from batchcam import rows as rowlib
+from batchcam.attention import ATTENTION_THRESHOLD, BORDER_MARGIN, REMOVED_FRACTION
 from batchcam.fsutil import atomic_write, fsync_dir, write_bytes_atomic
 from batchcam.metrics import classification_metrics
 from batchcam.model import LoadedModel
@@ -123,12 +124,41 @@ def label_for(relpath: str, class_names: Sequence[str]) -> str:
 
 
 def scan_metrics(rows: Sequence[Row], class_names: Sequence[str]) -> dict | None:
+    """Classification metrics when labels are known, with the explanation checks' summaries.
+
+    The attention summary rides along with the classification metrics; the faithfulness averages
+    (asked for with --faithfulness) are written even when no label is known.
+    """
     labelled = [row for row in rows if row.ok and row.label]
+    faithfulness = faithfulness_summary(rows)
     if not labelled:
-        return None
+        return {"faithfulness": faithfulness} if faithfulness else None
     index = {name: i for i, name in enumerate(class_names)}
-    return classification_metrics([index[r.label] for r in labelled], [index[r.prediction] for r in labelled],
-                                  np.array([r.probabilities for r in labelled]), class_names)
+    metrics = classification_metrics([index[r.label] for r in labelled], [index[r.prediction] for r in labelled],
+                                     np.array([r.probabilities for r in labelled]), class_names)
+    metrics["attention"] = attention_summary(rows)
+    if faithfulness:
+        metrics["faithfulness"] = faithfulness
+    return metrics
+
+
+def attention_summary(rows: Sequence[Row]) -> dict:
+    shares = [row.attention_outside for row in rows if row.ok and row.attention_outside is not None]
+    return {"region": f"border band ({BORDER_MARGIN:.0%} of each side)", "threshold": ATTENTION_THRESHOLD,
+            "n": len(shares), "flagged": sum(share > ATTENTION_THRESHOLD for share in shares),
+            "mean_outside": round(float(np.mean(shares)), 6) if shares else None}
+
+
+def faithfulness_summary(rows: Sequence[Row]) -> dict | None:
+    """Average probability drops (top 20% of the map removed vs a random region), or None."""
+    measured = [row for row in rows if row.ok and row.faith_drop_top is not None]
+    if not measured:
+        return None
+    top = np.array([row.faith_drop_top for row in measured])
+    random = np.array([row.faith_drop_random for row in measured])
+    return {"n": len(measured), "removed_fraction": REMOVED_FRACTION, "fill": "image mean",
+            "mean_drop_top": round(float(top.mean()), 6), "mean_drop_random": round(float(random.mean()), 6),
+            "top_beats_random": round(float(np.mean(top > random)), 6)}
 
 
 def now_iso() -> str:

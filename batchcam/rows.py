@@ -8,9 +8,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from batchcam.attention import attention_flag
+
 BASE_COLUMNS = ("path", "status", "error", "prediction", "confidence")
 TAIL_COLUMNS = ("label", "correct", "cam_target", "cam_peak_x", "cam_peak_y", "overlay", "width",
                 "height", "sha256", "model_sha256")
+# Beyond the contract, after its columns: the explanation checks (batchcam.attention).
+CHECK_COLUMNS = ("attention_outside", "attention_flag", "faith_drop_top", "faith_drop_random")
 
 
 @dataclass
@@ -30,6 +34,9 @@ class Row:
     height: int | None = None
     sha256: str = ""
     model_sha256: str = ""
+    attention_outside: float | None = None   # share of the heat in the image's border band
+    faith_drop_top: float | None = None      # only with --faithfulness
+    faith_drop_random: float | None = None
     # Not CSV columns: what the incremental store needs to decide whether the row can be reused.
     relpath: str = ""        # the file's own relative path (``path`` may be an escaped form of it)
     size: int = -1           # bytes, as read
@@ -48,6 +55,10 @@ class Row:
         return None if not (self.ok and self.label) else self.label == self.prediction
 
     @property
+    def attention_flag(self) -> bool | None:
+        return attention_flag(self.attention_outside)
+
+    @property
     def thumb(self) -> str:
         return thumb_path(self.overlay) if self.overlay else ""
 
@@ -58,7 +69,7 @@ class Row:
 
 def columns(class_names: Sequence[str]) -> list[str]:
     """The contract's columns in order, with one p_<CLASS> column per class after confidence."""
-    return [*BASE_COLUMNS, *(f"p_{name}" for name in class_names), *TAIL_COLUMNS]
+    return [*BASE_COLUMNS, *(f"p_{name}" for name in class_names), *TAIL_COLUMNS, *CHECK_COLUMNS]
 
 
 def to_csv_dict(row: Row, class_names: Sequence[str]) -> dict[str, str]:
@@ -67,7 +78,10 @@ def to_csv_dict(row: Row, class_names: Sequence[str]) -> dict[str, str]:
               "correct": "" if row.correct is None else str(row.correct).lower(), "cam_target": row.cam_target,
               "cam_peak_x": _number(row.cam_peak_x), "cam_peak_y": _number(row.cam_peak_y),
               "overlay": row.overlay, "width": _number(row.width), "height": _number(row.height),
-              "sha256": row.sha256, "model_sha256": row.model_sha256}
+              "sha256": row.sha256, "model_sha256": row.model_sha256,
+              "attention_outside": _number(row.attention_outside),
+              "attention_flag": "" if row.attention_flag is None else str(row.attention_flag).lower(),
+              "faith_drop_top": _number(row.faith_drop_top), "faith_drop_random": _number(row.faith_drop_random)}
     for name, p in zip(class_names, row.probabilities or [None] * len(class_names)):
         values[f"p_{name}"] = _number(p)
     return values
@@ -80,7 +94,10 @@ def from_csv_dict(values: dict[str, str], class_names: Sequence[str]) -> Row:
                probabilities=probabilities, label=values.get("label", ""), cam_target=values.get("cam_target", ""),
                cam_peak_x=_int(values.get("cam_peak_x")), cam_peak_y=_int(values.get("cam_peak_y")),
                overlay=values.get("overlay", ""), width=_int(values.get("width")), height=_int(values.get("height")),
-               sha256=values.get("sha256", ""), model_sha256=values.get("model_sha256", ""))
+               sha256=values.get("sha256", ""), model_sha256=values.get("model_sha256", ""),
+               attention_outside=_float(values.get("attention_outside")),
+               faith_drop_top=_float(values.get("faith_drop_top")),
+               faith_drop_random=_float(values.get("faith_drop_random")))
 
 
 def write_csv(stream: io.TextIOBase, rows: Iterable[Row], class_names: Sequence[str]) -> None:

@@ -20,7 +20,7 @@ from batchcam.fsutil import atomic_write
 from batchcam.lock import STATE_DIR
 from batchcam.rows import Row
 
-ROW_FORMAT = 2  # bump whenever a row's meaning or the overlay rendering changes
+ROW_FORMAT = 3  # bump whenever a row's meaning or the overlay rendering changes
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class Settings:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    faithfulness: bool = False
+    heat_scale: str = "image"
     row_format: int = ROW_FORMAT
 
     @property

@@ -51,9 +51,11 @@ def test_scan_writes_every_report_file_and_returns_0(xray_folder, tiny_model, tm
 def test_csv_columns_follow_the_contract_order(xray_folder, tiny_model, tmp_path):
     scan(xray_folder, tmp_path / "r", tiny_model)
     header = (tmp_path / "r" / "predictions.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
-    assert header == ["path", "status", "error", "prediction", "confidence", "p_NORMAL", "p_PNEUMONIA", "label",
-                      "correct", "cam_target", "cam_peak_x", "cam_peak_y", "overlay", "width", "height",
-                      "sha256", "model_sha256"]
+    assert header[:17] == ["path", "status", "error", "prediction", "confidence", "p_NORMAL", "p_PNEUMONIA",
+                           "label", "correct", "cam_target", "cam_peak_x", "cam_peak_y", "overlay", "width",
+                           "height", "sha256", "model_sha256"]
+    # the explanation checks come after the contract's columns
+    assert header[17:] == ["attention_outside", "attention_flag", "faith_drop_top", "faith_drop_random"]
 
 
 def test_bad_files_become_their_own_error_rows_and_good_rows_keep_their_predictions(tiny_model, tmp_path):
