@@ -41,6 +41,7 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; img-src 'self'; script-src 'self
                            "base-uri 'none'; form-action 'none'")
 ROWS_COLUMNS = ("path", "status", "error", "prediction", "confidence", "label", "correct", "thumb", "overlay",
                 "original")
+BOX_COLUMNS = ("width", "height", "boxes")  # added to rows.js after ``evaluate --boxes``: the large view draws them
 HISTOGRAM_BINS = 20
 ROC_MAX_POINTS = 400        # enough for a smooth curve; a 50,000-row run would otherwise draw 50,000
 PAGE_WINDOW = 3             # pages linked on either side of the current one
@@ -247,16 +248,37 @@ def heat_scale_text(cam: dict) -> str:
 
 # ---- the data file behind the whole-run view ----------------------------------------------------
 
-def row_record(row: Row) -> list:
+Boxes = dict[str, Sequence[Sequence[float]]]   # path -> ground-truth boxes (x0, y0, x1, y1), original pixels
+
+
+def box_list(boxes: Boxes | None, row: Row) -> list[list[float]] | None:
+    """The row's ground-truth boxes for the large view, rounded; None when it has none."""
+    if not boxes or not row.ok or not row.width or not row.height or not boxes.get(row.path):
+        return None
+    return [[round(float(value), 2) for value in box] for box in boxes[row.path]]
+
+
+def boxes_attribute(boxes: Boxes | None, row: Row) -> str:
+    """The card's ``data-boxes``: JSON ``{"size": [w, h], "boxes": [[x0, y0, x1, y1], ...]}``, or ''."""
+    found = box_list(boxes, row)
+    return "" if found is None else json.dumps({"size": [row.width, row.height], "boxes": found},
+                                               separators=(",", ":"))
+
+
+def row_record(row: Row, boxes: Boxes | None = None) -> list:
     confidence = None if row.confidence is None else round(row.confidence, 4)
-    return [row.path, row.status, row.error, row.prediction, confidence, row.label, row.correct, row.thumb,
-            row.overlay, row.original]
+    record = [row.path, row.status, row.error, row.prediction, confidence, row.label, row.correct, row.thumb,
+              row.overlay, row.original]
+    if boxes:
+        record += [row.width, row.height, box_list(boxes, row)]
+    return record
 
 
-def rows_script(rows: Sequence[Row], pages: Sequence[Page], page_size: int) -> str:
+def rows_script(rows: Sequence[Row], pages: Sequence[Page], page_size: int, boxes: Boxes | None = None) -> str:
     """Every row as a JavaScript assignment (ASCII only, so no charset can garble a name)."""
-    data = {"pageSize": page_size, "pages": [page.name for page in pages], "columns": list(ROWS_COLUMNS),
-            "rows": [row_record(row) for row in rows]}
+    columns = list(ROWS_COLUMNS) + (list(BOX_COLUMNS) if boxes else [])
+    data = {"pageSize": page_size, "pages": [page.name for page in pages], "columns": columns,
+            "rows": [row_record(row, boxes) for row in rows]}
     return "window.BATCHCAM_ROWS = " + json.dumps(data, ensure_ascii=True, separators=(",", ":")) + ";\n"
 
 
@@ -282,10 +304,11 @@ def static_asset(name: str) -> str:
 
 
 def render_gallery(rows: Sequence[Row], class_names: Sequence[str], manifest: dict, metrics: dict | None,
-                   page_size: int = DEFAULT_PAGE_SIZE) -> dict[str, str]:
+                   page_size: int = DEFAULT_PAGE_SIZE, boxes: Boxes | None = None) -> dict[str, str]:
     """The gallery's files, relative to REPORT, name -> text; ``index.html`` is the entry page.
 
-    ``rows`` must be in the order the gallery shows them (the CSV's, by path).
+    ``rows`` must be in the order the gallery shows them (the CSV's, by path). ``boxes`` (from
+    ``evaluate --boxes``: path -> boxes in original pixels) are drawn over the large view.
     """
     pages = paginate(len(rows), page_size)
     env = environment()
@@ -294,9 +317,10 @@ def render_gallery(rows: Sequence[Row], class_names: Sequence[str], manifest: di
               "csp": CONTENT_SECURITY_POLICY, "attention_threshold": ATTENTION_THRESHOLD,
               "heat_scale": heat_scale_text(manifest.get("cam", {})), "legend_stops": heatmap_legend_stops(),
               "page_first_paths": [rows[p.start].path if p.stop > p.start else "" for p in pages],
-              "page_last_paths": [rows[p.stop - 1].path if p.stop > p.start else "" for p in pages]}
+              "page_last_paths": [rows[p.stop - 1].path if p.stop > p.start else "" for p in pages],
+              "boxes_of": lambda row: boxes_attribute(boxes, row)}
     files = {f"{GALLERY_DIR}/{name}": static_asset(name) for name in STATIC_ASSETS}
-    files[ROWS_SCRIPT] = rows_script(rows, pages, page_size)
+    files[ROWS_SCRIPT] = rows_script(rows, pages, page_size, boxes)
     index, other = env.get_template("index.html"), env.get_template("gallery_page.html")
     summary = summarise(rows, class_names, metrics)
     for page in pages:

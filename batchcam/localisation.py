@@ -19,7 +19,8 @@ Boxes files, recognised by their header row:
   file name without its extension (anywhere under ROOT); ``Target`` 0 rows carry no box.
 
 Only ok rows with at least one box are scored. The results go into metrics.json under
-``localisation`` (its other keys kept) and into the gallery's summary. Run ``evaluate`` again after
+``localisation`` (its other keys kept) and into the gallery's summary; the gallery is re-rendered
+with each image's boxes drawn over its large view. Run ``evaluate`` again after
 a scan: a scan rewrites metrics.json.
 """
 from __future__ import annotations
@@ -202,5 +203,6 @@ def evaluate(report_path: Path, boxes_path: Path, warn=print) -> dict:
             metrics = {}
         metrics["localisation"] = results
         report.write_json("metrics.json", metrics)
-        report.write_gallery(render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest)))
+        drawn = {row.path: found for row in rows if (found := boxes.for_row(row))}
+        report.write_gallery(render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest), drawn))
     return results

@@ -37,8 +37,26 @@
       label: card.dataset.label || "", correct: parseCorrect(card.dataset.correct),
       path: card.querySelector(".name").textContent,
       urls: { overlay: link ? link.getAttribute("href") : "", original: link ? link.dataset.original : "" },
+      boxes: link ? parseBoxes(link.dataset.boxes) : null,
       card: card,
     };
+  }
+
+  /** A card's data-boxes (after `batchcam evaluate --boxes`): {size: [w, h], boxes: [[x0, y0, x1, y1], ...]}. */
+  function parseBoxes(text) {
+    if (!text) return null;
+    try {
+      const data = JSON.parse(text);
+      return boxesOf(data.size[0], data.size[1], data.boxes);
+    } catch (error) {
+      return null;
+    }
+  }
+
+  /** Ground-truth boxes in the original image's pixels, or null when there are none to draw. */
+  function boxesOf(width, height, boxes) {
+    if (!(width > 0) || !(height > 0) || !Array.isArray(boxes) || !boxes.length) return null;
+    return { width: Number(width), height: Number(height), boxes: boxes };
   }
 
   /** A card's image link; rows.js items keep report-relative paths and are encoded only when shown
@@ -143,6 +161,7 @@
       index: index, status: row.status, prediction: row.prediction, confidence: row.confidence, label: row.label,
       correct: row.correct, path: row.path, error: row.error,
       paths: { thumb: row.thumb, overlay: row.overlay, original: row.original },
+      boxes: boxesOf(row.width, row.height, row.boxes),
       page: Math.floor(index / data.pageSize) + 1, card: null,
     };
   }
@@ -252,7 +271,8 @@
   const viewer = {
     dialog: byId("viewer"), image: byId("viewer-image"), path: byId("viewer-path"), info: byId("viewer-info"),
     mode: byId("viewer-mode"), position: byId("viewer-position"), toggle: byId("viewer-toggle"),
-    file: byId("viewer-file"), figure: byId("viewer-figure"),
+    file: byId("viewer-file"), figure: byId("viewer-figure"), boxes: byId("viewer-boxes"),
+    boxesLegend: byId("viewer-boxes-legend"),
     items: [], at: 0, showing: "overlay", opener: null,
   };
 
@@ -285,7 +305,45 @@
     viewer.mode.textContent = overlay ? "Grad-CAM overlay" : "original X-ray";
     viewer.toggle.textContent = overlay ? "show original" : "show overlay";
     viewer.position.textContent = `(${viewer.at + 1} of ${viewer.items.length})`;
+    drawBoxes(item);
   }
+
+  /** The item's ground-truth boxes as outlined rectangles over the large view (overlay and original
+   *  alike), in % of the image, so they follow its displayed size. Positions go through element.style
+   *  (CSSOM), which the CSP allows; style attributes in markup it would refuse. */
+  function drawBoxes(item) {
+    const boxes = item.boxes;
+    viewer.boxesLegend.hidden = !boxes;
+    viewer.boxes.hidden = !boxes;
+    if (!boxes) {
+      viewer.boxes.replaceChildren();
+      return;
+    }
+    const percentOf = (value, whole) => `${(100 * Math.min(Math.max(value, 0), whole) / whole).toFixed(3)}%`;
+    viewer.boxes.replaceChildren(...boxes.boxes.map((box) => {
+      const [x0, y0, x1, y1] = box.map(Number);
+      const outline = element("div", "gt-box");
+      outline.title = `ground-truth box (${x0}, ${y0})–(${x1}, ${y1})`;
+      outline.style.left = percentOf(x0, boxes.width);
+      outline.style.top = percentOf(y0, boxes.height);
+      outline.style.width = `calc(${percentOf(x1, boxes.width)} - ${percentOf(x0, boxes.width)})`;
+      outline.style.height = `calc(${percentOf(y1, boxes.height)} - ${percentOf(y0, boxes.height)})`;
+      return outline;
+    }));
+    placeBoxes();
+  }
+
+  /** Lay the boxes' layer exactly over the displayed image (it is centred and scaled to fit). */
+  function placeBoxes() {
+    if (viewer.boxes.hidden) return;
+    const image = viewer.image;
+    viewer.boxes.style.left = `${image.offsetLeft}px`;
+    viewer.boxes.style.top = `${image.offsetTop}px`;
+    viewer.boxes.style.width = `${image.offsetWidth}px`;
+    viewer.boxes.style.height = `${image.offsetHeight}px`;
+  }
+  viewer.image.addEventListener("load", placeBoxes);
+  window.addEventListener("resize", placeBoxes);
 
   function step(delta) {
     if (!viewer.items.length) return;

@@ -65,6 +65,47 @@ def test_evaluate_pointing_game_hits_the_generator_boxes_with_the_demo_model(hel
     assert "pointing game" in index and f"of {COUNT} images with boxes" in index
 
 
+def rows_data(report):
+    text = (report / "gallery" / "rows.js").read_text()
+    assert text.startswith("window.BATCHCAM_ROWS = ")
+    data = json.loads(text[len("window.BATCHCAM_ROWS = "):].rstrip().rstrip(";"))
+    return [dict(zip(data["columns"], record)) for record in data["rows"]]
+
+
+def card_boxes(report):
+    """path -> the parsed data-boxes of its card on the entry page (None when the card has none)."""
+    import html.parser
+
+    found = {}
+
+    class Cards(html.parser.HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "a" and attrs.get("class") == "thumb":
+                self.boxes = json.loads(attrs["data-boxes"]) if "data-boxes" in attrs else None
+            if tag == "img" and hasattr(self, "boxes") and (attrs.get("alt") or "").startswith("Grad-CAM overlay of "):
+                found[attrs["alt"][len("Grad-CAM overlay of "):]] = self.boxes
+
+    Cards().feed((report / "index.html").read_text())
+    return found
+
+
+def test_evaluate_puts_the_boxes_into_the_gallery_data_for_the_large_view(held_out, tmp_path):
+    root, _, boxes_csv, boxes = held_out
+    report = tmp_path / "report"         # a fresh scan: nothing drawn until evaluate
+    assert main(["scan", str(root), "--out", str(report), "--workers", "0", "--quiet"]) == 0
+    assert "boxes" not in rows_data(report)[0] and set(card_boxes(report).values()) == {None}
+    assert "ground-truth box" in (report / "index.html").read_text()     # the large view's legend, hidden
+    assert main(["evaluate", str(report), "--boxes", str(boxes_csv)]) == 0
+    expected = {path: [[float(x0), float(y0), float(x1), float(y1)]] for path, x0, y0, x1, y1 in boxes}
+    with open(report / "predictions.csv", newline="") as f:
+        sizes = {row["path"]: [int(row["width"]), int(row["height"])] for row in csv.DictReader(f)}
+    records = rows_data(report)
+    assert {r["path"]: r["boxes"] for r in records} == expected
+    assert all([r["width"], r["height"]] == sizes[r["path"]] for r in records)
+    assert card_boxes(report) == {path: {"size": sizes[path], "boxes": expected[path]} for path in expected}
+
+
 def test_evaluate_reads_the_rsna_format(held_out, tmp_path):
     _, report, _, boxes = held_out
     rsna = tmp_path / "stage_2_train_labels.csv"
@@ -229,3 +270,71 @@ def test_scan_with_run_heat_scale_rerenders_overlays_and_says_so_in_the_legend(t
     assert main(["scan", str(xray_folder), "--out", str(run_report), "--heat-scale", "run", *common]) == 0
     manifest = json.loads((run_report / "manifest.json").read_text())
     assert manifest["counts"]["reused"] == len(run_rows) and manifest["cam"]["run_scale"] == cam_info["run_scale"]
+
+
+MARKER = 8          # px of a 96 px image: a bright square flush in the top-left corner, like a burnt-in marker
+
+
+def marked_xray(seed: int, marked: bool):
+    """A plain NORMAL synthetic X-ray; the marked ones carry the corner marker and nothing else differs."""
+    from PIL import Image
+
+    pixels = np.asarray(generate(seed, "NORMAL", (96, 96)).image).copy()
+    if marked:
+        pixels[:MARKER, :MARKER] = 255
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "not shown yet: a model that learns the corner-marker shortcut gets layer4 Grad-CAM maps whose heat sits "
+    "one 7x7 cell in from the corner (~21% of the side), outside the 10% border band, so attention_outside "
+    "stays at 0.39-0.46 < 0.50 on the marked images; see the session report"))
+def test_attention_flag_fires_on_a_corner_marker_shortcut_and_stays_quiet_on_plain_images(
+        held_out, tmp_path, one_cpu_thread):
+    from batchcam.imaging import resize_square
+    from batchcam.model import ModelSpec, build_model, normalize, save_checkpoint
+
+    demo = load_checkpoint(DEMO_MODEL, demo=True)
+    spec = ModelSpec(class_names=("NORMAL", "PNEUMONIA"), image_size=demo.spec.image_size)
+    views, labels = [], []
+    for seed in range(100, 112):
+        for marked in (False, True):
+            views.append(resize_square(marked_xray(seed, marked), spec.image_size))
+            labels.append(int(marked))
+    x, y = normalize(torch.from_numpy(np.stack(views)), spec), torch.tensor(labels)
+    torch.manual_seed(0)
+    model = build_model(2)
+    model.load_state_dict(demo.model.state_dict())   # the demo's lung features; the head learns the marker
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+    order = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(8):
+        batch = torch.randperm(len(y), generator=order)[:16]
+        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    for module in model.modules():        # batch statistics of the whole set, not of 8 noisy steps
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    with torch.no_grad():
+        model(x)
+    checkpoint = tmp_path / "shortcut.pt"
+    save_checkpoint(checkpoint, model.eval(), spec)
+
+    root = tmp_path / "marked" / "PNEUMONIA"
+    root.mkdir(parents=True)
+    for seed in range(5000, 5010):
+        marked_xray(seed, True).save(root / f"m{seed}.png")
+    report = tmp_path / "report"
+    assert main(["scan", str(root.parent), "--out", str(report), "--model", str(checkpoint), "--workers", "0",
+                 "--quiet"]) == 0
+    with open(report / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(row["prediction"] == "PNEUMONIA" for row in rows) >= 8      # the shortcut is learnt
+    assert sum(row["attention_flag"] == "true" for row in rows) >= 8       # ...and the flag sees it
+    # plain images, scanned with the demo model (held_out): quiet
+    with open(held_out[1] / "predictions.csv", newline="") as f:
+        assert all(row["attention_flag"] == "false" for row in csv.DictReader(f))

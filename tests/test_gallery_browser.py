@@ -269,3 +269,70 @@ def test_names_with_special_characters_load_in_the_script_built_views(browser, l
     assert wait_images(browser, "#viewer-image")[0] > 0
     assert browser.find_element(By.ID, "viewer-path").text == "NORMAL/c d#?%é.png"
 
+
+
+@pytest.fixture(scope="module")
+def evaluated_report(tmp_path_factory, tiny_model) -> Path:
+    """A real scan of four synthetic X-rays (160 x 128), then `evaluate` with one box on img01."""
+    root = tmp_path_factory.mktemp("evaluated") / "xrays"
+    write_xrays(root, count=4)
+    out = root.parent / "report"
+    assert main(["scan", str(root), "--out", str(out), "--model", str(tiny_model), "--workers", "0", "--quiet"]) == 0
+    boxes = root.parent / "boxes.csv"
+    boxes.write_text("path,x0,y0,x1,y1\nPNEUMONIA/img01.png,40,32,120,96\n")
+    assert main(["evaluate", str(out), "--boxes", str(boxes)]) == 0
+    return out
+
+
+def box_geometry(driver) -> dict:
+    """Where the large view's image and its ground-truth boxes are, once the box layer has caught up
+    with the image's displayed size (it is laid out again when the image loads)."""
+    WebDriverWait(driver, 5).until(lambda d: d.execute_script("""
+        const layer = document.getElementById('viewer-boxes'), image = document.getElementById('viewer-image');
+        return layer.hidden || Math.abs(layer.getBoundingClientRect().width - image.getBoundingClientRect().width) < 1;"""))
+    return driver.execute_script("""
+        const rect = (node) => { const r = node.getBoundingClientRect();
+                                 return {left: r.left, top: r.top, width: r.width, height: r.height}; };
+        const boxes = Array.from(document.querySelectorAll('#viewer-boxes .gt-box'));
+        return {image: rect(document.getElementById('viewer-image')), boxes: boxes.map(rect),
+                shown: boxes.map((b) => b.checkVisibility()),
+                legend: !document.getElementById('viewer-boxes-legend').hidden,
+                legendText: document.getElementById('viewer-boxes-legend').textContent};""")
+
+
+def test_large_view_draws_the_ground_truth_boxes_after_evaluate(browser, evaluated_report):
+    open_page(browser, evaluated_report / "index.html")
+    paths = [c["path"] for c in visible_cards(browser)]
+    cards = browser.find_elements(By.CSS_SELECTOR, "#cards .card")
+    cards[paths.index("PNEUMONIA/img01.png")].find_element(By.CSS_SELECTOR, "a.thumb").click()
+    for showing in ("overlay", "original"):
+        assert browser.find_element(By.ID, "viewer").get_attribute("data-showing") == showing
+        assert wait_images(browser, "#viewer-image")[0] > 0
+        geometry = box_geometry(browser)
+        image, boxes = geometry["image"], geometry["boxes"]
+        assert len(boxes) == 1 and geometry["shown"] == [True], geometry
+        assert geometry["legend"] and "ground-truth box" in geometry["legendText"]
+        box = boxes[0]
+        assert box["width"] > 0 and box["height"] > 0
+        # the box 40..120 x 32..96 of a 160 x 128 image, scaled to the displayed image (2 px tolerance)
+        scale_x, scale_y = image["width"] / 160, image["height"] / 128
+        assert box["left"] == pytest.approx(image["left"] + 40 * scale_x, abs=2)
+        assert box["top"] == pytest.approx(image["top"] + 32 * scale_y, abs=2)
+        assert box["width"] == pytest.approx(80 * scale_x, abs=2)
+        assert box["height"] == pytest.approx(64 * scale_y, abs=2)
+        browser.find_element(By.ID, "viewer-toggle").click()
+    webdriver.ActionChains(browser).send_keys(Keys.ARROW_RIGHT).perform()     # an image without boxes
+    assert browser.find_element(By.ID, "viewer-path").text != "PNEUMONIA/img01.png"
+    geometry = box_geometry(browser)
+    assert geometry["boxes"] == [] and not geometry["legend"]
+    browser.find_element(By.ID, "viewer-close").click()
+    # the whole-run view reads the boxes from rows.js
+    choose(browser, "f-scope", "run")
+    WebDriverWait(browser, 10).until(lambda d: not d.find_element(By.ID, "run-view").get_attribute("hidden"))
+    paths = [c["path"] for c in visible_cards(browser)]
+    cards = browser.find_elements(By.CSS_SELECTOR, "#run-cards .card")
+    cards[paths.index("PNEUMONIA/img01.png")].find_element(By.CSS_SELECTOR, "a.thumb").click()
+    assert wait_images(browser, "#viewer-image")[0] > 0
+    geometry = box_geometry(browser)
+    assert len(geometry["boxes"]) == 1 and geometry["boxes"][0]["width"] > 0 and geometry["shown"] == [True]
+    browser.find_element(By.ID, "viewer-close").click()
