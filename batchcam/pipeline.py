@@ -149,9 +149,7 @@ def process(files: list[PlannedFile], config: ScanConfig, engine: CamEngine, loa
     if not files:
         return rows, cams
     dataset = ScanDataset(files, loaded.spec.image_size)
-    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers,
-                        collate_fn=collate_samples, pin_memory=device.type == "cuda",
-                        worker_init_fn=partial(worker_init, os.getpid()) if config.workers else None)
+    loader = decode_loader(dataset, config, pin_memory=device.type == "cuda")
 
     def keep(finished: list[Row]) -> None:
         store.append(finished)
@@ -198,31 +196,27 @@ def rescale_overlays(rows: list[Row], files: list[PlannedFile], cams: dict[str, 
     by_relpath = {planned.relpath: planned for planned in files}
     todo = {row.relpath: row for row in rows if row.ok and row.path in cams and row.relpath in by_relpath}
     dataset = ScanDataset([by_relpath[relpath] for relpath in todo], loaded.spec.image_size)
-    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers,
-                        collate_fn=collate_samples, worker_init_fn=partial(worker_init, os.getpid()) if config.workers else None)
     console.info(f"heat scale for the run: {scale:.6g} (99th percentile of raw map values); re-rendering "
                  f"{len(todo)} overlays")
-
-    def render(sample: Sample, row: Row, cam: torch.Tensor) -> None:
-        report.write_overlay(row.overlay, overlays.render(sample.display, cam, sample.width, sample.height, scale))
-
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="overlay") as pool:
-        pending = []  # one batch in flight, so memory stays bounded
-        for samples, _ in loader:
+    with OverlayStage(report, scale=scale) as stage:
+        for samples, _ in decode_loader(dataset, config):
             batch = []
             for sample in samples:
                 row = todo[sample.relpath]
                 if not sample.ok or sample.sha256 != row.sha256:
                     console.log(f"warning: {row.path}: changed during the run; its overlay keeps its own scale")
                     continue
-                batch.append(pool.submit(render, sample, row,
-                                         torch.from_numpy(np.asarray(cams[row.path], dtype=np.float32))))
-            for future in pending:
-                future.result()
-            pending = batch
-        for future in pending:
-            future.result()
+                batch.append((row, sample, torch.from_numpy(np.asarray(cams[row.path], dtype=np.float32))))
+            stage.submit(batch)
+        stage.drain()
     return scale
+
+
+def decode_loader(dataset: ScanDataset, config: ScanConfig, pin_memory: bool = False) -> DataLoader:
+    """Batches of decoded samples, decoded by ``config.workers`` processes tied to this run."""
+    return DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers,
+                      collate_fn=collate_samples, pin_memory=pin_memory,
+                      worker_init_fn=partial(worker_init, os.getpid()) if config.workers else None)
 
 
 def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, report_manifest: dict,
@@ -316,8 +310,9 @@ class OverlayStage:
     next batch's forward pass; keeping at most two batches in flight bounds memory.
     """
 
-    def __init__(self, report: ReportFolder, threads: int = 2):
+    def __init__(self, report: ReportFolder, threads: int = 2, scale: float | None = None):
         self.report = report
+        self.scale = scale  # None: each map normalised alone; else --heat-scale run's constant
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="overlay")
         self.pending: list[tuple[Row, Future | None]] = []
 
@@ -345,6 +340,6 @@ class OverlayStage:
         return done
 
     def _render(self, row: Row, sample: Sample, cam: torch.Tensor) -> None:
-        rendered = overlays.render(sample.display, cam, sample.width, sample.height)
+        rendered = overlays.render(sample.display, cam, sample.width, sample.height, self.scale)
         self.report.write_overlay(row.overlay, rendered)
         row.cam_peak_x, row.cam_peak_y = rendered.peak_x, rendered.peak_y
