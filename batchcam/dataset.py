@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from batchcam.imaging import WORKING_LONG_SIDE, DecodeError, decode_grayscale, fit_within, resize_square
+from batchcam.lungs import estimate_lung_fields
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Sample:
     height: int = 0
     model_view: np.ndarray | None = None   # uint8 (size, size): what the model sees
     display: np.ndarray | None = None      # uint8 (h, w), longer side <= overlay cap: the overlay's base
+    lung_fields: np.ndarray | None = None  # bool (LUNG_GRID, LUNG_GRID) estimate, None when implausible
     size: int = -1                         # the file's size and mtime when it was read
     mtime_ns: int = -1
     transient: bool = False                # the error may not recur (the file changed or vanished)
@@ -124,6 +126,7 @@ def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: 
     sample.width, sample.height = decoded.width, decoded.height
     sample.warnings = tuple(decoded.warnings)
     sample.model_view = resize_square(decoded.gray, image_size)
+    sample.lung_fields = estimate_lung_fields(sample.model_view)  # here, in the decoding workers
     sample.display = np.asarray(fit_within(decoded.gray, display_max_side), dtype=np.uint8)
     return sample
 

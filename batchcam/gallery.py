@@ -155,7 +155,7 @@ class Summary:
     histogram: Histogram
     confusion: Confusion | None
     roc: Roc | None
-    attention_flagged: int = 0          # rows whose heat lies mostly on the image's border band
+    attention_flagged: int = 0          # rows whose heat lies mostly off the lungs
 
 
 # Plot areas of the charts, in SVG user units (the SVGs scale with their viewBox).

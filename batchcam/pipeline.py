@@ -297,7 +297,7 @@ def batch_rows(samples: list[Sample], cam_batch: CamBatch | None, loaded: Loaded
             row.width, row.height = sample.width, sample.height
             row.overlay = overlay_path(sample.relpath, f"{sample.sha256}:{settings_key}")
             cam = cam_batch.cams[ok_index]
-            row.attention_outside = attention.attention_outside(cam, sample.width, sample.height)
+            row.attention_outside = attention.attention_outside(cam, sample.lung_fields)
             ok_index += 1
         results.append((row, sample, cam))
     return results

@@ -144,7 +144,8 @@ def scan_metrics(rows: Sequence[Row], class_names: Sequence[str]) -> dict | None
 
 def attention_summary(rows: Sequence[Row]) -> dict:
     shares = [row.attention_outside for row in rows if row.ok and row.attention_outside is not None]
-    return {"region": f"border band ({BORDER_MARGIN:.0%} of each side)", "threshold": ATTENTION_THRESHOLD,
+    return {"region": f"off the estimated lung fields, and the border band ({BORDER_MARGIN:.0%} of each side)",
+            "threshold": ATTENTION_THRESHOLD,
             "n": len(shares), "flagged": sum(share > ATTENTION_THRESHOLD for share in shares),
             "mean_outside": round(float(np.mean(shares)), 6) if shares else None}
 

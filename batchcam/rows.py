@@ -34,7 +34,7 @@ class Row:
     height: int | None = None
     sha256: str = ""
     model_sha256: str = ""
-    attention_outside: float | None = None   # share of the heat in the image's border band
+    attention_outside: float | None = None   # share of the heat off the lungs (attention.py)
     faith_drop_top: float | None = None      # only with --faithfulness
     faith_drop_random: float | None = None
     # Not CSV columns: what the incremental store needs to decide whether the row can be reused.

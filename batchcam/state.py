@@ -20,7 +20,7 @@ from batchcam.fsutil import atomic_write
 from batchcam.lock import STATE_DIR
 from batchcam.rows import Row
 
-ROW_FORMAT = 3  # bump whenever a row's meaning or the overlay rendering changes
+ROW_FORMAT = 4  # bump whenever a row's meaning or the overlay rendering changes
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import torch
 
 from batchcam.attention import ATTENTION_THRESHOLD, attention_outside
 from batchcam.cli import main
+from batchcam.imaging import resize_square
+from batchcam.lungs import estimate_lung_fields
 from batchcam.model import load_checkpoint
 from batchcam.resources import DEMO_MODEL
 from batchcam.rows import Row, from_csv_dict, to_csv_dict
@@ -160,15 +162,26 @@ def test_spearman_is_one_for_a_monotone_transform_and_zero_for_a_flat_map():
 def test_attention_flag_fires_on_a_corner_map_and_stays_quiet_on_lung_maps():
     corner = torch.zeros(7, 7)
     corner[0, 0], corner[0, 1], corner[1, 0] = 1.0, 0.5, 0.5
-    share = attention_outside(corner, 800, 600)
-    assert share > ATTENTION_THRESHOLD
-    assert Row(path="a", status="ok", attention_outside=share).attention_flag is True
     for seed in range(HELD_OUT_SEED, HELD_OUT_SEED + 4):
         xray = generate(seed, "PNEUMONIA", (640, 560))
+        fields = estimate_lung_fields(resize_square(xray.image, 224))
+        assert fields is not None
+        share = attention_outside(corner, fields)
+        assert share > ATTENTION_THRESHOLD
+        assert Row(path="a", status="ok", attention_outside=share).attention_flag is True
         # a map that is hot where the lungs are: the lung mask pooled to the 7x7 CAM grid
         lungs = torch.from_numpy(xray.lungs.astype(np.float32))[None, None]
         cam = torch.nn.functional.adaptive_avg_pool2d(lungs, 7)[0, 0]
-        assert attention_outside(cam, 640, 560) < ATTENTION_THRESHOLD
+        assert attention_outside(cam, fields) < 0.3
+
+
+def test_without_lung_fields_the_border_band_is_the_region():
+    corner = torch.zeros(7, 7)
+    corner[0, 0] = 1.0
+    assert attention_outside(corner, None) > ATTENTION_THRESHOLD
+    centre = torch.zeros(7, 7)
+    centre[3, 3] = 1.0
+    assert attention_outside(centre, None) == 0.0
 
 
 def test_attention_stays_quiet_on_the_demo_models_maps_of_plain_images(held_out):
@@ -286,13 +299,8 @@ def marked_xray(seed: int, marked: bool):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "not shown yet: a model that learns the corner-marker shortcut gets layer4 Grad-CAM maps whose heat sits "
-    "one 7x7 cell in from the corner (~21% of the side), outside the 10% border band, so attention_outside "
-    "stays at 0.39-0.46 < 0.50 on the marked images; the heuristic needs a corner-aware measure (issue 9)"))
 def test_attention_flag_fires_on_a_corner_marker_shortcut_and_stays_quiet_on_plain_images(
         held_out, tmp_path, one_cpu_thread):
-    from batchcam.imaging import resize_square
     from batchcam.model import ModelSpec, build_model, normalize, save_checkpoint
 
     demo = load_checkpoint(DEMO_MODEL, demo=True)
