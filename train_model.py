@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from batchcam.imaging import WORKING_LONG_SIDE, DecodeError, decode_grayscale, resize_square
+from batchcam.imaging import DECODE_MIN_LONG_SIDE, DecodeError, decode_grayscale, resize_square
 from batchcam.metrics import classification_metrics
 from batchcam.model import CheckpointError, ModelSpec, build_model, normalize, save_checkpoint
 
@@ -141,7 +141,7 @@ class XrayFolder(Dataset):
     def __getitem__(self, index: int):
         path, label = self.items[index]
         try:
-            gray = decode_grayscale(path.read_bytes(), min_long_side=WORKING_LONG_SIDE).gray
+            gray = decode_grayscale(path.read_bytes(), min_long_side=DECODE_MIN_LONG_SIDE).gray
         except (DecodeError, OSError) as e:
             return torch.zeros(self.image_size, self.image_size, dtype=torch.uint8), label, str(path), str(e)
         square = Image.fromarray(resize_square(gray, self.image_size))

@@ -50,16 +50,19 @@ class CamEngine:
 
     ``target`` is None for the predicted class, or a fixed class index. The fast exact path is
     used for ``gradcam`` whenever the head allows it (``exact`` tells which path is in use).
+    ``autocast`` (CUDA only: ``torch.bfloat16`` or ``torch.float16``) runs the exact path's forward
+    pass in that precision; the map itself is always computed in float32 from the activations.
     """
 
     def __init__(self, model: nn.Module, method: str = "gradcam", target: int | None = None,
-                 allow_exact: bool = True):
+                 allow_exact: bool = True, autocast: torch.dtype | None = None):
         if method not in LIBRARY_METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
         self.model, self.method, self.target = model, method, target
         self.layer = getattr(model, TARGET_LAYER)
         self.head = linear_head(model)
         self.exact = allow_exact and method == "gradcam" and self.head is not None
+        self.autocast = autocast
         self._activations: torch.Tensor | None = None
         self._hook = None
 
@@ -89,7 +92,8 @@ class CamEngine:
         if self._hook is None:
             raise RuntimeError("CamEngine must be used inside a 'with' block")
         with torch.inference_mode():
-            logits = self.model(x).float()
+            with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                logits = self.model(x).float()
             activations = self._activations.float()
             targets = self._targets(logits)
             weights = self.head.weight.float()[targets]                      # (B, K)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from batchcam import __version__
 from batchcam.cam import METHODS
-from batchcam.config import HEAT_SCALES, ScanConfig, UsageError, default_workers
+from batchcam.config import DECODERS, ENGINES, HEAT_SCALES, PRECISIONS, ScanConfig, UsageError, default_workers_for
 from batchcam.console import Console
 from batchcam.gallery import DEFAULT_PAGE_SIZE
+from batchcam.imaging import OVERLAY_LONG_SIDE
 from batchcam.interrupt import Interrupted
 from batchcam.lock import ReportLocked
 from batchcam.model import CheckpointError
@@ -37,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="batchcam checkpoint or ResNet18 state dict (default: the bundled demo model)")
     scan.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     scan.add_argument("--batch-size", type=int, default=32, help="images per model batch")
-    scan.add_argument("--workers", type=int, default=default_workers(),
-                      help="DataLoader processes decoding images (0: decode in the main process)")
+    scan.add_argument("--workers", type=int, default=None,
+                      help="local engine: DataLoader processes decoding images (0: decode in the main process; "
+                      "default: CPU cores - 1, 1..8); ray engine: model actors (default: one per GPU of the "
+                      "cluster, or half its CPUs without GPUs)")
     scan.add_argument("--cam", default="gradcam", choices=METHODS, metavar="METHOD",
                       help=f"CAM method, one of: {', '.join(METHODS)}")
     scan.add_argument("--target", default="predicted",
@@ -56,11 +59,39 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--faithfulness", action="store_true",
                       help="also measure the probability drop when the top 20%% of each map (and a random region "
                       "of the same size) is removed: two extra forward passes per batch")
+    add_engine_options(scan)
+    add_performance_options(scan)
     add_predict_parser(commands)
     add_evaluate_parser(commands)
     add_sanity_parser(commands)
     add_serve_parser(commands)
     return parser
+
+
+def add_engine_options(scan: argparse.ArgumentParser) -> None:
+    scan.add_argument("--engine", default="local", choices=ENGINES,
+                      help="local: this machine (DataLoader + model in this process); ray: a Ray cluster "
+                      "(needs the 'ray' extra; REPORT must be on storage every node sees)")
+    scan.add_argument("--ray-address", default=None, metavar="ADDR",
+                      help="with --engine ray: the cluster to join, e.g. head-node:6379, or 'auto' for the one "
+                      "`ray start` runs on this machine (default: start a local Ray cluster for this run)")
+    scan.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                      help="with --engine ray: GPUs per model actor (0: CPU actors; 0.5: two actors share a GPU; "
+                      "default: 1 when the cluster has GPUs, else 0)")
+
+
+def add_performance_options(scan: argparse.ArgumentParser) -> None:
+    scan.add_argument("--overlay-size", type=int, default=OVERLAY_LONG_SIDE, metavar="PX",
+                      help="longer side of the overlays, px (never enlarged); 1024 is sharper in the large view "
+                      "and costs about three times the CPU time per image")
+    scan.add_argument("--precision", default="auto", choices=PRECISIONS,
+                      help="the forward pass's precision: auto is bf16 (else fp16) autocast on CUDA and fp32 on "
+                      "the CPU; the heatmap is always computed in fp32")
+    scan.add_argument("--compile", action="store_true",
+                      help="torch.compile the model (a minute or more of compilation; pays off on long GPU runs)")
+    scan.add_argument("--decode", default="cpu", choices=DECODERS,
+                      help="gpu: decode JPEGs in batches on the GPU (nvJPEG) when CPU decoding is the bottleneck; "
+                      "other formats are still decoded on the CPU")
 
 
 def add_model_options(command: argparse.ArgumentParser) -> None:
@@ -175,10 +206,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def scan_config(args: argparse.Namespace, argv: list[str]) -> ScanConfig:
+    workers = default_workers_for(args.engine) if args.workers is None else args.workers
     return ScanConfig(root=args.root, out=args.out, model=args.model, device=args.device,
-                      batch_size=args.batch_size, workers=args.workers, cam=args.cam, target=args.target,
+                      batch_size=args.batch_size, workers=workers, cam=args.cam, target=args.target,
                       save_cams=args.save_cams, full=args.full, quiet=args.quiet, page_size=args.page_size,
-                      faithfulness=args.faithfulness, heat_scale=args.heat_scale, argv=tuple(argv))
+                      faithfulness=args.faithfulness, heat_scale=args.heat_scale, engine=args.engine,
+                      ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker,
+                      overlay_size=args.overlay_size, precision=args.precision, compile=args.compile,
+                      decode=args.decode, argv=tuple(argv))
 
 
 def run_scan(config: ScanConfig) -> int:

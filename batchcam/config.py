@@ -1,7 +1,9 @@
 """Scan configuration: parsed once from the command line, validated in one place, then frozen."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,9 +11,16 @@ import torch
 
 from batchcam.cam import METHODS
 from batchcam.gallery import DEFAULT_PAGE_SIZE
+from batchcam.imaging import OVERLAY_LONG_SIDE
 
 
 HEAT_SCALES = ("image", "run")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DECODERS = ("cpu", "gpu")
+OVERLAY_SIZES = (256, 4096)      # the smallest and largest --overlay-size, px
+ENGINES = ("local", "ray")
+RAY_EXTRA_HINT = "pip install 'batchcam[ray]'"
+HEAD_CONNECT_TIMEOUT = 10.0  # seconds; Ray itself retries an unreachable --ray-address for ever
 
 
 class UsageError(Exception):
@@ -21,6 +30,12 @@ class UsageError(Exception):
 def default_workers() -> int:
     """Decoding workers: one per core beyond the one the model runs on (at least one, at most 8)."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def default_workers_for(engine: str) -> int:
+    """``--workers`` left out: decoding processes for the local engine; for the ray engine 0, which
+    sizes the pool of model actors to the cluster (see ``ray_engine.actor_count``)."""
+    return default_workers() if engine == "local" else 0
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,13 @@ class ScanConfig:
     page_size: int = DEFAULT_PAGE_SIZE   # images per gallery page
     faithfulness: bool = False       # two extra forward passes per batch (batchcam.attention)
     heat_scale: str = "image"        # "image": each map alone; "run": one run-wide constant (keeps cams.npz)
+    overlay_size: int = OVERLAY_LONG_SIDE  # overlays' longer side, px (never enlarged)
+    precision: str = "auto"          # the forward pass: auto = bf16 (else fp16) autocast on CUDA, fp32 on the CPU
+    compile: bool = False            # torch.compile the model: slow to start, faster on long GPU runs
+    decode: str = "cpu"              # "gpu": JPEGs decoded in batches on the GPU (batchcam.gpu_decode)
+    engine: str = "local"            # "local": this process and its DataLoader; "ray": a Ray cluster
+    ray_address: str | None = None   # None: the ray engine starts a local Ray cluster on this machine
+    gpus_per_worker: float | None = None  # ray engine; None: 1 when the cluster has GPUs, else 0
     argv: tuple[str, ...] = ()
 
     @property
@@ -65,7 +87,64 @@ class ScanConfig:
             raise UsageError(f"--cam {self.cam!r} is not one of: {', '.join(METHODS)}")
         if self.model is not None and not self.model.is_file():
             raise UsageError(f"--model {self.model} does not exist")
-        resolve_device(self.device)
+        self.validate_engine()
+        self.validate_performance(resolve_device(self.device))
+
+    def validate_performance(self, device: torch.device) -> None:
+        low, high = OVERLAY_SIZES
+        if not low <= self.overlay_size <= high:
+            raise UsageError(f"--overlay-size must be between {low} and {high} px, got {self.overlay_size}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r} is not one of: {', '.join(PRECISIONS)}")
+        if self.decode not in DECODERS:
+            raise UsageError(f"--decode {self.decode!r} is not one of: {', '.join(DECODERS)}")
+        if self.decode == "gpu" and (device.type != "cuda" or self.engine != "local"):
+            raise UsageError("--decode gpu needs a CUDA device and the local engine "
+                             f"(this run: device {device}, engine {self.engine})")
+
+    def validate_engine(self) -> None:
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine {self.engine!r} is not one of: {', '.join(ENGINES)}")
+        if self.engine != "ray":
+            if self.ray_address is not None or self.gpus_per_worker is not None:
+                raise UsageError("--ray-address and --gpus-per-worker need --engine ray")
+            return
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise UsageError(f"--gpus-per-worker must be 0 (CPU actors) or more, got {self.gpus_per_worker}")
+        if self.device != "auto":  # an actor's device follows the GPUs Ray gives it, not the driver's
+            raise UsageError(f"--device {self.device} applies to the local engine; with --engine ray each model "
+                             "actor uses the GPU it is given (--gpus-per-worker)")
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError(f"--engine ray needs Ray, which is not installed: {RAY_EXTRA_HINT}")
+        if self.ray_address and (problem := unreachable(self.ray_address)):
+            raise UsageError(f"--ray-address {self.ray_address}: cannot reach the Ray cluster's head node: {problem}")
+
+
+def unreachable(address: str) -> str | None:
+    """Why no TCP connection reaches ``HOST:PORT`` (or ``ray://HOST:PORT``); None when one does, or
+    for the other forms (``auto``), which Ray resolves itself."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=HEAD_CONNECT_TIMEOUT).close()
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+    return None
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the forward pass, or None for float32.
+
+    ``auto`` is bfloat16 on CUDA devices that support it (its range matches float32's, so no
+    overflow), else float16; on the CPU it is float32, the only precision whose probabilities
+    stay within 1e-3 of the reference there.
+    """
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -13,13 +13,14 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from batchcam.imaging import WORKING_LONG_SIDE, DecodeError, decode_grayscale, fit_within, resize_square
+from batchcam.imaging import (DECODE_MIN_LONG_SIDE, OVERLAY_LONG_SIDE, DecodeError, decode_grayscale, fit_within,
+                              resize_square)
 from batchcam.lungs import estimate_lung_fields
 
 
@@ -35,6 +36,7 @@ class Sample:
     model_view: np.ndarray | None = None   # uint8 (size, size): what the model sees
     display: np.ndarray | None = None      # uint8 (h, w), longer side <= overlay cap: the overlay's base
     lung_fields: np.ndarray | None = None  # bool (LUNG_GRID, LUNG_GRID) estimate, None when implausible
+    encoded: bytes | None = None           # a JPEG left for the batched GPU decoder (scan --decode gpu)
     size: int = -1                         # the file's size and mtime when it was read
     mtime_ns: int = -1
     transient: bool = False                # the error may not recur (the file changed or vanished)
@@ -55,10 +57,12 @@ class FileInFlux(Exception):
 class ScanDataset(Dataset):
     """Items are anything with ``relpath`` and ``path`` (a discovery Candidate, a PlannedFile)."""
 
-    def __init__(self, items: Sequence, image_size: int, display_max_side: int = WORKING_LONG_SIDE):
+    def __init__(self, items: Sequence, image_size: int, display_max_side: int = OVERLAY_LONG_SIDE,
+                 can_defer: Callable[[bytes], bool] | None = None):
         self.items = items
         self.image_size = image_size
         self.display_max_side = display_max_side
+        self.can_defer = can_defer  # scan --decode gpu: files it accepts are left undecoded
 
     def __len__(self) -> int:
         return len(self.items)
@@ -71,9 +75,18 @@ class ScanDataset(Dataset):
             return Sample(relpath=item.relpath, error=str(e), transient=True)
         except OSError as e:
             return Sample(relpath=item.relpath, error=f"cannot read file: {e.strerror or e}")
-        sample = decode_sample(item.relpath, data, self.image_size, self.display_max_side)
+        if self.can_defer is not None and self.can_defer(data):
+            sample = Sample(relpath=item.relpath, sha256=hashlib.sha256(data).hexdigest(), encoded=data)
+        else:
+            sample = decode_sample(item.relpath, data, self.image_size, self.display_max_side)
         sample.size, sample.mtime_ns = size, mtime_ns
         return sample
+
+    def decode_deferred(self, sample: Sample) -> Sample:
+        """A deferred sample the batched decoder rejected, decoded on the CPU after all."""
+        decoded = decode_sample(sample.relpath, sample.encoded, self.image_size, self.display_max_side)
+        decoded.size, decoded.mtime_ns = sample.size, sample.mtime_ns
+        return decoded
 
 
 def read_consistently(path: Path) -> tuple[bytes, int, int]:
@@ -112,11 +125,11 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: int = WORKING_LONG_SIDE) -> Sample:
+def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: int = OVERLAY_LONG_SIDE) -> Sample:
     """Decode one file's bytes into a Sample; any failure becomes ``Sample.error``, never an exception."""
     sample = Sample(relpath=relpath, sha256=hashlib.sha256(data).hexdigest())
     try:
-        decoded = decode_grayscale(data, min_long_side=max(display_max_side, image_size), name=relpath)
+        decoded = decode_grayscale(data, min_long_side=max(DECODE_MIN_LONG_SIDE, display_max_side), name=relpath)
     except DecodeError as e:
         sample.error = str(e)
         return sample
@@ -133,5 +146,5 @@ def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: 
 
 def collate_samples(samples: list[Sample]) -> tuple[list[Sample], torch.Tensor | None]:
     """Keep every sample (good or bad) in order, and stack the good ones' model views."""
-    views = [s.model_view for s in samples if s.ok]
+    views = [s.model_view for s in samples if s.ok and s.model_view is not None]
     return samples, (torch.from_numpy(np.stack(views)) if views else None)

@@ -1,9 +1,9 @@
 """From a raw low-resolution map to what a person sees: heatmap, overlay, thumbnail, peak.
 
 The map is min-max normalised at its own resolution (as pytorch-grad-cam does), then upsampled
-bilinearly to the displayed image's geometry (Pillow's C code, the arithmetic of ``upsample``), so the heat lines up with the whole image the model
-saw (the model sees the full image squashed to a square; upsampling to the original aspect ratio
-undoes the squash).
+bilinearly to the displayed image's geometry (Pillow's C code, the arithmetic of ``upsample``),
+so the heat lines up with the whole image the model saw (the model sees the full image squashed
+to a square; upsampling to the original aspect ratio undoes the squash).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-OVERLAY_MAX_SIDE = 1024   # the overlay's longer side, px (the same as imaging.WORKING_LONG_SIDE)
 THUMB_MAX_SIDE = 256      # the gallery's card image, px
 IMAGE_WEIGHT = 0.55       # share of the X-ray in the blend; the rest is the heatmap colour
 JPEG_QUALITY = 88

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from batchcam import attention
+from batchcam import attention, gpu_decode
 from batchcam import overlay as overlays
 from batchcam.cam import TARGET_LAYER, CamBatch, CamEngine
-from batchcam.config import ScanConfig, UsageError, resolve_device, resolve_target
+from batchcam.config import ScanConfig, UsageError, resolve_device, resolve_precision, resolve_target
 from batchcam.console import Console
 from batchcam.dataset import Sample, ScanDataset, collate_samples, worker_init
 from batchcam.discover import IMAGE_EXTENSIONS, discover
@@ -79,7 +79,9 @@ def scan(config: ScanConfig, console: Console) -> ScanResult:
                 raise
             settings = Settings(model_sha256=loaded.sha256, cam=config.cam, target=config.target,
                                 target_layer=TARGET_LAYER, image_size=loaded.spec.image_size, mean=loaded.spec.mean,
-                                std=loaded.spec.std, faithfulness=config.faithfulness, heat_scale=config.heat_scale)
+                                std=loaded.spec.std, faithfulness=config.faithfulness, heat_scale=config.heat_scale,
+                                precision=precision_name(resolve_precision(config.precision, device)),
+                                decode=config.decode, overlay_size=config.overlay_size)
             console.attach_log(config.out / "batchcam.log")
             console.log(f"run started: batchcam {' '.join(config.argv)}")
             return scan_locked(config, console, files, loaded, target, settings, device, started, started_at)
@@ -118,8 +120,13 @@ def scan_locked(config: ScanConfig, console: Console, files: list[PlannedFile], 
                          and (not config.keeps_cams or not row.ok or row.path in previous_cams))
         console.info(f"scanning {len(files)} images under {config.root} on {device}: "
                      f"{len(plan.process)} to process, {len(plan.reuse)} unchanged")
-        engine = CamEngine(loaded.model.to(device).to(memory_format=torch.channels_last), config.cam, target)
-        processed, new_cams = process(plan.process, config, engine, loaded, device, settings, report, store, console)
+        engine = CamEngine(prepared_model(loaded, config, device), config.cam, target,
+                           autocast=resolve_precision(config.precision, device))
+        run = process
+        if config.engine == "ray":
+            from batchcam import ray_engine  # Ray is imported only when asked for
+            run = ray_engine.process
+        processed, new_cams = run(plan.process, config, engine, loaded, device, settings, report, store, console)
         rows = sorted(plan.reuse + processed, key=lambda row: row.path)
         counts = {"found": len(files), "processed": len(processed), "reused": len(plan.reuse),
                   "ok": sum(row.ok for row in rows), "error": sum(not row.ok for row in rows)}
@@ -140,6 +147,16 @@ def scan_locked(config: ScanConfig, console: Console, files: list[PlannedFile], 
     return ScanResult(report=config.out, rows=rows, counts=counts, seconds=seconds)
 
 
+def prepared_model(loaded: LoadedModel, config: ScanConfig, device: torch.device) -> torch.nn.Module:
+    """The model on its device in channels_last (faster convolutions on CPU and GPU), compiled if asked."""
+    model = loaded.model.to(device).to(memory_format=torch.channels_last)
+    return torch.compile(model) if config.compile else model
+
+
+def precision_name(autocast: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
+
+
 def process(files: list[PlannedFile], config: ScanConfig, engine: CamEngine, loaded: LoadedModel,
             device: torch.device, settings: Settings, report: ReportFolder, store: RowStore,
             console: Console) -> tuple[list[Row], dict[str, np.ndarray]]:
@@ -148,8 +165,12 @@ def process(files: list[PlannedFile], config: ScanConfig, engine: CamEngine, loa
     cams: dict[str, np.ndarray] = {}
     if not files:
         return rows, cams
-    dataset = ScanDataset(files, loaded.spec.image_size)
+    batched_decoding = config.decode == "gpu"
+    dataset = ScanDataset(files, loaded.spec.image_size, config.overlay_size,
+                          can_defer=gpu_decode.can_defer if batched_decoding else None)
     loader = decode_loader(dataset, config, pin_memory=device.type == "cuda")
+    decode_deferred = (gpu_decode.BatchedJpegDecoder(device, loaded.spec.image_size, config.overlay_size,
+                                                     dataset.decode_deferred) if batched_decoding else None)
 
     def keep(finished: list[Row]) -> None:
         store.append(finished)
@@ -157,6 +178,8 @@ def process(files: list[PlannedFile], config: ScanConfig, engine: CamEngine, loa
 
     with InterruptGuard() as guard, engine, OverlayStage(report) as stage:
         for samples, views in console.progress(loader, len(dataset), lambda batch: len(batch[0])):
+            if decode_deferred is not None:
+                samples, views = decode_deferred(samples)
             results = explain_batch(samples, views, engine, loaded, device, settings_key=settings.key,
                                     faithfulness=config.faithfulness)
             log_decode_warnings(samples, console)
@@ -195,7 +218,7 @@ def rescale_overlays(rows: list[Row], files: list[PlannedFile], cams: dict[str, 
     scale = run_heat_scale([cams[row.path] for row in rows if row.ok and row.path in cams])
     by_relpath = {planned.relpath: planned for planned in files}
     todo = {row.relpath: row for row in rows if row.ok and row.path in cams and row.relpath in by_relpath}
-    dataset = ScanDataset([by_relpath[relpath] for relpath in todo], loaded.spec.image_size)
+    dataset = ScanDataset([by_relpath[relpath] for relpath in todo], loaded.spec.image_size, config.overlay_size)
     console.info(f"heat scale for the run: {scale:.6g} (99th percentile of raw map values); re-rendering "
                  f"{len(todo)} overlays")
     with OverlayStage(report, scale=scale) as stage:

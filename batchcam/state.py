@@ -36,6 +36,9 @@ class Settings:
     std: tuple[float, ...]
     faithfulness: bool = False
     heat_scale: str = "image"
+    precision: str = "fp32"      # of the forward pass (autocast dtype)
+    decode: str = "cpu"          # "gpu": the batched decoder's pixels differ slightly from Pillow's
+    overlay_size: int = 512
     row_format: int = ROW_FORMAT
 
     @property

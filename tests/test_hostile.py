@@ -25,7 +25,7 @@ from PIL import Image, ImageFile
 from batchcam import overlay as overlays
 from batchcam.cli import main
 from batchcam.discover import discover
-from batchcam.imaging import DecodeError, decode_grayscale, fit_within, resize_square
+from batchcam.imaging import OVERLAY_LONG_SIDE, DecodeError, decode_grayscale, fit_within, resize_square
 from batchcam.rows import display_path
 from batchcam.synthetic import generate
 from conftest import tiny_checkpoint
@@ -322,7 +322,7 @@ def test_tiny_and_elongated_images_keep_their_size_and_get_overlays(hostile):
         row = hostile.rows[rel]
         assert (int(row["width"]), int(row["height"])) == size
         overlay = Image.open(hostile.out / row["overlay"])
-        assert max(overlay.size) == min(max(size), 1024) and min(overlay.size) >= 1
+        assert max(overlay.size) == min(max(size), OVERLAY_LONG_SIDE) and min(overlay.size) >= 1
 
 
 def test_printable_names_reach_the_csv_exactly_even_with_a_leading_formula_sign(hostile):
