@@ -244,9 +244,14 @@ def decode_loader(dataset: ScanDataset, config: ScanConfig, pin_memory: bool = F
 
 def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, report_manifest: dict,
                  cams: dict[str, np.ndarray] | None, page_size: int) -> None:
-    """CSV and manifest (and metrics, cams), then the gallery: the order a reader can trust."""
+    """CSV and manifest (and metrics, cams), then the gallery: the order a reader can trust.
+
+    The gallery is rendered before the first write, so a first report has its CSV but not yet its
+    index.html only for the few writes in between, not for the rendering too.
+    """
     class_names = loaded.spec.class_names
     metrics = scan_metrics(rows, class_names)
+    pages = render_gallery(rows, class_names, report_manifest, metrics, page_size)
     report.write_csv(rows, class_names)
     report.write_json("manifest.json", report_manifest)
     if metrics is not None:
@@ -255,7 +260,7 @@ def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, rep
         report.remove("metrics.json")
     if cams is not None:
         report.write_cams({row.path: cams[row.path] for row in rows if row.path in cams})
-    report.write_gallery(render_gallery(rows, class_names, report_manifest, metrics, page_size))
+    report.write_gallery(pages)
 
 
 def log_decode_warnings(samples: list[Sample], console: Console) -> None:
