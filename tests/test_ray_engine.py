@@ -241,13 +241,18 @@ def test_sigterm_stops_a_driver_on_a_running_cluster_after_a_batch_with_exit_143
 
 # ------------------------------------------------------------------ shared storage
 
+def ray_scan(xray_folder: Path, tiny_model: Path, out: Path, capsys) -> tuple[int, str]:
+    """A ray-engine scan of the small folder: its exit code and what it printed on stderr."""
+    code = main(["scan", str(xray_folder), "--out", str(out), "--model", str(tiny_model), "--engine", "ray"])
+    return code, capsys.readouterr().err
+
+
 def test_a_report_that_a_node_does_not_see_is_refused_before_any_image(ray_cluster, xray_folder, tiny_model,
                                                                       tmp_path, monkeypatch, capsys):
     """A node that finds another token at REPORT's path (another disk mounted there) fails the check."""
     monkeypatch.setattr(ray_engine, "write_token", lambda report, token: token_path(report).write_text("other disk"))
     out = tmp_path / "out"
-    code = main(["scan", str(xray_folder), "--out", str(out), "--model", str(tiny_model), "--engine", "ray"])
-    message = capsys.readouterr().err
+    code, message = ray_scan(xray_folder, tiny_model, out, capsys)
     assert code == 74, message
     assert f"REPORT {out.absolute()} must be on storage that every Ray node sees" in message
     assert "sees another" in message
@@ -268,8 +273,7 @@ def test_an_actor_on_a_node_that_joined_later_without_the_report_fails_the_run_c
     monkeypatch.setattr(ray_engine, "node_problems", late_node)
     monkeypatch.setattr(ray_engine, "write_token", lambda report, token: token_path(report).write_text("other disk"))
     out = tmp_path / "out"
-    code = main(["scan", str(xray_folder), "--out", str(out), "--model", str(tiny_model), "--engine", "ray"])
-    message = capsys.readouterr().err
+    code, message = ray_scan(xray_folder, tiny_model, out, capsys)
     assert code == 74, message
     assert f"node late cannot read {out.absolute()}" in message
     assert not (out / "predictions.csv").exists() and not token_path(out).exists()
@@ -279,10 +283,9 @@ def test_a_root_that_a_node_does_not_see_is_a_usage_error(ray_cluster, xray_fold
                                                            monkeypatch, capsys):
     monkeypatch.setattr(ray_engine, "node_problems", lambda root, report, token: (f"node n2 does not see ROOT {root}",
                                                                                   None))
-    code = main(["scan", str(xray_folder), "--out", str(tmp_path / "out"), "--model", str(tiny_model),
-                 "--engine", "ray"])
+    code, message = ray_scan(xray_folder, tiny_model, tmp_path / "out", capsys)
     assert code == 2
-    assert f"ROOT {xray_folder} must be on storage that every Ray node sees" in capsys.readouterr().err
+    assert f"ROOT {xray_folder} must be on storage that every Ray node sees" in message
 
 
 def test_a_node_that_sees_neither_root_nor_report_says_which_and_why(ray_cluster, tmp_path):
