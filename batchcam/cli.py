@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from batchcam import __version__
+from batchcam.allocator import keep_freed_memory
 from batchcam.cam import METHODS
 from batchcam.config import DECODERS, ENGINES, HEAT_SCALES, PRECISIONS, ScanConfig, UsageError, default_workers_for
 from batchcam.console import Console
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad usage, 0 for --help/--version
         return int(e.code or 0)
+    keep_freed_memory()  # every command runs batches through the model
     try:
         if args.command == "scan":
             return run_scan(scan_config(args, argv))

@@ -28,6 +28,8 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")
 DECODE_MIN_LONG_SIDE = 1024
 # The overlay's longer side by default (scan --overlay-size): the display copy made at decode time.
 OVERLAY_LONG_SIDE = 512
+# Display copies (overlay base, thumbnail) shrink by whole factors first, down to this many times their size.
+DISPLAY_REDUCING_GAP = 1.0
 EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "La", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"}
 DICOM_MAGIC, DICOM_MAGIC_OFFSET = b"DICM", 128
 EXIF_ORIENTATION = 0x0112
@@ -138,14 +140,15 @@ def resize_square(gray: Image.Image, size: int) -> np.ndarray:
 def fit_within(gray: Image.Image, max_side: int) -> Image.Image:
     """The image scaled down (never up) so its longer side is at most max_side, aspect kept.
 
-    For display only: an integer pre-reduction (``reducing_gap``) makes a 2000 -> 512 px resize
-    several times cheaper at no visible cost; the model's view never goes through this.
+    For display only: an integer box reduction first (``reducing_gap=1``) halves the cost of a
+    1024-2048 -> 512 px resize (8 to 4 ms), and differs from the plain filter by about a quarter
+    of a grey level on average; the model's view never goes through this.
     """
     scale = max_side / max(gray.size)
     if scale >= 1:
         return gray
     size = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
-    return gray.resize(size, Image.BILINEAR, reducing_gap=2.0)
+    return gray.resize(size, Image.BILINEAR, reducing_gap=DISPLAY_REDUCING_GAP)
 
 
 def refuse_too_many_pixels(width: int, height: int) -> None:

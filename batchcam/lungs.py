@@ -33,9 +33,8 @@ def estimate_lung_fields(view: np.ndarray) -> np.ndarray | None:
     """(LUNG_GRID, LUNG_GRID) bool mask of the grown lung fields of a uint8 grayscale image, or None."""
     gray = F.adaptive_avg_pool2d(torch.from_numpy(np.array(view, dtype=np.float32))[None, None], LUNG_GRID)[0, 0]
     dark = (gray <= otsu_threshold(gray)).numpy()
-    inner_dark = dark & ~reachable_from_edge(dark)
     fields = np.zeros_like(dark)
-    for region in connected_regions(inner_dark):
+    for region in inner_regions(dark):
         if region.mean() >= MIN_REGION:
             fields |= convex_hull_mask(region)
     grown = dilate(fields, round(LUNG_MARGIN * LUNG_GRID))
@@ -53,17 +52,15 @@ def otsu_threshold(gray: torch.Tensor) -> float:
     return float(torch.argmax(between))
 
 
-def reachable_from_edge(mask: np.ndarray) -> np.ndarray:
-    """The pixels of ``mask`` 4-connected within it to the image's edge."""
-    labels = region_labels(mask)
-    edge_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    return mask & np.isin(labels, edge_labels[edge_labels >= 0])
+def inner_regions(mask: np.ndarray) -> list[np.ndarray]:
+    """The 4-connected regions of a bool mask that do not touch the image's edge, one mask each.
 
-
-def connected_regions(mask: np.ndarray) -> list[np.ndarray]:
-    """The 4-connected regions of a bool mask, one mask each."""
+    One labelling serves both steps: the regions touching the edge (the air around the body) are
+    the ones dropped, the others are the candidate lungs.
+    """
     labels = region_labels(mask)
-    return [labels == label for label in np.unique(labels[mask])]
+    on_edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    return [labels == label for label in np.setdiff1d(np.unique(labels[mask]), on_edge)]
 
 
 def region_labels(mask: np.ndarray) -> np.ndarray:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from batchcam.imaging import DISPLAY_REDUCING_GAP
+
 THUMB_MAX_SIDE = 256      # the gallery's card image, px
 IMAGE_WEIGHT = 0.55       # share of the X-ray in the blend; the rest is the heatmap colour
 JPEG_QUALITY = 88
@@ -89,7 +91,7 @@ def render(display: np.ndarray, cam: torch.Tensor, width: int, height: int,
     original = Image.fromarray(display, mode="L")
     overlay = Image.blend(colour.convert("RGB"), original.convert("RGB"), IMAGE_WEIGHT)
     thumb = overlay.copy()
-    thumb.thumbnail((THUMB_MAX_SIDE, THUMB_MAX_SIDE), Image.BILINEAR, reducing_gap=2.0)
+    thumb.thumbnail((THUMB_MAX_SIDE, THUMB_MAX_SIDE), Image.BILINEAR, reducing_gap=DISPLAY_REDUCING_GAP)
     peak_x, peak_y = peak_in_original(cam, width, height)
     return RenderedOverlay(_jpeg(overlay), _jpeg(thumb), _jpeg(original), peak_x, peak_y)
 

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from batchcam.allocator import keep_freed_memory
 from batchcam.cam import CamEngine
 from batchcam.config import RAY_EXTRA_HINT, ScanConfig, UsageError
 from batchcam.console import Console
@@ -288,6 +289,7 @@ class CamWorker:
     def __init__(self, spec: WorkerSpec):
         import ray
 
+        keep_freed_memory()  # an actor runs batches through the model as the local engine does
         problem = report_problem(spec.report, spec.token)
         raise_report_problems([problem] if problem else [], Path(spec.report))
         self.spec = spec
