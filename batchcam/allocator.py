@@ -3,8 +3,8 @@
 A ResNet18 forward pass on a batch of 32 allocates and frees activations of 25-100 MB. By default
 glibc serves such blocks with ``mmap`` (above a threshold that starts at 128 KB) and trims freed
 heap memory back to the kernel, so every batch faults the same pages in again: on the development
-machine about 600,000 page faults and 2 s of kernel time per 256 images, a sixth of the forward
-pass. Raising the mmap threshold to glibc's maximum (32 MB) and the trim threshold to 1 GB keeps
+machine about 800,000 page faults and 3 s of kernel time per 256 images, a sixth of the forward
+pass (a quarter as many faults once tuned). Raising the mmap threshold to glibc's maximum (32 MB) and the trim threshold to 1 GB keeps
 those blocks in the heap, where the next batch reuses them. The peak (the working set of one
 batch) is unchanged; the benchmark's 200 vs 5,000 image scans check that memory stays flat.
 """
