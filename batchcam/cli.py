@@ -16,10 +16,11 @@ from batchcam.allocator import keep_freed_memory
 from batchcam.cam import METHODS
 from batchcam.config import DECODERS, ENGINES, HEAT_SCALES, PRECISIONS, ScanConfig, UsageError, default_workers_for
 from batchcam.console import Console
+from batchcam.dataset import DEFAULT_MAX_FILE_MB
 from batchcam.gallery import DEFAULT_PAGE_SIZE
 from batchcam.imaging import OVERLAY_LONG_SIDE
 from batchcam.interrupt import Interrupted
-from batchcam.lock import ReportLocked
+from batchcam.lock import NotOurFolder, ReportLocked
 from batchcam.model import CheckpointError
 from batchcam.report import ReportWriteError
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--faithfulness", action="store_true",
                       help="also measure the probability drop when the top 20%% of each map (and a random region "
                       "of the same size) is removed: two extra forward passes per batch")
+    add_file_size_option(scan)
     add_engine_options(scan)
     add_performance_options(scan)
     add_predict_parser(commands)
@@ -67,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sanity_parser(commands)
     add_serve_parser(commands)
     return parser
+
+
+def add_file_size_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--max-file-mb", type=float, default=DEFAULT_MAX_FILE_MB, metavar="MB",
+                         help=f"a larger file is an error row and is never read, in MB of 2^20 bytes "
+                         f"(default: {DEFAULT_MAX_FILE_MB}; far above any real X-ray)")
 
 
 def add_engine_options(scan: argparse.ArgumentParser) -> None:
@@ -115,6 +123,7 @@ def add_predict_parser(commands) -> None:
                          help=f"CAM method, one of: {', '.join(METHODS)} (default: gradcam)")
     predict.add_argument("--target", default="predicted",
                          help="class the heatmap explains: 'predicted' (the default) or a class name")
+    add_file_size_option(predict)
 
 
 def add_evaluate_parser(commands) -> None:
@@ -168,25 +177,36 @@ def run_sanity(args: argparse.Namespace) -> int:
 
 
 def add_serve_parser(commands) -> None:
-    from batchcam.serve import DEFAULT_MAX_UPLOAD_MB
+    from batchcam.serve import (DEFAULT_MAX_FILES, DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_UPLOAD_MB, MAX_FILES_RANGE,
+                                MEGAPIXELS_RANGE, UPLOAD_MB_RANGE)
 
     serve = commands.add_parser("serve", help="a local web page to upload X-rays and see predictions and overlays "
                                 "(needs the 'serve' extra)")
     add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default: 127.0.0.1); anything but loopback exposes the page "
-                       "to the network")
+                       "to the network. Requests must name this address (or localhost, when it is loopback) "
+                       "in their Host header")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    serve.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
-                       help=f"largest request accepted, in MB of 2^20 bytes (default: {DEFAULT_MAX_UPLOAD_MB}); "
-                       "larger ones get HTTP 413")
+    serve.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
+                       help=f"largest request accepted, in MB of 2^20 bytes, {UPLOAD_MB_RANGE[0]} to "
+                       f"{UPLOAD_MB_RANGE[1]} (default: {DEFAULT_MAX_UPLOAD_MB}); larger ones get HTTP 413")
+    serve.add_argument("--max-files", type=int, default=DEFAULT_MAX_FILES, metavar="N",
+                       help=f"most files in one request, {MAX_FILES_RANGE[0]} to {MAX_FILES_RANGE[1]} "
+                       f"(default: {DEFAULT_MAX_FILES}); more get HTTP 413 before any is decoded")
+    serve.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS, metavar="MP",
+                       help=f"most pixels in one request, in millions, as the images' headers state them, "
+                       f"{MEGAPIXELS_RANGE[0]} to {MEGAPIXELS_RANGE[1]} (default: {DEFAULT_MAX_MEGAPIXELS}); a "
+                       "16-bit, float or DICOM image, decoded through 64-bit floats, may have a quarter of that (a "
+                       "colour DICOM a twelfth); more get HTTP 413 before any pixel is decoded")
 
 
 def run_predict(args: argparse.Namespace) -> int:
     from batchcam.predict import PredictConfig, predict
 
     config = PredictConfig(files=tuple(args.files), model=args.model, out=args.out, json=args.json,
-                           device=args.device, cam=args.cam, target=args.target, batch_size=args.batch_size)
+                           device=args.device, cam=args.cam, target=args.target, batch_size=args.batch_size,
+                           max_file_mb=args.max_file_mb)
     console = Console()
     try:
         result = predict(config, console)
@@ -202,7 +222,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from batchcam.serve import ServeConfig, serve
 
     config = ServeConfig(model=args.model, host=args.host, port=args.port, device=args.device,
-                         max_upload_mb=args.max_upload_mb)
+                         max_upload_mb=args.max_upload_mb, max_files=args.max_files,
+                         max_megapixels=args.max_megapixels)
     return serve(config, Console())
 
 
@@ -214,7 +235,7 @@ def scan_config(args: argparse.Namespace, argv: list[str]) -> ScanConfig:
                       faithfulness=args.faithfulness, heat_scale=args.heat_scale, engine=args.engine,
                       ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker,
                       overlay_size=args.overlay_size, precision=args.precision, compile=args.compile,
-                      decode=args.decode, argv=tuple(argv))
+                      decode=args.decode, max_file_mb=args.max_file_mb, argv=tuple(argv))
 
 
 def run_scan(config: ScanConfig) -> int:
@@ -245,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_evaluate(args)
         if args.command == "sanity":
             return run_sanity(args)
-    except (UsageError, CheckpointError) as e:
+    except (UsageError, CheckpointError, NotOurFolder) as e:
         print(f"batchcam: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ReportWriteError as e:

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import torch
 
+import math
+
 from batchcam.cam import METHODS
+from batchcam.dataset import DEFAULT_MAX_FILE_MB
 from batchcam.gallery import DEFAULT_PAGE_SIZE
 from batchcam.imaging import OVERLAY_LONG_SIDE
 
@@ -18,6 +21,8 @@ HEAT_SCALES = ("image", "run")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODERS = ("cpu", "gpu")
 OVERLAY_SIZES = (256, 4096)      # the smallest and largest --overlay-size, px
+MAX_FILE_MB_RANGE = (1.0, 1024.0 * 1024)  # --max-file-mb: 1 MB to 1 TB
+MEGABYTE = 2**20
 ENGINES = ("local", "ray")
 RAY_EXTRA_HINT = "pip install 'batchcam[ray]'"
 HEAD_CONNECT_TIMEOUT = 10.0  # seconds; Ray itself retries an unreachable --ray-address for ever
@@ -61,7 +66,12 @@ class ScanConfig:
     engine: str = "local"            # "local": this process and its DataLoader; "ray": a Ray cluster
     ray_address: str | None = None   # None: the ray engine starts a local Ray cluster on this machine
     gpus_per_worker: float | None = None  # ray engine; None: 1 when the cluster has GPUs, else 0
+    max_file_mb: float = DEFAULT_MAX_FILE_MB  # a larger file is an error row, never read
     argv: tuple[str, ...] = ()
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * MEGABYTE)
 
     @property
     def keeps_cams(self) -> bool:
@@ -87,6 +97,7 @@ class ScanConfig:
             raise UsageError(f"--cam {self.cam!r} is not one of: {', '.join(METHODS)}")
         if self.model is not None and not self.model.is_file():
             raise UsageError(f"--model {self.model} does not exist")
+        check_in_range("--max-file-mb", self.max_file_mb, *MAX_FILE_MB_RANGE)
         self.validate_engine()
         self.validate_performance(resolve_device(self.device))
 
@@ -118,6 +129,12 @@ class ScanConfig:
             raise UsageError(f"--engine ray needs Ray, which is not installed: {RAY_EXTRA_HINT}")
         if self.ray_address and (problem := unreachable(self.ray_address)):
             raise UsageError(f"--ray-address {self.ray_address}: cannot reach the Ray cluster's head node: {problem}")
+
+
+def check_in_range(option: str, value: float, low: float, high: float) -> None:
+    """UsageError unless ``low <= value <= high`` (NaN and infinities are refused too)."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UsageError(f"{option} must be a number from {low:g} to {high:g}, got {value:g}")
 
 
 def unreachable(address: str) -> str | None:

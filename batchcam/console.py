@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from typing import IO, Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -17,10 +17,11 @@ class Console:
         self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._log = None
 
-    def attach_log(self, path) -> None:
-        """Append this run's details to ``path`` (REPORT/batchcam.log); best effort, never fatal."""
+    def attach_log(self, open_log: Callable[[], IO]) -> None:
+        """Append this run's details to the stream ``open_log()`` opens (REPORT/batchcam.log); best
+        effort, never fatal."""
         try:
-            self._log = open(path, "a", encoding="utf-8", errors="backslashreplace")
+            self._log = open_log()
         except OSError:
             self._log = None
 

@@ -11,6 +11,7 @@ import ctypes.util
 import hashlib
 import os
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -48,21 +49,43 @@ class Sample:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# No file is read whole beyond this size (scan and predict --max-file-mb): its size is checked
+# before the read, so a sparse 40 GiB file costs a stat, not the machine's memory.
+DEFAULT_MAX_FILE_MB = 512
+DEFAULT_MAX_FILE_BYTES = DEFAULT_MAX_FILE_MB * 2 ** 20
+READ_CHUNK = 8 * 2 ** 20
 
 
 class FileInFlux(Exception):
     """The file vanished, or changed while it was being read: no row can be trusted this time."""
 
 
+class FileTooLarge(Exception):
+    """The file is larger than the per-file cap; the message is a one-line reason for the CSV.
+
+    ``size`` and ``mtime_ns`` are the file's when it was refused (-1 when unknown), so its error
+    row is reused until the file changes.
+    """
+
+    def __init__(self, size: int, limit: int, mtime_ns: int = -1):
+        super().__init__(f"file too large: {_size_label(size)} (limit {_limit_label(limit)}, --max-file-mb)")
+        self.size, self.limit, self.mtime_ns = size, limit, mtime_ns
+
+    def __reduce__(self):  # crosses process boundaries (DataLoader workers) intact
+        return type(self), (self.size, self.limit, self.mtime_ns)
+
+
 class ScanDataset(Dataset):
     """Items are anything with ``relpath`` and ``path`` (a discovery Candidate, a PlannedFile)."""
 
     def __init__(self, items: Sequence, image_size: int, display_max_side: int = OVERLAY_LONG_SIDE,
-                 can_defer: Callable[[bytes], bool] | None = None):
+                 can_defer: Callable[[bytes], bool] | None = None, *,
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.items = items
         self.image_size = image_size
         self.display_max_side = display_max_side
         self.can_defer = can_defer  # scan --decode gpu: files it accepts are left undecoded
+        self.max_file_bytes = max_file_bytes
 
     def __len__(self) -> int:
         return len(self.items)
@@ -70,9 +93,11 @@ class ScanDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         item = self.items[index]
         try:
-            data, size, mtime_ns = read_consistently(item.path)
+            data, size, mtime_ns = read_consistently(item.path, self.max_file_bytes)
         except FileInFlux as e:
             return Sample(relpath=item.relpath, error=str(e), transient=True)
+        except FileTooLarge as e:  # re-decided every run (a stat), so a raised --max-file-mb takes effect
+            return Sample(relpath=item.relpath, error=str(e), size=e.size, mtime_ns=e.mtime_ns, transient=True)
         except OSError as e:
             return Sample(relpath=item.relpath, error=f"cannot read file: {e.strerror or e}")
         if self.can_defer is not None and self.can_defer(data):
@@ -89,17 +114,104 @@ class ScanDataset(Dataset):
         return decoded
 
 
-def read_consistently(path: Path) -> tuple[bytes, int, int]:
-    """The file's bytes with its size and mtime, checked unchanged across the read."""
+def read_consistently(path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[bytes, int, int]:
+    """The file's bytes with its size and mtime, checked unchanged across the read.
+
+    The size is checked on the open file before anything is read, and no more than
+    ``max_bytes + 1`` bytes are ever read: a file over the cap (a sparse 40 GiB file, say) raises
+    ``FileTooLarge``, one that grows while it is read raises ``FileInFlux``, as does one that
+    vanishes. Other failures to read raise ``OSError``.
+    """
     try:
-        before = os.stat(path)
-        data = path.read_bytes()
-        after = os.stat(path)
+        fd = _open_for_reading(path)
     except FileNotFoundError:
         raise FileInFlux("file vanished during the scan") from None
-    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(data) != after.st_size:
+    try:
+        before = _regular_file_status(fd)
+        if before.st_size > max_bytes:
+            raise FileTooLarge(before.st_size, max_bytes, before.st_mtime_ns)
+        data = _read_at_most(fd, max_bytes + 1)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    try:
+        now = os.stat(path)  # the same file still there, unchanged
+    except FileNotFoundError:
+        raise FileInFlux("file vanished during the scan") from None
+    sizes = {(s.st_size, s.st_mtime_ns) for s in (before, after, now)}
+    if len(sizes) > 1 or len(data) != after.st_size:
         raise FileInFlux("file changed while it was being read; it is read again on the next run")
+    if len(data) > max_bytes:  # cannot be reached with an honest st_size; kept as the last word
+        raise FileTooLarge(len(data), max_bytes)
     return data, after.st_size, after.st_mtime_ns
+
+
+def read_file_bounded(path: Path, max_bytes: int) -> bytes:
+    """A file's bytes, refused with ``FileTooLarge`` beyond ``max_bytes`` before (or while) reading.
+
+    For one-off reads (``predict``); a scan uses ``read_consistently``, which also notices a file
+    changing under it. Failures to open or read raise ``OSError``.
+    """
+    fd = _open_for_reading(path)
+    try:
+        status = _regular_file_status(fd)
+        if status.st_size > max_bytes:
+            raise FileTooLarge(status.st_size, max_bytes, status.st_mtime_ns)
+        data = _read_at_most(fd, max_bytes + 1)
+        if len(data) > max_bytes:  # it grew past the cap while it was read
+            raise FileTooLarge(max(len(data), os.fstat(fd).st_size), max_bytes)
+    finally:
+        os.close(fd)
+    return data
+
+
+def _open_for_reading(path: Path) -> int:
+    # O_NONBLOCK: a FIFO put where a file was found must not hang the worker (it is refused below)
+    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+
+
+def _regular_file_status(fd: int) -> os.stat_result:
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
+        raise OSError("not a regular file")
+    return status
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``fd``, until end of file.
+
+    The first read asks for the file's size and one byte more, so a file that does not change is
+    read in one buffer of its own size (joining one chunk copies nothing); whatever a growing file
+    adds comes in chunks, never past ``limit``.
+    """
+    expected = os.fstat(fd).st_size
+    chunks, total = [], 0
+    while total < limit:
+        want = expected + 1 - total if total <= expected else READ_CHUNK
+        chunk = os.read(fd, min(limit - total, want))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _size_label(size: int) -> str:
+    """A size for a reason: ``1001 bytes``, ``2.0 KiB``, ``40.0 GiB``."""
+    if size < 1024:
+        return f"{size} bytes"
+    for unit, name in ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if size >= unit:
+            return f"{size / unit:.1f} {name}"
+    return f"{size} bytes"
+
+
+def _limit_label(limit: int) -> str:
+    """A limit as it was most likely set: ``512 MiB``, ``1 KiB``, ``1000 bytes``."""
+    for unit, name in ((2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if limit >= unit and limit % unit == 0:
+            return f"{limit // unit} {name}"
+    return _size_label(limit)
 
 
 def worker_init(parent_pid: int, worker_id: int) -> None:

@@ -26,7 +26,7 @@ a scan: a scan rewrites metrics.json.
 from __future__ import annotations
 
 import csv
-import json
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from batchcam.attention import energy_share, heat_grid
 from batchcam.config import UsageError
 from batchcam.gallery import DEFAULT_PAGE_SIZE, render_gallery
 from batchcam.lock import ReportLock
-from batchcam.report import ReportFolder
+from batchcam.report import ReportFolder, ReportWriteError
 from batchcam.rows import Row, read_csv
 
 GENERIC_COLUMNS = ("path", "x0", "y0", "x1", "y1")
@@ -78,7 +78,9 @@ def read_boxes(path: Path) -> Boxes:
 def _read(reader: csv.DictReader, path: Path, parse, key_column: str) -> dict[str, list[Box]]:
     boxes: dict[str, list[Box]] = {}
     for values in reader:
-        values = {(k or "").strip(): (v or "").strip() for k, v in values.items()}
+        if None in values:  # csv.DictReader's key for the fields beyond the header
+            raise UsageError(f"--boxes {path}: line {reader.line_num}: more fields than the header has")
+        values = {k.strip(): (v or "").strip() for k, v in values.items()}
         try:
             box = parse(values)
         except ValueError as e:
@@ -178,31 +180,48 @@ def page_size_of(manifest: dict) -> int:
 
 
 def evaluate(report_path: Path, boxes_path: Path, warn=print) -> dict:
-    """Score REPORT against the boxes, update metrics.json and the gallery; return the results."""
+    """Score REPORT against the boxes, update metrics.json and the gallery; return the results.
+
+    Raises UsageError for a folder that holds no report or a boxes file that cannot be read,
+    NotOurFolder for a folder batchcam did not write, ReportWriteError when REPORT cannot be written.
+    """
     report_path = Path(report_path)
     if not (report_path / "predictions.csv").is_file() or not (report_path / "manifest.json").is_file():
         raise UsageError(f"REPORT {report_path} holds no scan report (predictions.csv and manifest.json)")
     boxes = read_boxes(Path(boxes_path))
-    with ReportLock(report_path):
-        report = ReportFolder(report_path)
-        manifest = json.loads((report_path / "manifest.json").read_text(encoding="utf-8"))
-        class_names = list(manifest["model"]["class_names"])
-        with open(report_path / "predictions.csv", newline="", encoding="utf-8") as f:
-            rows = read_csv(f, class_names)
-        cams = report.read_cams() if (report_path / "cams.npz").is_file() else None
-        if cams is None:
-            warn(f"{report_path}/cams.npz is missing (scan with --save-cams): reporting the pointing game only")
-        results = localisation(rows, boxes, cams, str(boxes_path))
-        if not results["n"]:
-            warn(f"no ok image of {report_path} has a box in {boxes_path}")
-        metrics_path = report_path / "metrics.json"
-        try:
-            metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
-        except (OSError, ValueError):
-            warn(f"{metrics_path} is unreadable; writing the localisation alone")
-            metrics = {}
-        metrics["localisation"] = results
-        report.write_json("metrics.json", metrics)
-        drawn = {row.path: found for row in rows if (found := boxes.for_row(row))}
-        report.write_gallery(render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest), drawn))
+    try:
+        with ReportLock(report_path):
+            report = ReportFolder(report_path)
+            try:
+                return _evaluate_locked(report, boxes, boxes_path, warn)
+            finally:
+                report.close()
+    except OSError as e:
+        raise ReportWriteError(f"cannot write the report in {report_path}: {e.strerror or e}"
+                               f"{f' ({e.filename})' if e.filename else ''}") from None
+
+
+def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn) -> dict:
+    report_path = report.path
+    manifest = report.read_json("manifest.json")
+    text = report.read_text("predictions.csv")
+    if manifest is None or text is None:
+        raise UsageError(f"REPORT {report_path}: manifest.json or predictions.csv is unreadable")
+    class_names = list(manifest["model"]["class_names"])
+    rows = read_csv(io.StringIO(text, newline=""), class_names)
+    cams = report.read_cams() if report.exists("cams.npz") else None
+    if cams is None:
+        warn(f"{report_path}/cams.npz is missing (scan with --save-cams): reporting the pointing game only")
+    results = localisation(rows, boxes, cams, str(boxes_path))
+    if not results["n"]:
+        warn(f"no ok image of {report_path} has a box in {boxes_path}")
+    metrics = report.read_json("metrics.json")
+    if metrics is None and report.read_text("metrics.json") is not None:
+        warn(f"{report_path / 'metrics.json'} is unreadable; writing the localisation alone")
+    metrics = metrics or {}
+    metrics["localisation"] = results
+    report.write_json("metrics.json", metrics)
+    drawn = {row.path: found for row in rows if (found := boxes.for_row(row))}
+    report.write_gallery(render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest), drawn))
+    report.save_outputs()
     return results

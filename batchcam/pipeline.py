@@ -30,7 +30,7 @@ from batchcam.gallery import render_gallery
 from batchcam.interrupt import InterruptGuard, Interrupted
 from batchcam.lock import ReportLock
 from batchcam.model import CheckpointError, LoadedModel, load_checkpoint, normalize
-from batchcam.report import ReportFolder, ReportWriteError, label_for, manifest, now_iso, scan_metrics
+from batchcam.report import ReportFolder, ReportWriteError, label_for, manifest, now_iso, open_log, scan_metrics
 from batchcam.state import PlannedFile, RowStore, Settings, make_plan, stat_candidates
 from batchcam.resources import DEMO_MODEL, DEMO_NOTICE
 from batchcam.rows import Row, display_path, overlay_path
@@ -67,7 +67,7 @@ def scan(config: ScanConfig, console: Console) -> ScanResult:
     started, started_at = time.monotonic(), now_iso()
     config.validate()
     device = resolve_device(config.device)
-    lock = ReportLock(config.out)
+    lock = ReportLock(config.out, root=config.root)
     try:
         with lock:  # first, so a second run on this REPORT is refused at once
             try:
@@ -82,7 +82,7 @@ def scan(config: ScanConfig, console: Console) -> ScanResult:
                                 std=loaded.spec.std, faithfulness=config.faithfulness, heat_scale=config.heat_scale,
                                 precision=precision_name(resolve_precision(config.precision, device)),
                                 decode=config.decode, overlay_size=config.overlay_size)
-            console.attach_log(config.out / "batchcam.log")
+            console.attach_log(lambda: open_log(config.out))
             console.log(f"run started: batchcam {' '.join(config.argv)}")
             return scan_locked(config, console, files, loaded, target, settings, device, started, started_at)
     except OSError as e:
@@ -112,9 +112,18 @@ def scan_locked(config: ScanConfig, console: Console, files: list[PlannedFile], 
                 target: int | None, settings: Settings, device: torch.device, started: float,
                 started_at: str) -> ScanResult:
     report = ReportFolder(config.out)
+    try:
+        return write_scan(report, config, console, files, loaded, target, settings, device, started, started_at)
+    finally:
+        report.close()
+
+
+def write_scan(report: ReportFolder, config: ScanConfig, console: Console, files: list[PlannedFile],
+               loaded: LoadedModel, target: int | None, settings: Settings, device: torch.device, started: float,
+               started_at: str) -> ScanResult:
     report.prepare()
     previous_cams = report.read_cams() if config.keeps_cams else {}
-    with RowStore(config.out, settings.key) as store:
+    with RowStore(report.state(), settings.key) as store:
         plan = make_plan(files, store.load(), full=config.full,
                          row_is_complete=lambda row: report.has_overlays(row)
                          and (not config.keeps_cams or not row.ok or row.path in previous_cams))
@@ -141,8 +150,8 @@ def scan_locked(config: ScanConfig, console: Console, files: list[PlannedFile], 
                                    finished_at=now_iso(), seconds=seconds)
         write_report(report, rows, loaded, report_manifest,
                      cams={**previous_cams, **new_cams} if config.keeps_cams else None, page_size=config.page_size)
+        report.remove_unreferenced_overlays(rows, store.written_overlays())
         store.commit(rows)
-    report.remove_unreferenced_overlays(rows)
     report_errors(rows, processed, console)
     return ScanResult(report=config.out, rows=rows, counts=counts, seconds=seconds)
 
@@ -166,7 +175,7 @@ def process(files: list[PlannedFile], config: ScanConfig, engine: CamEngine, loa
     if not files:
         return rows, cams
     batched_decoding = config.decode == "gpu"
-    dataset = ScanDataset(files, loaded.spec.image_size, config.overlay_size,
+    dataset = ScanDataset(files, loaded.spec.image_size, config.overlay_size, max_file_bytes=config.max_file_bytes,
                           can_defer=gpu_decode.can_defer if batched_decoding else None)
     loader = decode_loader(dataset, config, pin_memory=device.type == "cuda")
     decode_deferred = (gpu_decode.BatchedJpegDecoder(device, loaded.spec.image_size, config.overlay_size,
@@ -183,6 +192,8 @@ def process(files: list[PlannedFile], config: ScanConfig, engine: CamEngine, loa
             results = explain_batch(samples, views, engine, loaded, device, settings_key=settings.key,
                                     faithfulness=config.faithfulness)
             log_decode_warnings(samples, console)
+            store.announce(name for row, _, cam in results if cam is not None
+                           for name in (row.overlay, row.thumb, row.original))
             keep(stage.submit(results))
             if config.keeps_cams:
                 cams.update((row.path, cam.numpy()) for row, _, cam in results if cam is not None)
@@ -218,7 +229,8 @@ def rescale_overlays(rows: list[Row], files: list[PlannedFile], cams: dict[str, 
     scale = run_heat_scale([cams[row.path] for row in rows if row.ok and row.path in cams])
     by_relpath = {planned.relpath: planned for planned in files}
     todo = {row.relpath: row for row in rows if row.ok and row.path in cams and row.relpath in by_relpath}
-    dataset = ScanDataset([by_relpath[relpath] for relpath in todo], loaded.spec.image_size, config.overlay_size)
+    dataset = ScanDataset([by_relpath[relpath] for relpath in todo], loaded.spec.image_size, config.overlay_size,
+                          max_file_bytes=config.max_file_bytes)
     console.info(f"heat scale for the run: {scale:.6g} (99th percentile of raw map values); re-rendering "
                  f"{len(todo)} overlays")
     with OverlayStage(report, scale=scale) as stage:
@@ -257,10 +269,11 @@ def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, rep
     if metrics is not None:
         report.write_json("metrics.json", metrics)
     else:
-        report.remove("metrics.json")
+        report.remove_stale("metrics.json")
     if cams is not None:
         report.write_cams({row.path: cams[row.path] for row in rows if row.path in cams})
     report.write_gallery(pages)
+    report.save_outputs()
 
 
 def log_decode_warnings(samples: list[Sample], console: Console) -> None:

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Iterator, Sequence, TextIO
 
 from batchcam.cam import METHODS
-from batchcam.config import UsageError, resolve_device, resolve_target
+from batchcam.config import MAX_FILE_MB_RANGE, MEGABYTE, UsageError, check_in_range, resolve_device, resolve_target
 from batchcam.console import Console
-from batchcam.dataset import Sample
+from batchcam.dataset import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_FILE_MB, FileTooLarge, Sample, read_file_bounded
 from batchcam.explain import Explainer, Explanation
-from batchcam.fsutil import write_bytes_atomic
+from batchcam.fsutil import SafeDir, publish_new
 from batchcam.pipeline import load_model
 
 
@@ -31,6 +31,7 @@ class PredictConfig:
     cam: str = "gradcam"
     target: str = "predicted"
     batch_size: int = 16
+    max_file_mb: float = DEFAULT_MAX_FILE_MB
 
     def validate(self) -> None:
         if not self.files:
@@ -43,6 +44,7 @@ class PredictConfig:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.cam not in METHODS:
             raise UsageError(f"--cam {self.cam!r} is not one of: {', '.join(METHODS)}")
+        check_in_range("--max-file-mb", self.max_file_mb, *MAX_FILE_MB_RANGE)
         resolve_device(self.device)
 
 
@@ -70,7 +72,7 @@ def predict(config: PredictConfig, console: Console, stdout: TextIO | None = Non
     printer = JsonLinesPrinter(stdout) if config.json else TablePrinter(
         stdout, config.files, explainer.class_names, with_overlay=config.out is not None)
     result = PredictResult()
-    for explanation in explain_files(explainer, config.files, config.batch_size):
+    for explanation in explain_files(explainer, config.files, config.batch_size, int(config.max_file_mb * MEGABYTE)):
         overlay = _save_overlay(explanation, config.out) if config.out is not None and explanation.ok else None
         if explanation.ok:
             result.ok += 1
@@ -83,17 +85,22 @@ def predict(config: PredictConfig, console: Console, stdout: TextIO | None = Non
     return result
 
 
-def explain_files(explainer: Explainer, files: Sequence[str], batch_size: int) -> Iterator[Explanation]:
+def explain_files(explainer: Explainer, files: Sequence[str], batch_size: int,
+                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Iterator[Explanation]:
     """Read and explain files a batch at a time, in the order given (only one batch in memory)."""
     for start in range(0, len(files), batch_size):
-        yield from explainer.explain([read_sample(explainer, name) for name in files[start:start + batch_size]])
+        yield from explainer.explain([read_sample(explainer, name, max_file_bytes)
+                                      for name in files[start:start + batch_size]])
 
 
-def read_sample(explainer: Explainer, name: str) -> Sample:
-    """A file that cannot be read becomes an error sample, like one that cannot be decoded."""
+def read_sample(explainer: Explainer, name: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Sample:
+    """A file that cannot be read (or is over the size cap) becomes an error sample, like one that
+    cannot be decoded."""
     path = Path(name)
     try:
-        data = path.read_bytes()
+        data = read_file_bounded(path, max_file_bytes)
+    except FileTooLarge as e:
+        return Sample(relpath=path.as_posix(), error=str(e))
     except OSError as e:
         reason = "is a folder (use scan for folders)" if path.is_dir() else f"cannot read file: {e.strerror or e}"
         return Sample(relpath=path.as_posix(), error=reason)
@@ -108,14 +115,25 @@ def _make_folder(out: Path) -> None:
 
 
 def _save_overlay(explanation: Explanation, out: Path) -> Path | None:
-    """Write the overlay under scan's collision-free name; a write failure turns the file into an error."""
-    path = out / Path(explanation.row.overlay).name
+    """Write the overlay under scan's collision-free name, never over a file that is already there.
+
+    The same file explained again with the same settings has the same name and the same bytes: that
+    counts as written. Anything else at the name (someone's file, a link) is left exactly as it is
+    and the file becomes an error; so does a write that fails.
+    """
+    name = Path(explanation.row.overlay).name
+    path, data = out / name, explanation.rendered.overlay_jpeg
     try:
-        write_bytes_atomic(path, explanation.rendered.overlay_jpeg)
+        if publish_new(out, name, data):
+            return path
+        with SafeDir.open(out) as folder:
+            if folder.read_bytes(name) == data:
+                return path
+        problem = "a different file (or a link) is already there; it was left as it is"
     except OSError as e:
-        explanation.row.status, explanation.row.error = "error", f"cannot write overlay {path}: {e.strerror or e}"
-        return None
-    return path
+        problem = e.strerror or str(e)
+    explanation.row.status, explanation.row.error = "error", f"cannot write overlay {path}: {problem}"
+    return None
 
 
 class JsonLinesPrinter:

@@ -35,7 +35,7 @@ from batchcam.model import LoadedModel
 from batchcam.pipeline import OverlayStage, batch_rows, explain_batch, log_decode_warnings, prepared_model
 from batchcam.report import ReportFolder, ReportWriteError
 from batchcam.rows import Row
-from batchcam.shared_storage import new_token, node_problems, report_problem, token_path, write_token
+from batchcam.shared_storage import new_token, node_problems, remove_token, report_problem, write_token
 from batchcam.state import PlannedFile, RowStore, Settings
 
 DECODE_MEMORY = 512 * 2**20  # reserved per decode task: a batch of display copies plus one large decode
@@ -217,7 +217,7 @@ class SharedFolders:
         return self
 
     def __exit__(self, *exc) -> None:
-        token_path(self.report).unlink(missing_ok=True)
+        remove_token(self.report)
 
     def check(self) -> None:
         """Raise UsageError when a node does not see ROOT, SharedStorageError when it cannot share REPORT."""
@@ -252,7 +252,8 @@ def explained_batches(ray, files: list[PlannedFile], spec: WorkerSpec, image_siz
     dataset = ray.data.from_items([{"file": planned} for planned in absolute],
                                   override_num_blocks=math.ceil(len(files) / batch_size))
     dataset = dataset.map_batches(decode_batch, fn_kwargs={"image_size": image_size,
-                                                           "display_max_side": spec.config.overlay_size},
+                                                           "display_max_side": spec.config.overlay_size,
+                                                           "max_file_bytes": spec.config.max_file_bytes},
                                   batch_size=batch_size, batch_format="numpy", num_cpus=1, memory=DECODE_MEMORY)
     dataset = dataset.map_batches(CamWorker, fn_constructor_kwargs={"spec": spec}, batch_size=batch_size,
                                   batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
@@ -268,9 +269,10 @@ def objects(items: list) -> np.ndarray:
     return array
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, display_max_side: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, display_max_side: int,
+                 max_file_bytes: int) -> dict[str, np.ndarray]:
     """Decode task: files -> Samples, with ``ScanDataset``'s reading and decoding."""
-    dataset = ScanDataset(list(batch["file"]), image_size, display_max_side)
+    dataset = ScanDataset(list(batch["file"]), image_size, display_max_side, max_file_bytes=max_file_bytes)
     return {"sample": objects([decode_safely(dataset, index) for index in range(len(dataset))])}
 
 

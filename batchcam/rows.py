@@ -143,17 +143,18 @@ _NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def display_path(relpath: str) -> str:
-    """The form of a relative path shown in predictions.csv, the gallery and the logs.
+    """The form of a relative path shown in predictions.csv, the gallery and the logs; one per file.
 
     A POSIX file name is bytes and may hold anything but ``/`` and NUL; the report is UTF-8 text
-    read by people, spreadsheets and scripts. So printable characters (any script, spaces, quotes,
-    commas, ``#?%``) are kept as they are, and the rest is written with Python-style escapes: a
-    byte that is not UTF-8 as ``\\xNN`` (NN >= 80), a control character as ``\\n``, ``\\r``,
-    ``\\t`` or ``\\xNN`` (NN < 80), another invisible or layout character (a bidi override, a
-    zero-width space, U+2028) as ``\\uNNNN``; in such a name a backslash is doubled, so its escapes
-    read back unambiguously. A printable name, backslashes included, is shown exactly as it is.
+    read by people, spreadsheets and scripts. So a name of printable characters without a backslash
+    (any script, spaces, quotes, commas, ``#?%``) is kept as it is, and any other is written with
+    Python-style escapes: a byte that is not UTF-8 as ``\\xNN`` (NN >= 80), a control character as
+    ``\\n``, ``\\r``, ``\\t`` or ``\\xNN`` (NN < 80), another invisible or layout character (a bidi
+    override, a zero-width space, U+2028) as ``\\uNNNN``, and a backslash doubled. Names shown as
+    they are hold no backslash and escaped ones always do, so no two files share a displayed path:
+    ``path`` is a key (cams.npz, the gallery) as unique as the file.
     """
-    if relpath.isprintable():
+    if relpath.isprintable() and "\\" not in relpath:
         return relpath
     return "".join(_display_char(char) for char in relpath)
 

@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw
 from batchcam import overlay as overlays
 from batchcam.cam import CamEngine
 from batchcam.config import UsageError, resolve_device
-from batchcam.dataset import collate_samples, decode_sample
+from batchcam.dataset import (DEFAULT_MAX_FILE_BYTES, FileTooLarge, Sample, collate_samples, decode_sample,
+                              read_file_bounded)
 from batchcam.discover import discover
 from batchcam.metrics import _average_ranks
 from batchcam.model import LoadedModel, normalize
@@ -94,6 +95,15 @@ def sample_files(root: Path, count: int, seed: int = SEED) -> list:
     return [candidates[i] for i in sorted(chosen)]
 
 
+def read_and_decode(candidate, image_size: int) -> Sample:
+    """A sampled file decoded; one that cannot be read (a broken link, say) is an error sample, left out."""
+    try:
+        data = read_file_bounded(Path(candidate.path), DEFAULT_MAX_FILE_BYTES)
+    except (OSError, FileTooLarge) as e:
+        return Sample(relpath=candidate.relpath, error=f"cannot read file: {getattr(e, 'strerror', None) or e}")
+    return decode_sample(candidate.relpath, data, image_size)
+
+
 def sanity_check(loaded: LoadedModel, root: Path, sample: int = DEFAULT_SAMPLE, device: str = "auto",
                  seed: int = SEED) -> SanityResult:
     if sample < 1:
@@ -101,8 +111,7 @@ def sanity_check(loaded: LoadedModel, root: Path, sample: int = DEFAULT_SAMPLE, 
     if not root.is_dir():
         raise UsageError(f"ROOT {root} is not a folder")
     where = resolve_device(device)
-    samples = [decode_sample(c.relpath, Path(c.path).read_bytes(), loaded.spec.image_size)
-               for c in sample_files(root, sample, seed)]
+    samples = [read_and_decode(c, loaded.spec.image_size) for c in sample_files(root, sample, seed)]
     samples, views = collate_samples([s for s in samples if s.ok])
     if views is None:
         raise UsageError(f"none of the sampled images under {root} could be decoded")

@@ -15,6 +15,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from batchcam.fsutil import SafeDir
 from batchcam.lock import STATE_DIR
 
 STORAGE_TOKEN = "ray-storage-token"   # in REPORT/.batchcam/ for the length of a ray run
@@ -24,12 +25,30 @@ def token_path(report: Path) -> Path:
     return Path(report) / STATE_DIR / STORAGE_TOKEN
 
 
+def _state(report: Path) -> SafeDir:
+    """REPORT's state folder, never through a link planted in its place."""
+    with SafeDir.open(report) as folder:
+        return folder.subdir(STATE_DIR, create=False, replace_link=False)
+
+
 def new_token() -> str:
     return secrets.token_hex(16)
 
 
 def write_token(report: Path, token: str) -> None:
-    token_path(report).write_text(token, encoding="utf-8")
+    """Write the token (replacing, never following, a link planted at its name)."""
+    with _state(report) as state:
+        state.write_bytes(STORAGE_TOKEN, token.encode())
+
+
+def remove_token(report: Path) -> None:
+    with _state(report) as state:
+        state.unlink(STORAGE_TOKEN)
+
+
+def read_token(report: Path) -> str | None:
+    with _state(report) as state:
+        return state.read_text(STORAGE_TOKEN)
 
 
 def node_problems(root: str, report: str, token: str) -> tuple[str | None, str | None]:
@@ -43,7 +62,7 @@ def report_problem(report: str, token: str) -> str | None:
     node = socket.gethostname()
     path = token_path(Path(report))
     try:
-        seen = path.read_text(encoding="utf-8")
+        seen = read_token(Path(report))
     except OSError as e:
         return f"node {node} cannot read {path}: {e.strerror or e}"
     if seen != token:

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from batchcam.discover import Candidate
-from batchcam.fsutil import atomic_write
-from batchcam.lock import STATE_DIR
-from batchcam.rows import Row
+from batchcam.fsutil import SafeDir
+from batchcam.rows import Row, original_path, thumb_path
 
 ROW_FORMAT = 4  # bump whenever a row's meaning or the overlay rendering changes
+ROWS, JOURNAL = "rows.jsonl", "journal.jsonl"
+ROW_FIELDS = {f.name for f in fields(Row)}
 
 
 @dataclass(frozen=True)
@@ -90,36 +91,55 @@ def make_plan(files: Sequence[PlannedFile], previous: dict[str, Row], *, full: b
 
 
 class RowStore:
-    def __init__(self, report: Path, settings_key: str):
-        self.folder = Path(report) / STATE_DIR
+    """The row store in ``REPORT/.batchcam/`` (``state``, opened without following links).
+
+    The journal also announces the overlay names of each batch before they are written, so the
+    overlays of a run killed mid-batch are still known as batchcam's and removed by the next run.
+    """
+
+    def __init__(self, state: SafeDir, settings_key: str):
+        self.state = state
         self.settings_key = settings_key
         self._journal = None
-
-    @property
-    def rows_path(self) -> Path:
-        return self.folder / "rows.jsonl"
-
-    @property
-    def journal_path(self) -> Path:
-        return self.folder / "journal.jsonl"
 
     def load(self) -> dict[str, Row]:
         """Rows of the last complete run, then of an interrupted one, made with these settings."""
         rows: dict[str, Row] = {}
-        for path in (self.rows_path, self.journal_path):
-            for row in self._read(path):
-                rows[row.relpath] = row
+        for name in (ROWS, JOURNAL):
+            for record in self._records(name):
+                row = self._row(record)
+                if row is not None:
+                    rows[row.relpath] = row
         return rows
 
+    def written_overlays(self) -> set[str]:
+        """Every overlay file batchcam wrote that the store or the journal knows of, whatever the settings."""
+        names: set[str] = set()
+        for name in (ROWS, JOURNAL):
+            for record in self._records(name):
+                announced = record.get("overlays")
+                overlays = announced if isinstance(announced, list) else [record.get("row", {}).get("overlay")]
+                for overlay in overlays:
+                    if isinstance(overlay, str) and overlay.startswith("overlays/") and overlay.endswith(".jpg"):
+                        names.update((overlay, thumb_path(overlay), original_path(overlay)))
+        return names
+
     def __enter__(self) -> "RowStore":
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._journal = open(self.journal_path, "a", encoding="utf-8")
+        self._journal = self.state.open_append(JOURNAL, encoding="utf-8")
         return self
 
     def __exit__(self, *exc) -> None:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+
+    def announce(self, overlays: Iterable[str]) -> None:
+        """Say which overlays are about to be written (flushed, not fsynced: a kill cannot lose it,
+        and a power cut at worst leaves a few files that are never removed)."""
+        names = [name for name in overlays if name]
+        if names:
+            self._journal.write(json.dumps({"overlays": names}) + "\n")
+            self._journal.flush()
 
     def append(self, rows: Iterable[Row]) -> None:
         """Journal finished rows durably: after this returns, a crash does not lose them."""
@@ -131,7 +151,7 @@ class RowStore:
 
     def commit(self, rows: Sequence[Row]) -> None:
         """The run is complete: its rows become the store, and the journal is emptied."""
-        with atomic_write(self.rows_path, "w", encoding="utf-8") as f:
+        with self.state.atomic_write(ROWS, "w", encoding="utf-8") as f:
             f.writelines(self._line(row) for row in rows)
         self._journal.truncate(0)
         self._journal.flush()
@@ -140,16 +160,20 @@ class RowStore:
     def _line(self, row: Row) -> str:
         return json.dumps({"settings": self.settings_key, "row": asdict(row)}) + "\n"
 
-    def _read(self, path: Path) -> Iterable[Row]:
-        names = {f.name for f in fields(Row)}
+    def _row(self, record: dict) -> Row | None:
+        if record.get("settings") != self.settings_key:
+            return None
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return
-        for line in text.splitlines():
+            return Row(**{k: v for k, v in record["row"].items() if k in ROW_FIELDS})
+        except (TypeError, KeyError, AttributeError):
+            return None  # a record of another format
+
+    def _records(self, name: str) -> Iterable[dict]:
+        text = self.state.read_text(name)
+        for line in (text or "").splitlines():
             try:
                 record = json.loads(line)
-                if record.get("settings") == self.settings_key:
-                    yield Row(**{k: v for k, v in record["row"].items() if k in names})
-            except (ValueError, TypeError, KeyError, AttributeError):
-                continue  # a torn last line from a killed run, or a record of another format
+            except ValueError:
+                continue  # a torn last line from a killed run
+            if isinstance(record, dict):
+                yield record

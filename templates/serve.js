@@ -29,7 +29,9 @@ async function loadModelInfo() {
     info.textContent = `Model ${model.name} (sha256 ${model.sha256.slice(0, 12)}…, classes ${model.classes.join(", ")}), `
       + `${model.cam.method} on ${model.cam.target_layer}, running on ${health.device}.`;
     document.getElementById("demo-notice").hidden = !model.demo;
-    document.getElementById("upload-limit").textContent = `; up to ${formatMegabytes(page.maxUploadBytes)} per file`;
+    const pixels = uploadPixelLimit(health.max_pixels_per_request);
+    document.getElementById("upload-limit").textContent =
+      `; up to ${formatMegabytes(page.maxUploadBytes)}${pixels ? ` and ${pixels}` : ""} per file`;
   } catch (error) {
     info.textContent = `The server did not describe its model (${error.message}).`;
   }
@@ -144,6 +146,13 @@ function setBar(fill, fraction) {
 
 function formatPercent(fraction) {
   return `${(fraction * 100).toFixed(1)} %`;
+}
+
+// 16-bit, float and DICOM images decode through 64-bit floats: the server allows them a quarter of the pixels.
+function uploadPixelLimit(pixels) {
+  if (typeof pixels !== "number") return "";
+  const megapixels = (value) => `${Number((value / 1e6).toFixed(2))}`;
+  return `${megapixels(pixels)} megapixels (${megapixels(pixels / 4)} for 16-bit, float and DICOM images)`;
 }
 
 function formatMegabytes(bytes) {

@@ -71,11 +71,13 @@ def explainer(tiny_model) -> Explainer:
 
 
 def make_client(explainer: Explainer, max_upload_bytes: int = 50 * 1024 * 1024):
+    """The app as a browser on http://127.0.0.1:8000/ (the default bind) reaches it: the app
+    refuses any other Host header."""
     from fastapi.testclient import TestClient
 
     from batchcam.serve import create_app
 
-    return TestClient(create_app(explainer, max_upload_bytes))
+    return TestClient(create_app(explainer, max_upload_bytes), base_url="http://127.0.0.1:8000")
 
 
 @pytest.fixture(scope="module")
