@@ -27,11 +27,16 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from batchcam.imaging import DECODE_MIN_LONG_SIDE, DecodeError, decode_grayscale, resize_square
-from batchcam.metrics import classification_metrics
-from batchcam.model import CheckpointError, ModelSpec, build_model, normalize, save_checkpoint
+from batchcam.checks.metrics import classification_metrics
+from batchcam.config import DEFAULT_MAX_FILE_BYTES
+from batchcam.decode.dataset import FileTooLarge, read_file_bounded
+from batchcam.decode.discover import IMAGE_EXTENSIONS, discover
+from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, resize_square
+from batchcam.decode.pixels import DecodeError
+from batchcam.errors import UsageError
+from batchcam.model.checkpoint import ModelSpec, build_model, normalize, save_checkpoint
+from batchcam.runtime.devices import resolve_device, resolve_precision
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MIN_VAL_IMAGES = 50  # the Kaggle val/ folder has 16 images: too few to pick an epoch by
 
 
@@ -77,11 +82,10 @@ def list_split(folder: Path, class_names: list[str]) -> list[tuple[Path, int]]:
     items = []
     for index, name in enumerate(class_names):
         class_dir = folder / name
-        files = sorted(p for p in class_dir.rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
+        files = [candidate.path for candidate in discover(class_dir).candidates]  # exactly what scan reads
         if not files:
-            raise TrainingError(f"{class_dir}: no images (expected {', '.join(IMAGE_EXTENSIONS)} files)")
+            raise TrainingError(f"{class_dir}: no images (expected {', '.join(sorted(IMAGE_EXTENSIONS))} files, "
+                                "or DICOM files without an extension)")
         items.extend((p, index) for p in files)
     return items
 
@@ -141,8 +145,9 @@ class XrayFolder(Dataset):
     def __getitem__(self, index: int):
         path, label = self.items[index]
         try:
-            gray = decode_grayscale(path.read_bytes(), min_long_side=DECODE_MIN_LONG_SIDE).gray
-        except (DecodeError, OSError) as e:
+            data = read_file_bounded(path, DEFAULT_MAX_FILE_BYTES)
+            gray = decode_grayscale(data, min_long_side=DECODE_MIN_LONG_SIDE, name=path.name).gray
+        except (DecodeError, FileTooLarge, OSError) as e:
             return torch.zeros(self.image_size, self.image_size, dtype=torch.uint8), label, str(path), str(e)
         square = Image.fromarray(resize_square(gray, self.image_size))
         if self.augment:
@@ -218,15 +223,6 @@ def load_backbone(model: nn.Module, state: dict) -> nn.Module:
     return model
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 # ---------------------------------------------------------------- loops
 
 @dataclass
@@ -237,10 +233,8 @@ class EpochResult:
 
 
 def autocast(device: torch.device):
-    if device.type != "cuda":
-        return torch.autocast("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    dtype = resolve_precision("auto", device)  # scan's rule: bf16 (else fp16) on CUDA, fp32 on the CPU
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scaler, spec, device, progress) -> EpochResult:
@@ -325,7 +319,8 @@ def train(args, dropout: float, out: Path, class_names, splits) -> dict:
         better, score = is_better(val_result, state["best"], args.select_by)
         row = {"epoch": epoch, "train_loss": round(train_result.loss, 5), "val_loss": round(val_result.loss, 5),
                "val_accuracy": _round(val_result.metrics["accuracy"]), "val_auc": _round(val_result.metrics["roc_auc"]),
-               "seconds": round(time.time() - started, 1), "skipped": len(train_result.skipped) + len(val_result.skipped)}
+               "seconds": round(time.time() - started, 1),
+               "skipped": len(train_result.skipped) + len(val_result.skipped)}
         state["history"].append(row)
         report_skips(train_result.skipped + val_result.skipped)
         print(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']}, val loss {row['val_loss']}, "
@@ -473,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             compare_dropout(args, class_names, splits)
         else:
             train(args, args.dropout, args.out, class_names, splits)
-    except (TrainingError, CheckpointError) as e:
+    except (TrainingError, UsageError) as e:  # CheckpointError and a bad --device too
         print(f"train_model.py: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,17 +12,31 @@ import sys
 from pathlib import Path
 
 from batchcam import __version__
-from batchcam.allocator import keep_freed_memory
-from batchcam.cam import METHODS
-from batchcam.config import DECODERS, ENGINES, HEAT_SCALES, PRECISIONS, ScanConfig, UsageError, default_workers_for
-from batchcam.console import Console
-from batchcam.dataset import DEFAULT_MAX_FILE_MB
-from batchcam.gallery import DEFAULT_PAGE_SIZE
-from batchcam.imaging import OVERLAY_LONG_SIDE
-from batchcam.interrupt import Interrupted
-from batchcam.lock import NotOurFolder, ReportLocked
-from batchcam.model import CheckpointError
-from batchcam.report import ReportWriteError
+from batchcam.config import (
+    CAM_METHODS,
+    DECODERS,
+    DEFAULT_MAX_FILE_MB,
+    DEFAULT_MAX_FILES,
+    DEFAULT_MAX_MEGAPIXELS,
+    DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_SANITY_SAMPLE,
+    ENGINES,
+    HEAT_SCALES,
+    MAX_FILES_RANGE,
+    MEGAPIXELS_RANGE,
+    OVERLAY_LONG_SIDE,
+    PRECISIONS,
+    UPLOAD_MB_RANGE,
+    PredictConfig,
+    ScanConfig,
+    ServeConfig,
+    default_workers_for,
+)
+from batchcam.errors import ReportLocked, ReportWriteError, UsageError
+from batchcam.runtime.allocator import keep_freed_memory
+from batchcam.runtime.console import Console
+from batchcam.runtime.interrupt import Interrupted
 
 EXIT_OK, EXIT_USAGE, EXIT_IMAGE_ERRORS, EXIT_CANNOT_WRITE, EXIT_LOCKED, EXIT_SIGINT = 0, 2, 3, 74, 75, 130
 
@@ -44,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="local engine: DataLoader processes decoding images (0: decode in the main process; "
                       "default: CPU cores - 1, 1..8); ray engine: model actors (default: one per GPU of the "
                       "cluster, or half its CPUs without GPUs)")
-    scan.add_argument("--cam", default="gradcam", choices=METHODS, metavar="METHOD",
-                      help=f"CAM method, one of: {', '.join(METHODS)}")
+    scan.add_argument("--cam", default="gradcam", choices=CAM_METHODS, metavar="METHOD",
+                      help=f"CAM method, one of: {', '.join(CAM_METHODS)}")
     scan.add_argument("--target", default="predicted",
                       help="class the heatmap explains: 'predicted' or a class name")
     scan.add_argument("--save-cams", action="store_true",
@@ -119,8 +133,8 @@ def add_predict_parser(commands) -> None:
                          help="write each overlay (JPEG) into DIR (default: no files are written)")
     predict.add_argument("--json", action="store_true", help="print one JSON object per file instead of a table")
     predict.add_argument("--batch-size", type=int, default=16, help="images per model batch (default: 16)")
-    predict.add_argument("--cam", default="gradcam", choices=METHODS, metavar="METHOD",
-                         help=f"CAM method, one of: {', '.join(METHODS)} (default: gradcam)")
+    predict.add_argument("--cam", default="gradcam", choices=CAM_METHODS, metavar="METHOD",
+                         help=f"CAM method, one of: {', '.join(CAM_METHODS)} (default: gradcam)")
     predict.add_argument("--target", default="predicted",
                          help="class the heatmap explains: 'predicted' (the default) or a class name")
     add_file_size_option(predict)
@@ -136,20 +150,18 @@ def add_evaluate_parser(commands) -> None:
 
 
 def add_sanity_parser(commands) -> None:
-    from batchcam.sanity import DEFAULT_SAMPLE
-
     sanity = commands.add_parser("sanity", help="model-randomisation sanity check of the heatmaps "
                                  "(Adebayo et al. 2018)")
     sanity.add_argument("root", type=Path, metavar="ROOT", help="folder of X-rays to sample from")
     add_model_options(sanity)
-    sanity.add_argument("--sample", type=int, default=DEFAULT_SAMPLE,
-                        help=f"images to sample (default: {DEFAULT_SAMPLE})")
+    sanity.add_argument("--sample", type=int, default=DEFAULT_SANITY_SAMPLE,
+                        help=f"images to sample (default: {DEFAULT_SANITY_SAMPLE})")
     sanity.add_argument("--out", type=Path, default=Path("batchcam-sanity"), metavar="DIR",
                         help="folder for sanity.md, sanity.json and sanity.png (default: batchcam-sanity)")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from batchcam.localisation import evaluate
+    from batchcam.commands.evaluate import evaluate
 
     results = evaluate(args.report, args.boxes, warn=lambda text: print(f"batchcam: warning: {text}",
                                                                         file=sys.stderr))
@@ -161,25 +173,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_sanity(args: argparse.Namespace) -> int:
-    from batchcam.pipeline import load_model
-    from batchcam.sanity import CASCADE, sanity_check, write_sanity
+    from batchcam.commands.sanity import sanity
 
-    if args.model is not None and not args.model.is_file():
-        raise UsageError(f"--model {args.model} does not exist")
-    loaded = load_model(args.model, Console())
-    result = sanity_check(loaded, args.root, args.sample, args.device)
-    write_sanity(result, args.out, loaded.path.name)
-    steps = ", ".join(f"{'+'.join(names)} {result.mean(step):.2f}"
-                      for names, step in zip(CASCADE, result.steps[1:]))
-    print(f"batchcam: sanity check on {len(result.paths)} images, mean rank correlation after randomising "
-          f"{steps} -> {args.out / 'sanity.md'}", flush=True)
+    summary, where = sanity(args.root, args.model, args.sample, args.device, args.out)
+    print(f"batchcam: {summary} -> {where}", flush=True)
     return EXIT_OK
 
 
 def add_serve_parser(commands) -> None:
-    from batchcam.serve import (DEFAULT_MAX_FILES, DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_UPLOAD_MB, MAX_FILES_RANGE,
-                                MEGAPIXELS_RANGE, UPLOAD_MB_RANGE)
-
     serve = commands.add_parser("serve", help="a local web page to upload X-rays and see predictions and overlays "
                                 "(needs the 'serve' extra)")
     add_model_options(serve)
@@ -202,7 +203,7 @@ def add_serve_parser(commands) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from batchcam.predict import PredictConfig, predict
+    from batchcam.commands.predict import predict
 
     config = PredictConfig(files=tuple(args.files), model=args.model, out=args.out, json=args.json,
                            device=args.device, cam=args.cam, target=args.target, batch_size=args.batch_size,
@@ -219,7 +220,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from batchcam.serve import ServeConfig, serve
+    from batchcam.commands.serve import serve
 
     config = ServeConfig(model=args.model, host=args.host, port=args.port, device=args.device,
                          max_upload_mb=args.max_upload_mb, max_files=args.max_files,
@@ -239,7 +240,7 @@ def scan_config(args: argparse.Namespace, argv: list[str]) -> ScanConfig:
 
 
 def run_scan(config: ScanConfig) -> int:
-    from batchcam.pipeline import scan
+    from batchcam.commands.scan import scan
 
     console = Console(quiet=config.quiet)
     result = scan(config, console)
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_evaluate(args)
         if args.command == "sanity":
             return run_sanity(args)
-    except (UsageError, CheckpointError, NotOurFolder) as e:
+    except UsageError as e:  # CheckpointError and NotOurFolder too
         print(f"batchcam: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ReportWriteError as e:

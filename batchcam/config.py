@@ -1,35 +1,47 @@
-"""Scan configuration: parsed once from the command line, validated in one place, then frozen."""
+"""Every command's configuration: parsed once from the command line, validated here, then frozen.
+
+Nothing heavy is imported: the command line builds and checks these before any library loads, so a
+mistake (or a locked REPORT) is reported at once. What needs torch to check (is CUDA there?) is
+checked by the command once it has resolved the device (``runtime.devices``).
+"""
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from batchcam.errors import UsageError
 
-import math
-
-from batchcam.cam import METHODS
-from batchcam.dataset import DEFAULT_MAX_FILE_MB
-from batchcam.gallery import DEFAULT_PAGE_SIZE
-from batchcam.imaging import OVERLAY_LONG_SIDE
-
-
+# CAM methods: the exact fast path (gradcam) and pytorch-grad-cam's classes (cam.engine maps them).
+CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 HEAT_SCALES = ("image", "run")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODERS = ("cpu", "gpu")
-OVERLAY_SIZES = (256, 4096)      # the smallest and largest --overlay-size, px
-MAX_FILE_MB_RANGE = (1.0, 1024.0 * 1024)  # --max-file-mb: 1 MB to 1 TB
-MEGABYTE = 2**20
 ENGINES = ("local", "ray")
 RAY_EXTRA_HINT = "pip install 'batchcam[ray]'"
 HEAD_CONNECT_TIMEOUT = 10.0  # seconds; Ray itself retries an unreachable --ray-address for ever
+MEGABYTE = 2**20
+MEGAPIXEL = 1_000_000
 
+DEFAULT_PAGE_SIZE = 100          # gallery cards per page
+OVERLAY_LONG_SIDE = 512          # the overlays' longer side, px (scan --overlay-size)
+OVERLAY_SIZES = (256, 4096)      # the smallest and largest --overlay-size, px
+# No file is read whole beyond this size (scan and predict --max-file-mb): its size is checked
+# before the read, so a sparse 40 GiB file costs a stat, not the machine's memory.
+DEFAULT_MAX_FILE_MB = 512
+DEFAULT_MAX_FILE_BYTES = DEFAULT_MAX_FILE_MB * MEGABYTE
+MAX_FILE_MB_RANGE = (1.0, 1024.0 * 1024)  # 1 MB to 1 TB
+DEFAULT_SANITY_SAMPLE = 16       # images the sanity check samples
 
-class UsageError(Exception):
-    """Bad arguments or configuration: exit 2, nothing in REPORT changed."""
+DEFAULT_MAX_UPLOAD_MB = 50       # serve: one request's body
+UPLOAD_MB_RANGE = (1, 4096)      # one X-ray file at least; held in memory at most
+DEFAULT_MAX_FILES = 32           # serve: files in one request
+MAX_FILES_RANGE = (1, 1024)
+DEFAULT_MAX_MEGAPIXELS = 100     # serve: pixels in one request, in millions, from the images' headers
+MEGAPIXELS_RANGE = (1, 4096)
 
 
 def default_workers() -> int:
@@ -85,37 +97,32 @@ class ScanConfig:
             raise UsageError(f"ROOT {self.root} is not a folder")
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} exists and is not a folder")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.page_size < 1:
-            raise UsageError(f"--page-size must be at least 1, got {self.page_size}")
+        check_count("--batch-size", self.batch_size, 1, 4096)
+        check_count("--page-size", self.page_size, 1, 10**6)
         if self.workers < 0:
             raise UsageError(f"--workers must be 0 (decode in the main process) or more, got {self.workers}")
-        if self.heat_scale not in HEAT_SCALES:
-            raise UsageError(f"--heat-scale {self.heat_scale!r} is not one of: {', '.join(HEAT_SCALES)}")
-        if self.cam not in METHODS:
-            raise UsageError(f"--cam {self.cam!r} is not one of: {', '.join(METHODS)}")
-        if self.model is not None and not self.model.is_file():
-            raise UsageError(f"--model {self.model} does not exist")
+        check_choice("--heat-scale", self.heat_scale, HEAT_SCALES)
+        check_choice("--cam", self.cam, CAM_METHODS)
+        check_model(self.model)
         check_in_range("--max-file-mb", self.max_file_mb, *MAX_FILE_MB_RANGE)
         self.validate_engine()
-        self.validate_performance(resolve_device(self.device))
+        self.validate_performance()
 
-    def validate_performance(self, device: torch.device) -> None:
+    def validate_performance(self) -> None:
         low, high = OVERLAY_SIZES
         if not low <= self.overlay_size <= high:
             raise UsageError(f"--overlay-size must be between {low} and {high} px, got {self.overlay_size}")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision {self.precision!r} is not one of: {', '.join(PRECISIONS)}")
-        if self.decode not in DECODERS:
-            raise UsageError(f"--decode {self.decode!r} is not one of: {', '.join(DECODERS)}")
-        if self.decode == "gpu" and (device.type != "cuda" or self.engine != "local"):
+        check_choice("--precision", self.precision, PRECISIONS)
+        check_choice("--decode", self.decode, DECODERS)
+
+    def validate_device(self, device_type: str) -> None:
+        """What can only be checked once ``--device`` is resolved (it needs torch)."""
+        if self.decode == "gpu" and (device_type != "cuda" or self.engine != "local"):
             raise UsageError("--decode gpu needs a CUDA device and the local engine "
-                             f"(this run: device {device}, engine {self.engine})")
+                             f"(this run: device {device_type}, engine {self.engine})")
 
     def validate_engine(self) -> None:
-        if self.engine not in ENGINES:
-            raise UsageError(f"--engine {self.engine!r} is not one of: {', '.join(ENGINES)}")
+        check_choice("--engine", self.engine, ENGINES)
         if self.engine != "ray":
             if self.ray_address is not None or self.gpus_per_worker is not None:
                 raise UsageError("--ray-address and --gpus-per-worker need --engine ray")
@@ -131,10 +138,91 @@ class ScanConfig:
             raise UsageError(f"--ray-address {self.ray_address}: cannot reach the Ray cluster's head node: {problem}")
 
 
-def check_in_range(option: str, value: float, low: float, high: float) -> None:
-    """UsageError unless ``low <= value <= high`` (NaN and infinities are refused too)."""
-    if not (math.isfinite(value) and low <= value <= high):
-        raise UsageError(f"{option} must be a number from {low:g} to {high:g}, got {value:g}")
+@dataclass(frozen=True)
+class PredictConfig:
+    files: tuple[str, ...]
+    model: Path | None = None        # None: the bundled demo model
+    out: Path | None = None          # None: no overlay is written anywhere
+    json: bool = False
+    device: str = "auto"
+    cam: str = "gradcam"
+    target: str = "predicted"
+    batch_size: int = 16
+    max_file_mb: float = DEFAULT_MAX_FILE_MB
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * MEGABYTE)
+
+    def validate(self) -> None:
+        if not self.files:
+            raise UsageError("predict needs at least one FILE")
+        if self.out is not None and self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} exists and is not a folder")
+        check_model(self.model)
+        check_count("--batch-size", self.batch_size, 1, 4096)
+        check_choice("--cam", self.cam, CAM_METHODS)
+        check_in_range("--max-file-mb", self.max_file_mb, *MAX_FILE_MB_RANGE)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: Path | None = None        # None: the bundled demo model
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
+    max_files: int = DEFAULT_MAX_FILES              # files in one request
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS  # pixels in one request, in millions
+
+    def validate(self) -> None:
+        check_model(self.model)
+        check_count("--port", self.port, 0, 65535)
+        check_in_range("--max-upload-mb", self.max_upload_mb, *UPLOAD_MB_RANGE, unit="MB")
+        check_count("--max-files", self.max_files, *MAX_FILES_RANGE)
+        check_in_range("--max-megapixels", self.max_megapixels, *MEGAPIXELS_RANGE, unit="megapixels")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MEGABYTE)
+
+    @property
+    def max_pixels_per_request(self) -> int:
+        return int(self.max_megapixels * MEGAPIXEL)
+
+
+def check_model(model: Path | None) -> None:
+    if model is not None and not model.is_file():
+        raise UsageError(f"--model {model} does not exist")
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{option} {value!r} is not one of: {', '.join(choices)}")
+
+
+def check_in_range(option: str, value: float, low: float, high: float, unit: str = "") -> None:
+    """UsageError unless ``low <= value <= high``; NaN and the infinities are refused by name."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{option} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise UsageError(f"{option} must be a finite number, got {value:g}")
+    if value <= 0:
+        raise UsageError(f"{option} must be more than 0, got {value:g}")
+    unit = f" ({unit})" if unit else ""
+    if value < low:
+        raise UsageError(f"{option} must be at least {low:g}{unit}, got {value:g}")
+    if value > high:
+        raise UsageError(f"{option} must be at most {high:g}{unit}, got {value:g}")
+
+
+def check_count(option: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{option} must be a whole number, got {value!r}")
+    if value < low:
+        raise UsageError(f"{option} must be at least {low}, got {value}")
+    if value > high:
+        raise UsageError(f"{option} must be at most {high}, got {value}")
 
 
 def unreachable(address: str) -> str | None:
@@ -148,38 +236,6 @@ def unreachable(address: str) -> str | None:
     except OSError as e:
         return e.strerror or str(e) or type(e).__name__
     return None
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the forward pass, or None for float32.
-
-    ``auto`` is bfloat16 on CUDA devices that support it (its range matches float32's, so no
-    overflow), else float16; on the CPU it is float32, the only precision whose probabilities
-    stay within 1e-3 of the reference there.
-    """
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU; asking for CUDA without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r}: only auto, cpu, cuda and cuda:N are supported")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return device
 
 
 def resolve_target(target: str, class_names: tuple[str, ...]) -> int | None:

@@ -1,8 +1,8 @@
 """Where the files that ship with batchcam live: Jinja2 templates and the demo checkpoint.
 
-In an installed package the top-level ``templates/`` folder is mapped to ``batchcam/templates``
-(see setup.cfg); in a source checkout it sits beside the package. Both are looked up here so the
-rest of the code never cares which it is.
+The templates are always at ``batchcam/templates``: an installed package has the top-level
+``templates/`` folder copied there (setup.cfg maps it), and a source checkout has a symbolic link
+there pointing to it.
 """
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ DEMO_NOTICE = ("batchcam: using the bundled demo model (trained on synthetic X-r
                "not for clinical use). Pass --model to use your own checkpoint.")
 
 
+TEMPLATES = PACKAGE_DIR / "templates"
+
+
 def templates_dir() -> Path:
-    for candidate in (PACKAGE_DIR / "templates", PACKAGE_DIR.parent / "templates"):
-        if (candidate / "index.html").is_file():
-            return candidate
-    raise FileNotFoundError("batchcam's templates are missing: the installation is incomplete")
+    if not (TEMPLATES / "index.html").is_file():
+        raise FileNotFoundError(f"batchcam's templates are missing from {TEMPLATES}: the installation is incomplete")
+    return TEMPLATES

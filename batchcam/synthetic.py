@@ -54,7 +54,8 @@ def write_imagefolder(root: str | Path, count: int, *, seed: int = 0, splits: di
     ``count`` images are divided between the splits by their fractions and alternate between the
     classes; formats alternate through ``formats`` ("png", "jpg") independently of the class. A
     split named "" writes the class folders directly under ``root``. Masks, when asked for, go to
-    ``root/masks/split/CLASS/NAME.png``, outside the class folders, so no reader trains on them. Returns the written image paths.
+    ``root/masks/split/CLASS/NAME.png``, outside the class folders, so no reader trains on them.
+    Returns the written image paths.
     """
     root = Path(root)
     fractions = splits or SPLITS

@@ -30,11 +30,12 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-
-from batchcam.rows import Row
-from batchcam.state import RowStore
-from batchcam.synthetic import generate
 from bench_scan import machine, write_section
+
+from batchcam.records import Row
+from batchcam.report.store import RowStore
+from batchcam.runtime.fsutil import SafeDir
+from batchcam.synthetic import generate
 
 HERE = Path(__file__).resolve().parent
 BATCH = 32
@@ -86,7 +87,7 @@ def journal_rows_per_second(folder: Path, batches: int = 300) -> float:
     rows = [Row(path=f"NORMAL/x{i:05d}.jpg", status="ok", prediction="NORMAL", confidence=0.9,
                 probabilities=[0.9, 0.1], overlay=f"overlays/x{i:05d}-0123456789ab.jpg", width=1500, height=1400,
                 sha256="0" * 64, model_sha256="1" * 64) for i in range(BATCH)]
-    with RowStore(folder, "bench") as store:
+    with SafeDir.open(folder, create=True) as state, RowStore(state, "bench") as store:
         started = time.perf_counter()
         for _ in range(batches):
             store.append(rows)
@@ -141,7 +142,8 @@ def section(args, local: Timing, own: Timing, joined: Timing, same_csv: bool, jo
                       f"{t.marginal(n):.1f} | {t.fixed(n):.1f} |" for name, t in engines)
     return f"""## The ray engine on one node: {n} JPG images of 1024-2048 px, batch {BATCH}, {args.repeats} repeat(s)
 
-`python benchmarks/bench_ray.py --images {n} --repeats {args.repeats}`; machine: {machine()}; ray {metadata.version("ray")}.
+`python benchmarks/bench_ray.py --images {n} --repeats {args.repeats}`; machine: {machine()};
+ray {metadata.version("ray")}.
 Each run is `batchcam scan --full` in a fresh process, medians over the repeats. images/s is the
 scan's own clock (the summary line's); wall is the whole command (Python start-up included), on
 all {n} images and on {half} of them; the marginal rate is the second {n - half} images over the

@@ -11,7 +11,7 @@ Measures, in one run, on the same images and the bundled demo checkpoint:
   3. library batches: pytorch-grad-cam GradCAM on DataLoader batches, writing overlays;
   4. batchcam scan end to end (CSV, overlays, gallery), in a fresh process.
 and scan's decoding alone. Every method runs with the allocator setting batchcam's commands use
-(``batchcam.allocator.keep_freed_memory``), so none is measured with a handicap. It prints
+(``batchcam.runtime.allocator.keep_freed_memory``), so none is measured with a handicap. It prints
 images/s (medians over repeats), the ratios 4/1, 4/2, 4/3 and peak memory, checks that scan's
 predictions (class, probability within 1e-3) and CAM peaks agree with the library path, and writes
 its section of benchmarks/RESULTS.md.
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +37,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from batchcam.allocator import keep_freed_memory
-from batchcam.dataset import ScanDataset, collate_samples
-from batchcam.discover import discover
-from batchcam.imaging import decode_grayscale, resize_square
-from batchcam.model import load_checkpoint, normalize
+from batchcam.decode.dataset import ScanDataset, collate_samples
+from batchcam.decode.discover import discover
+from batchcam.decode.imaging import decode_grayscale, resize_square
+from batchcam.model.checkpoint import load_checkpoint, normalize
 from batchcam.resources import DEMO_MODEL
+from batchcam.runtime.allocator import keep_freed_memory
 from batchcam.synthetic import generate
 
 HERE = Path(__file__).resolve().parent
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
         rates["forward"].append(len(paths) / timed(lambda: forward_only(loaded, tensors)))
         rates["decode"].append(len(paths) / timed(lambda: decode_only(loaded, root, args.workers)))
         loop_paths = paths[: args.loop_images]
-        rates["loop"].append(len(loop_paths) / timed(lambda: per_image_loop(loaded, loop_paths, work / "loop")))
+        rates["loop"].append(len(loop_paths) / timed(partial(per_image_loop, loaded, loop_paths, work / "loop")))
         seconds = timed(lambda: library.update(library_batches(loaded, paths, work / "library", args.workers)))
         rates["library"].append(len(paths) / seconds)
         scan_seconds, rss = scan_process(root, work / "report", args.workers)

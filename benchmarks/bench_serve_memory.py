@@ -16,7 +16,8 @@ then sends, one after the other:
   5. a normal request: 3 small X-ray-like PNGs (batchcam.synthetic).
 Before each request the server's peak RSS (``VmHWM``) is reset through ``/proc/PID/clear_refs``, so
 each row shows the peak during that request (what earlier requests left allocated included); the
-last line gives the RSS after start-up and the highest of those peaks. Prints a markdown table. tests/test_serve_limits.py runs the same requests (marked slow) and asserts the
+last line gives the RSS after start-up and the highest of those peaks. Prints a markdown table.
+tests/e2e/test_serve_limits.py runs the same requests (marked slow) and asserts the
 bound the README states (under 2 GB).
 """
 from __future__ import annotations

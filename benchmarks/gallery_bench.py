@@ -12,9 +12,10 @@ import argparse
 import random
 import time
 
-from batchcam.gallery import DEFAULT_PAGE_SIZE, render_gallery
-from batchcam.report import scan_metrics
-from batchcam.rows import Row, overlay_path
+from batchcam.config import DEFAULT_PAGE_SIZE
+from batchcam.records import Row, overlay_path
+from batchcam.report.gallery import render_gallery
+from batchcam.report.summary import scan_metrics
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 

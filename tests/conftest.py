@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchcam.model import ModelSpec, build_model, save_checkpoint
+from batchcam.model.checkpoint import ModelSpec, build_model, save_checkpoint
 from batchcam.synthetic import generate
 
 TINY_SIZE = 64  # model input for fast tests; the checkpoint carries it, so scan uses it too

@@ -1,0 +1,145 @@
+"""Class activation maps for a batch: an exact fast Grad-CAM, and pytorch-grad-cam for the rest.
+
+Grad-CAM (Selvaraju et al., ICCV 2017) weights each channel k of the target layer's activations
+A by the spatial mean of d score_c / d A_k. When the target layer (ResNet's ``layer4``) is followed
+only by global average pooling and a linear head, that gradient is ``W[c, k] / (h * w)`` at every
+location, so the map is ``relu(sum_k W[c, k] A_k) / (h * w)``: the same numbers, read off the
+forward pass with no backward pass at all. That is the default path. pytorch-grad-cam remains the
+reference (the tests compare the two) and computes every other method.
+
+Every method returns the raw, un-normalised low-resolution map (>= 0); normalising and upsampling
+to an image's geometry is the overlay stage's job, done the same way for all methods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from batchcam.config import CAM_METHODS
+
+# Method name -> pytorch-grad-cam class name. The library is imported only when one is used: it
+# pulls in OpenCV, matplotlib and scikit-learn (seconds of start-up the exact path does not need).
+LIBRARY_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
+                   "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM", "scorecam": "ScoreCAM"}
+TARGET_LAYER = "layer4"
+
+
+@dataclass
+class CamBatch:
+    probabilities: torch.Tensor  # (B, classes), float32 on the CPU
+    targets: torch.Tensor        # (B,) class index each map explains
+    cams: torch.Tensor           # (B, h, w) raw maps, float32 on the CPU, >= 0
+
+
+def linear_head(model: nn.Module) -> nn.Linear | None:
+    """The final Linear when the head is avgpool -> [Dropout ->] Linear, else None."""
+    if not isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d):
+        return None
+    if tuple(np.atleast_1d(model.avgpool.output_size)) not in ((1,), (1, 1)):
+        return None
+    head = getattr(model, "fc", None)
+    if isinstance(head, nn.Sequential) and all(isinstance(m, nn.Dropout) for m in head[:-1]):
+        head = head[-1]
+    return head if isinstance(head, nn.Linear) else None
+
+
+class CamEngine:
+    """Runs the model and a CAM method on batches. Use as ``with CamEngine(...) as engine:``.
+
+    ``target`` is None for the predicted class, or a fixed class index. The fast exact path is
+    used for ``gradcam`` whenever the head allows it (``exact`` tells which path is in use).
+    ``autocast`` (CUDA only: ``torch.bfloat16`` or ``torch.float16``) runs the exact path's forward
+    pass in that precision; the map itself is always computed in float32 from the activations.
+    """
+
+    def __init__(self, model: nn.Module, method: str = "gradcam", target: int | None = None,
+                 allow_exact: bool = True, autocast: torch.dtype | None = None):
+        if method not in LIBRARY_METHODS:
+            raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+        self.model, self.method, self.target = model, method, target
+        self.layer = getattr(model, TARGET_LAYER)
+        self.head = linear_head(model)
+        self.exact = allow_exact and method == "gradcam" and self.head is not None
+        self.autocast = autocast
+        self._activations: torch.Tensor | None = None
+        self._hook = None
+
+    def __enter__(self) -> "CamEngine":
+        if self.exact:
+            self._hook = self.layer.register_forward_hook(self._keep_activations)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._activations = None
+
+    def __call__(self, x: torch.Tensor) -> CamBatch:
+        return self._exact(x) if self.exact else self._library(x)
+
+    def _keep_activations(self, module, inputs, output) -> None:
+        self._activations = output
+
+    def _targets(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.target is None:
+            return logits.argmax(dim=1)
+        return torch.full((logits.shape[0],), self.target, dtype=torch.long, device=logits.device)
+
+    def _exact(self, x: torch.Tensor) -> CamBatch:
+        if self._hook is None:
+            raise RuntimeError("CamEngine must be used inside a 'with' block")
+        with torch.inference_mode():
+            with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                logits = self.model(x).float()
+            activations = self._activations.float()
+            targets = self._targets(logits)
+            weights = self.head.weight.float()[targets]                      # (B, K)
+            height, width = activations.shape[-2:]
+            cams = torch.einsum("bk,bkhw->bhw", weights, activations).clamp_(min=0) / (height * width)
+        self._activations = None
+        return CamBatch(torch.softmax(logits, 1).cpu(), targets.cpu(), cams.cpu())
+
+    def _library(self, x: torch.Tensor) -> CamBatch:
+        with torch.inference_mode():
+            logits = self.model(x).float()
+        targets = self._targets(logits)
+        import pytorch_grad_cam
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        method = _raw_map_capturing(getattr(pytorch_grad_cam, LIBRARY_METHODS[self.method]))
+        # Targets for the whole batch, always: a short list silently yields all-zero maps.
+        wanted = [ClassifierOutputTarget(int(t)) for t in targets]
+        with torch.enable_grad(), method(model=self.model, target_layers=[self.layer]) as cam:
+            cam(input_tensor=x.clone(), targets=wanted)
+        raw = cam.raw_map
+        if raw is None or raw.shape[0] != x.shape[0]:
+            raise RuntimeError(f"{self.method} produced no map for this batch")
+        return CamBatch(torch.softmax(logits, 1).cpu(), targets.cpu(), torch.from_numpy(raw).float())
+
+
+def _raw_map_capturing(method_class: type) -> type:
+    """A subclass of a pytorch-grad-cam method that keeps the raw low-resolution map.
+
+    The library normalises each map and resizes it to the input size before returning it; batchcam
+    wants the raw map (for --save-cams and for one upsampling to each image's own geometry), so
+    this replaces the per-layer step with the library's own ``get_cam_image`` and skips the resize.
+    """
+
+    class RawMapCapturing(method_class):
+        raw_map: np.ndarray | None = None
+
+        def compute_cam_per_layer(self, input_tensor, targets, eigen_smooth):
+            grads = self.activations_and_grads.gradients
+            activations = self.activations_and_grads.activations[0].cpu().data.numpy()
+            gradients = grads[0].cpu().data.numpy() if grads else None
+            layer_cam = self.get_cam_image(input_tensor, self.target_layers[0], targets, activations,
+                                           gradients, eigen_smooth)
+            self.raw_map = np.maximum(layer_cam, 0).astype(np.float32)
+            return [self.raw_map[:, None, :]]
+
+    RawMapCapturing.__name__ = f"RawMap{method_class.__name__}"
+    return RawMapCapturing

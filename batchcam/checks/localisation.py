@@ -1,0 +1,161 @@
+"""``batchcam evaluate REPORT --boxes BOXES.csv``: how well a scan's heatmaps localise ground truth.
+
+Two measures, per image and over the run (Saporta et al., Nature Machine Intelligence 2022, use
+both for chest X-ray saliency):
+
+- the pointing game (Zhang et al., ECCV 2016): a hit when the map's hottest point (``cam_peak_x``,
+  ``cam_peak_y`` of predictions.csv, in original pixels) lies inside any box of its image, edges
+  included;
+- the share of the displayed heat (min-max normalised map, upsampled bilinearly to the image's
+  geometry, as the overlay shows it) that lies inside the union of the image's boxes. This needs
+  the raw maps, so REPORT must come from ``scan --save-cams`` (``cams.npz``); without them only
+  the pointing game is reported, and the command says so.
+
+Boxes files, recognised by their header row:
+
+- generic: ``path,x0,y0,x1,y1`` with ``path`` relative to ROOT as in predictions.csv, corners in
+  original pixels; several rows per path for several boxes;
+- RSNA Pneumonia Detection: ``patientId,x,y,width,height,Target``, the patientId matched to the
+  file name without its extension (anywhere under ROOT); ``Target`` 0 rows carry no box.
+
+Only ok rows with at least one box are scored. The results go into metrics.json under
+``localisation`` (its other keys kept) and into the gallery's summary; the gallery is re-rendered
+with each image's boxes drawn over its large view. Run ``evaluate`` again after
+a scan: a scan rewrites metrics.json.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from batchcam.checks.attention import energy_share, heat_grid
+from batchcam.errors import UsageError
+from batchcam.records import Row
+
+GENERIC_COLUMNS = ("path", "x0", "y0", "x1", "y1")
+RSNA_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in original pixels
+
+
+@dataclass
+class Boxes:
+    format: str                     # "generic" or "rsna"
+    by_key: dict[str, list[Box]]    # path (generic) or patientId (rsna) -> boxes; [] for Target 0
+
+    def for_row(self, row: Row) -> list[Box] | None:
+        """The row's boxes ([] when the file says "no box"), None when the file does not mention it."""
+        key = row.path if self.format == "generic" else row.path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        return self.by_key.get(key)
+
+
+def read_boxes(path: Path) -> Boxes:
+    """Parse a boxes CSV (either format); UsageError with a one-line reason when it cannot."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = tuple(name.strip() for name in (reader.fieldnames or ()))
+            if set(GENERIC_COLUMNS) <= set(header):
+                return Boxes("generic", _read(reader, path, _generic_box, "path"))
+            if set(RSNA_COLUMNS) <= set(header):
+                return Boxes("rsna", _read(reader, path, _rsna_box, "patientId"))
+            raise UsageError(f"--boxes {path}: header must hold {','.join(GENERIC_COLUMNS)} or "
+                             f"{','.join(RSNA_COLUMNS)}, got {','.join(header) or 'nothing'}")
+    except FileNotFoundError:
+        raise UsageError(f"--boxes {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"--boxes {path}: cannot read: {e}") from None
+
+
+def _read(reader: csv.DictReader, path: Path, parse, key_column: str) -> dict[str, list[Box]]:
+    boxes: dict[str, list[Box]] = {}
+    for values in reader:
+        if None in values:  # csv.DictReader's key for the fields beyond the header
+            raise UsageError(f"--boxes {path}: line {reader.line_num}: more fields than the header has")
+        values = {k.strip(): (v or "").strip() for k, v in values.items()}
+        try:
+            box = parse(values)
+        except ValueError as e:
+            raise UsageError(f"--boxes {path}: line {reader.line_num}: {e}") from None
+        key = values[key_column]
+        if not key:
+            raise UsageError(f"--boxes {path}: line {reader.line_num}: empty {key_column}")
+        boxes.setdefault(key, [])
+        if box is not None:
+            boxes[key].append(box)
+    return boxes
+
+
+def _number(values: dict[str, str], name: str) -> float:
+    try:
+        value = float(values[name])
+    except ValueError:
+        raise ValueError(f"{name} {values[name]!r} is not a number") from None
+    if not np.isfinite(value):
+        raise ValueError(f"{name} {values[name]!r} is not a finite number")
+    return value
+
+
+def _generic_box(values: dict[str, str]) -> Box:
+    x0, y0, x1, y1 = (_number(values, name) for name in GENERIC_COLUMNS[1:])
+    if x1 < x0 or y1 < y0:
+        raise ValueError(f"box ({x0:g},{y0:g})-({x1:g},{y1:g}) has x1 < x0 or y1 < y0")
+    return x0, y0, x1, y1
+
+
+def _rsna_box(values: dict[str, str]) -> Box | None:
+    if values["Target"] not in ("0", "1"):
+        raise ValueError(f"Target {values['Target']!r} is neither 0 nor 1")
+    if values["Target"] == "0":
+        return None
+    x, y, width, height = (_number(values, name) for name in RSNA_COLUMNS[1:5])
+    if width < 0 or height < 0:
+        raise ValueError("negative width or height")
+    return x, y, x + width, y + height
+
+
+def point_in_boxes(x: float, y: float, boxes: list[Box]) -> bool:
+    return any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in boxes)
+
+
+def energy_in_boxes(cam: torch.Tensor, width: int, height: int, boxes: list[Box]) -> float | None:
+    """Share of the displayed heat inside the union of the boxes (pixel centres, original pixels)."""
+    heat = heat_grid(cam, width, height)
+    rows, columns = heat.shape
+    ys = (torch.arange(rows, dtype=torch.float32) + 0.5) * height / rows
+    xs = (torch.arange(columns, dtype=torch.float32) + 0.5) * width / columns
+    region = torch.zeros(rows, columns, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes:
+        region |= ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+    return energy_share(heat, region)
+
+
+def localisation(rows: list[Row], boxes: Boxes, cams: dict[str, np.ndarray] | None, boxes_file: str) -> dict:
+    """Per-image and overall pointing game and energy share (see the module's docstring)."""
+    images = []
+    for row in rows:
+        row_boxes = boxes.for_row(row)
+        if not row.ok or not row_boxes or row.cam_peak_x is None:
+            continue
+        energy = None
+        if cams is not None and row.path in cams:
+            energy = energy_in_boxes(torch.from_numpy(np.asarray(cams[row.path], dtype=np.float32)),
+                                     row.width, row.height, row_boxes)
+        images.append({"path": row.path, "boxes": len(row_boxes),
+                       "hit": point_in_boxes(row.cam_peak_x, row.cam_peak_y, row_boxes),
+                       "energy_inside": None if energy is None else round(energy, 6)})
+    energies = [image["energy_inside"] for image in images if image["energy_inside"] is not None]
+    hits = sum(image["hit"] for image in images)
+    known = {row.path if boxes.format == "generic" else row.path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+             for row in rows}
+    return {"boxes_file": boxes_file, "format": boxes.format, "n": len(images),
+            "pointing_game": {"hits": hits, "hit_rate": round(hits / len(images), 6) if images else None},
+            "energy_inside": {"n": len(energies), "mean": round(float(np.mean(energies)), 6) if energies else None,
+                              "note": None if cams is not None else
+                              "cams.npz is missing: run scan with --save-cams to measure energy inside the boxes"},
+            "boxes_not_in_report": sum(key not in known for key in boxes.by_key),
+            "images": images}

@@ -1,0 +1,76 @@
+"""``batchcam evaluate REPORT --boxes BOXES.csv``: score a finished report's heatmaps against
+ground-truth boxes, then update its metrics.json and gallery (under the report's lock)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from batchcam.checks.localisation import Boxes, localisation, read_boxes
+from batchcam.config import DEFAULT_PAGE_SIZE
+from batchcam.errors import ReportWriteError, UsageError
+from batchcam.records import read_csv
+from batchcam.report.folder import ReportFolder
+from batchcam.report.gallery import render_gallery
+from batchcam.report.lock import ReportLock
+
+
+def evaluate(report_path: Path, boxes_path: Path, warn=print) -> dict:
+    """Score REPORT against the boxes, update metrics.json and the gallery; return the results.
+
+    Raises UsageError for a folder that holds no report or a boxes file that cannot be read,
+    NotOurFolder for a folder batchcam did not write, ReportWriteError when REPORT cannot be written.
+    """
+    report_path = Path(report_path)
+    if not (report_path / "predictions.csv").is_file() or not (report_path / "manifest.json").is_file():
+        raise UsageError(f"REPORT {report_path} holds no scan report (predictions.csv and manifest.json)")
+    boxes = read_boxes(Path(boxes_path))
+    try:
+        with ReportLock(report_path):
+            report = ReportFolder(report_path)
+            try:
+                return _evaluate_locked(report, boxes, boxes_path, warn)
+            finally:
+                report.close()
+    except OSError as e:
+        raise ReportWriteError(f"cannot write the report in {report_path}: {e.strerror or e}"
+                               f"{f' ({e.filename})' if e.filename else ''}") from None
+
+
+def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn) -> dict:
+    report_path = report.path
+    manifest = report.read_json("manifest.json")
+    text = report.read_text("predictions.csv")
+    if manifest is None or text is None:
+        raise UsageError(f"REPORT {report_path}: manifest.json or predictions.csv is unreadable")
+    class_names = list(manifest["model"]["class_names"])
+    rows = read_csv(io.StringIO(text, newline=""), class_names)
+    cams = report.read_cams() if report.exists("cams.npz") else None
+    if cams is None:
+        warn(f"{report_path}/cams.npz is missing (scan with --save-cams): reporting the pointing game only")
+    results = localisation(rows, boxes, cams, str(boxes_path))
+    if not results["n"]:
+        warn(f"no ok image of {report_path} has a box in {boxes_path}")
+    metrics = report.read_json("metrics.json")
+    if metrics is None and report.read_text("metrics.json") is not None:
+        warn(f"{report_path / 'metrics.json'} is unreadable; writing the localisation alone")
+    metrics = metrics or {}
+    metrics["localisation"] = results
+    report.write_json("metrics.json", metrics)
+    drawn = {row.path: found for row in rows if (found := boxes.for_row(row))}
+    report.write_gallery(render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest), drawn))
+    report.save_outputs()
+    return results
+
+
+def page_size_of(manifest: dict) -> int:
+    """The page size the scan used (its --page-size argument), so re-rendering keeps the pages."""
+    args = list(manifest.get("args", []))
+    for i, arg in enumerate(args):
+        try:
+            if arg == "--page-size":
+                return max(1, int(args[i + 1]))
+            if arg.startswith("--page-size="):
+                return max(1, int(arg.split("=", 1)[1]))
+        except (IndexError, ValueError):
+            break
+    return DEFAULT_PAGE_SIZE

@@ -1,0 +1,20 @@
+"""``batchcam sanity ROOT``: the model-randomisation check of the heatmaps (checks/sanity.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from batchcam.checks.sanity import CASCADE, sanity_check, write_sanity
+from batchcam.config import check_model
+from batchcam.model.checkpoint import load_model
+from batchcam.runtime.console import Console
+
+
+def sanity(root: Path, model: Path | None, sample: int, device: str, out: Path) -> tuple[str, Path]:
+    """Run the check and write its files into ``out``; returns a one-line summary and sanity.md's path."""
+    check_model(model)
+    loaded = load_model(model, Console().warn)
+    result = sanity_check(loaded, root, sample, device)
+    write_sanity(result, out, loaded.path.name)
+    steps = ", ".join(f"{'+'.join(names)} {result.mean(step):.2f}" for names, step in zip(CASCADE, result.steps[1:]))
+    return (f"sanity check on {len(result.paths)} images, mean rank correlation after randomising {steps}",
+            out / "sanity.md")

@@ -1,0 +1,176 @@
+"""What a scan does once REPORT is locked: discover, plan, run an engine, write the report.
+
+    discover -> plan (reuse unchanged rows) -> engine (decode -> model + CAM -> overlays, journaled)
+             -> [heat-scale pass] -> writers (CSV, manifest, metrics, cams, gallery) -> commit
+
+The device, the precision and the CAM target are resolved once, here, and handed down.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from batchcam.cam.engine import TARGET_LAYER, CamEngine
+from batchcam.config import ScanConfig, resolve_target
+from batchcam.decode.discover import IMAGE_EXTENSIONS, discover
+from batchcam.engines import local
+from batchcam.engines.heat_scale import rescale_overlays
+from batchcam.engines.job import DecodeSettings, RayOptions, ScanJob
+from batchcam.engines.stages import prepared_model
+from batchcam.errors import UsageError
+from batchcam.model.checkpoint import LoadedModel, load_model
+from batchcam.records import Row
+from batchcam.report.folder import ReportFolder, open_log
+from batchcam.report.gallery import render_gallery
+from batchcam.report.store import PlannedFile, RowStore, Settings, make_plan, stat_candidates
+from batchcam.report.summary import manifest, now_iso, scan_metrics
+from batchcam.runtime.console import Console
+from batchcam.runtime.devices import precision_name, resolve_device, resolve_precision
+
+
+@dataclass
+class ScanResult:
+    report: Path
+    rows: list[Row]
+    counts: dict
+    seconds: float
+
+    @property
+    def summary_line(self) -> str:
+        c = self.counts
+        rate = c["processed"] / self.seconds if self.seconds > 0 else 0.0
+        return (f"batchcam: {c['found']} found, {c['ok']} ok, {c['error']} error, "
+                f"{self.seconds:.1f} s, {rate:.1f} images/s -> {self.report}")
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Everything resolved before anything is written: refusing any of it leaves REPORT untouched."""
+
+    files: list[PlannedFile]
+    loaded: LoadedModel
+    device: torch.device
+    autocast: torch.dtype | None
+    target: int | None
+    settings: Settings
+
+
+def prepare(config: ScanConfig, console: Console) -> Ready:
+    """Resolve the device, find the files, load the model; UsageError for anything wrong."""
+    device = resolve_device(config.device)
+    config.validate_device(device.type)
+    files = discover_files(config, console)
+    loaded = load_model(config.model, console.warn)
+    target = resolve_target(config.target, loaded.spec.class_names)
+    autocast = resolve_precision(config.precision, device)
+    settings = Settings(model_sha256=loaded.sha256, cam=config.cam, target=config.target,
+                        target_layer=TARGET_LAYER, image_size=loaded.spec.image_size, mean=loaded.spec.mean,
+                        std=loaded.spec.std, faithfulness=config.faithfulness, heat_scale=config.heat_scale,
+                        precision=precision_name(autocast), decode=config.decode, overlay_size=config.overlay_size)
+    return Ready(files, loaded, device, autocast, target, settings)
+
+
+def discover_files(config: ScanConfig, console: Console) -> list[PlannedFile]:
+    discovery = discover(config.root, exclude=config.out)
+    for problem in discovery.problems:
+        console.warn(problem)
+    if not discovery.candidates:
+        raise UsageError(f"no image files under {config.root} (looked for "
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}, case-insensitive, hidden files skipped)")
+    return stat_candidates(discovery.candidates)
+
+
+def run(config: ScanConfig, console: Console, ready: Ready, started: float, started_at: str) -> ScanResult:
+    console.attach_log(lambda: open_log(config.out))
+    console.log(f"run started: batchcam {' '.join(config.argv)}")
+    report = ReportFolder(config.out)
+    try:
+        return write_scan(report, config, console, ready, started, started_at)
+    finally:
+        report.close()
+
+
+def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready: Ready, started: float,
+               started_at: str) -> ScanResult:
+    files, loaded, device = ready.files, ready.loaded, ready.device
+    report.prepare()
+    previous_cams = report.read_cams() if config.keeps_cams else {}
+    with RowStore(report.state(), ready.settings.key) as store:
+        plan = make_plan(files, store.load(), full=config.full,
+                         row_is_complete=lambda row: report.has_overlays(row)
+                         and (not config.keeps_cams or not row.ok or row.path in previous_cams))
+        console.info(f"scanning {len(files)} images under {config.root} on {device}: "
+                     f"{len(plan.process)} to process, {len(plan.reuse)} unchanged")
+        job = scan_job(config, console, ready, report, store)
+        engine = local
+        if config.engine == "ray":
+            from batchcam.engines import ray_engine as engine  # Ray is imported only when asked for
+        processed, new_cams = engine.process(plan.process, job)
+        rows = sorted(plan.reuse + processed, key=lambda row: row.path)
+        counts = {"found": len(files), "processed": len(processed), "reused": len(plan.reuse),
+                  "ok": sum(row.ok for row in rows), "error": sum(not row.ok for row in rows)}
+        seconds = time.monotonic() - started
+        cam_info = {"method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
+                    "exact_fast_path": job.engine.exact, "heat_scale": config.heat_scale}
+        if config.heat_scale == "run":
+            cam_info["run_scale"] = rescale_overlays(rows, files, {**previous_cams, **new_cams}, job.decode,
+                                                     report, console)
+        report_manifest = manifest(root=config.root, argv=config.argv, loaded=loaded, cam=cam_info,
+                                   device=str(device), counts=counts, started_at=started_at,
+                                   finished_at=now_iso(), seconds=seconds)
+        write_report(report, rows, loaded, report_manifest,
+                     cams={**previous_cams, **new_cams} if config.keeps_cams else None, page_size=config.page_size)
+        report.remove_unreferenced_overlays(rows, store.written_overlays())
+        store.commit(rows)
+    report_errors(rows, processed, console)
+    return ScanResult(report=config.out, rows=rows, counts=counts, seconds=seconds)
+
+
+def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportFolder, store: RowStore) -> ScanJob:
+    """The few things the engines use, with the model prepared once on its device."""
+    engine = CamEngine(prepared_model(ready.loaded, ready.device, config.compile), config.cam, ready.target,
+                       autocast=ready.autocast)
+    decode = DecodeSettings(image_size=ready.loaded.spec.image_size, overlay_size=config.overlay_size,
+                            max_file_bytes=config.max_file_bytes, batch_size=config.batch_size,
+                            workers=config.workers, on_gpu=config.decode == "gpu")
+    ray = (RayOptions(root=config.root, address=config.ray_address, gpus_per_worker=config.gpus_per_worker,
+                      compile=config.compile) if config.engine == "ray" else None)
+    return ScanJob(loaded=ready.loaded, engine=engine, device=ready.device, report=report, store=store,
+                   console=console, decode=decode, settings_key=ready.settings.key,
+                   faithfulness=config.faithfulness, keeps_cams=config.keeps_cams, ray=ray)
+
+
+def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, report_manifest: dict,
+                 cams: dict[str, np.ndarray] | None, page_size: int) -> None:
+    """CSV and manifest (and metrics, cams), then the gallery: the order a reader can trust.
+
+    The gallery is rendered before the first write, so a first report has its CSV but not yet its
+    index.html only for the few writes in between, not for the rendering too.
+    """
+    class_names = loaded.spec.class_names
+    metrics = scan_metrics(rows, class_names)
+    pages = render_gallery(rows, class_names, report_manifest, metrics, page_size)
+    report.write_csv(rows, class_names)
+    report.write_json("manifest.json", report_manifest)
+    if metrics is not None:
+        report.write_json("metrics.json", metrics)
+    else:
+        report.remove_stale("metrics.json")
+    if cams is not None:
+        report.write_cams({row.path: cams[row.path] for row in rows if row.path in cams})
+    report.write_gallery(pages)
+    report.save_outputs()
+
+
+def report_errors(rows: list[Row], processed: list[Row], console: Console) -> None:
+    for row in processed:
+        if not row.ok:
+            console.log(f"error row: {row.path}: {row.error}")
+    errors = sum(not row.ok for row in rows)
+    if errors:
+        console.warn(f"{errors} image(s) could not be processed (status 'error' in predictions.csv; "
+                     "reasons in batchcam.log)")

@@ -1,0 +1,52 @@
+"""The local engine: decoding in DataLoader worker processes, the model in this process, overlay
+rendering and writing on a small thread pool one batch behind it, each batch journaled once its
+overlays are on disk."""
+from __future__ import annotations
+
+import numpy as np
+
+from batchcam.decode import gpu_decode
+from batchcam.engines.job import ScanJob
+from batchcam.engines.stages import OverlayStage, decode_loader, explain_batch, log_decode_warnings, scan_dataset
+from batchcam.records import Row
+from batchcam.report.store import PlannedFile
+from batchcam.runtime.interrupt import Interrupted, InterruptGuard
+
+
+def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str, np.ndarray]]:
+    """Decode, explain and render ``files``, journaling each batch once its overlays are written.
+
+    Returns the rows and, when the job keeps them, the raw maps by row path.
+    """
+    rows: list[Row] = []
+    cams: dict[str, np.ndarray] = {}
+    if not files:
+        return rows, cams
+    on_gpu = job.decode.on_gpu
+    dataset = scan_dataset(files, job.decode, can_defer=gpu_decode.can_defer if on_gpu else None)
+    loader = decode_loader(dataset, job.decode, pin_memory=job.device.type == "cuda")
+    decode_deferred = (gpu_decode.BatchedJpegDecoder(job.device, job.decode.image_size, job.decode.overlay_size,
+                                                     dataset.decode_deferred) if on_gpu else None)
+
+    def keep(finished: list[Row]) -> None:
+        job.store.append(finished)
+        rows.extend(finished)
+
+    with InterruptGuard() as guard, job.engine, OverlayStage(job.report) as stage:
+        for samples, views in job.console.progress(loader, len(dataset), lambda batch: len(batch[0])):
+            if decode_deferred is not None:
+                samples, views = decode_deferred(samples)
+            results = explain_batch(samples, views, job.engine, job.loaded, job.device, settings_key=job.settings_key,
+                                    faithfulness=job.faithfulness)
+            log_decode_warnings(samples, job.console)
+            job.store.announce(name for row, _, cam in results if cam is not None
+                               for name in (row.overlay, row.thumb, row.original))
+            keep(stage.submit(results))
+            if job.keeps_cams:
+                cams.update((row.path, cam.numpy()) for row, _, cam in results if cam is not None)
+            if guard.requested:
+                break
+        keep(stage.drain())
+    if guard.requested:
+        raise Interrupted(guard.signum)
+    return rows, cams

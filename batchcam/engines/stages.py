@@ -1,0 +1,142 @@
+"""The stage code every engine and the upload-and-test commands share: model + CAM on a batch,
+rows from its results, overlays rendered and written one batch behind the model, decoding loaders.
+
+predict and serve call ``explain_batch`` too, so they explain exactly as a scan does.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader
+
+from batchcam.cam import overlay as overlays
+from batchcam.cam.engine import CamBatch, CamEngine
+from batchcam.checks import attention
+from batchcam.decode.dataset import Sample, ScanDataset, collate_samples, worker_init
+from batchcam.engines.job import DecodeSettings
+from batchcam.model.checkpoint import LoadedModel, normalize
+from batchcam.records import Row, display_path, overlay_path
+from batchcam.report.folder import ReportFolder
+from batchcam.report.summary import label_for
+from batchcam.runtime.console import Console
+
+
+def prepared_model(loaded: LoadedModel, device: torch.device, compile: bool = False) -> torch.nn.Module:
+    """The model on its device in channels_last (faster convolutions on CPU and GPU), compiled if asked."""
+    model = loaded.model.to(device).to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile else model
+
+
+def scan_dataset(files, decode: DecodeSettings, can_defer=None) -> ScanDataset:
+    return ScanDataset(files, decode.image_size, decode.overlay_size, can_defer=can_defer,
+                       max_file_bytes=decode.max_file_bytes)
+
+
+def decode_loader(dataset: ScanDataset, decode: DecodeSettings, pin_memory: bool = False) -> DataLoader:
+    """Batches of decoded samples, decoded by ``decode.workers`` processes tied to this run."""
+    return DataLoader(dataset, batch_size=decode.batch_size, num_workers=decode.workers,
+                      collate_fn=collate_samples, pin_memory=pin_memory,
+                      worker_init_fn=partial(worker_init, os.getpid()) if decode.workers else None)
+
+
+def log_decode_warnings(samples: list[Sample], console: Console) -> None:
+    for sample in samples:
+        for warning in sample.warnings:
+            console.log(f"warning: {display_path(sample.relpath)}: {warning}")
+
+
+def explain_batch(samples: list[Sample], views: torch.Tensor | None, engine: CamEngine, loaded: LoadedModel,
+                  device: torch.device, settings_key: str = "",
+                  faithfulness: bool = False) -> list[tuple[Row, Sample, torch.Tensor | None]]:
+    """Model + CAM on the good samples of a batch (as collated by ``collate_samples``).
+
+    Returns one (row, sample, raw map) per sample in order; the row lacks only the CAM peak, which
+    ``overlay.render`` computes. predict and serve call this too, so they explain exactly as scan does.
+    ``settings_key`` goes into overlay names, so a changed file or setting never reuses a name.
+    ``faithfulness`` adds the drops of ``attention.faithfulness`` (two more forward passes).
+    """
+    cam_batch = None
+    if views is not None:
+        x = normalize(views.to(device, non_blocking=True), loaded.spec).contiguous(memory_format=torch.channels_last)
+        cam_batch = engine(x)
+    results = batch_rows(samples, cam_batch, loaded, settings_key)
+    if faithfulness and cam_batch is not None:
+        ok = [row for row, _, cam in results if cam is not None]
+        drops = attention.faithfulness(engine.model, x, cam_batch.cams, cam_batch.targets, cam_batch.probabilities,
+                                       [attention.seed_of(f"{row.relpath}:{row.sha256}") for row in ok])
+        for row, top, random in zip(ok, *drops):
+            row.faith_drop_top, row.faith_drop_random = float(top), float(random)
+    return results
+
+
+def batch_rows(samples: list[Sample], cam_batch: CamBatch | None, loaded: LoadedModel,
+               settings_key: str = "") -> list[tuple[Row, Sample, torch.Tensor | None]]:
+    """One row per sample, in order; ok samples take the next prediction and map in turn."""
+    class_names = loaded.spec.class_names
+    results = []
+    ok_index = 0
+    for sample in samples:
+        row = Row(path=display_path(sample.relpath), status="ok" if sample.ok else "error", error=sample.error,
+                  sha256=sample.sha256, model_sha256=loaded.sha256, relpath=sample.relpath,
+                  size=sample.size, mtime_ns=sample.mtime_ns, transient=sample.transient)
+        cam = None
+        if sample.ok:
+            probabilities = cam_batch.probabilities[ok_index]
+            predicted = int(probabilities.argmax())
+            row.prediction = class_names[predicted]
+            row.confidence = float(probabilities[predicted])
+            row.probabilities = [float(p) for p in probabilities]
+            row.label = label_for(sample.relpath, class_names)
+            row.cam_target = class_names[int(cam_batch.targets[ok_index])]
+            row.width, row.height = sample.width, sample.height
+            row.overlay = overlay_path(sample.relpath, f"{sample.sha256}:{settings_key}")
+            cam = cam_batch.cams[ok_index]
+            row.attention_outside = attention.attention_outside(cam, sample.lung_fields)
+            ok_index += 1
+        results.append((row, sample, cam))
+    return results
+
+
+class OverlayStage:
+    """Renders and writes overlays on worker threads, one batch behind the model.
+
+    PIL's resize and JPEG encoder and torch's interpolation release the GIL, so this overlaps the
+    next batch's forward pass; keeping at most two batches in flight bounds memory.
+    """
+
+    def __init__(self, report: ReportFolder, threads: int = 2, scale: float | None = None):
+        self.report = report
+        self.scale = scale  # None: each map normalised alone; else --heat-scale run's constant
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="overlay")
+        self.pending: list[tuple[Row, Future | None]] = []
+
+    def __enter__(self) -> "OverlayStage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+
+    def submit(self, items: list[tuple[Row, Sample, torch.Tensor | None]]) -> list[Row]:
+        """Queue a batch; return the rows of the batch queued before it, now complete."""
+        finished = self.drain()
+        for row, sample, cam in items:
+            future = None if cam is None else self.pool.submit(self._render, row, sample, cam)
+            self.pending.append((row, future))
+        return finished
+
+    def drain(self) -> list[Row]:
+        done = []
+        for row, future in self.pending:
+            if future is not None:
+                future.result()
+            done.append(row)
+        self.pending = []
+        return done
+
+    def _render(self, row: Row, sample: Sample, cam: torch.Tensor) -> None:
+        rendered = overlays.render(sample.display, cam, sample.width, sample.height, self.scale)
+        self.report.write_overlay(row.overlay, rendered)
+        row.cam_peak_x, row.cam_peak_y = rendered.peak_x, rendered.peak_y

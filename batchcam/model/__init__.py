@@ -1,0 +1,1 @@
+"""The classifier: ResNet18, the checkpoint format (read without unpickling), normalisation."""

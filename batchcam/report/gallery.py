@@ -1,0 +1,331 @@
+"""The static HTML review gallery: paginated card pages, a summary with inline SVG charts, and a
+data file that lets the page script filter and sort across the whole run.
+
+Layout inside REPORT (every link relative, so the folder opens from ``file://`` and can be moved):
+
+    index.html              summary, page list and the first page of cards
+    gallery/page-N.html     the other pages of cards (N >= 2)
+    gallery/gallery.css     styles (a CSP without 'unsafe-inline' blocks inline styles)
+    gallery/gallery.js      filters, sorting, the large view (no inline scripts either)
+    gallery/rows.js         every row, loaded by a <script src> only when the whole-run view is asked
+                            for (fetch() of a JSON file fails on file://)
+
+Pages are rendered by Jinja2 with autoescape on; the script builds its views with textContent
+only, so no file name, class name or error text can become markup.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import quote
+
+import numpy as np
+from jinja2 import Environment, FileSystemLoader, Template, select_autoescape
+
+from batchcam.cam.overlay import jet
+from batchcam.checks.metrics import positive_class_index, roc_curve
+from batchcam.records import ATTENTION_THRESHOLD, Row
+from batchcam.resources import templates_dir
+
+DEFAULT_PAGE_SIZE = 100
+GALLERY_DIR = "gallery"
+ROWS_SCRIPT = f"{GALLERY_DIR}/rows.js"
+STATIC_ASSETS = ("gallery.css", "gallery.js")
+# Only the report's own files: in Chromium 'self' on a file:// page matches file: URLs (the browser
+# tests load every image, style and script under this policy); inline scripts and styles are refused.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; img-src 'self'; script-src 'self'; style-src 'self'; "
+                           "base-uri 'none'; form-action 'none'")
+ROWS_COLUMNS = ("path", "status", "error", "prediction", "confidence", "label", "correct", "thumb", "overlay",
+                "original")
+BOX_COLUMNS = ("width", "height", "boxes")  # added to rows.js after ``evaluate --boxes``: the large view draws them
+HISTOGRAM_BINS = 20
+ROC_MAX_POINTS = 400        # enough for a smooth curve; a 50,000-row run would otherwise draw 50,000
+PAGE_WINDOW = 3             # pages linked on either side of the current one
+# Colour-blind-safe (Okabe-Ito) series colours; grey for images without a known label.
+SERIES_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
+UNLABELLED_COLOUR = "#8a8a8a"
+
+
+@dataclass(frozen=True)
+class Page:
+    number: int
+    start: int      # index of the page's first row in the run
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return page_name(self.number)
+
+    @property
+    def base(self) -> str:
+        """The way from this page back to REPORT, prefixed to every report-relative link."""
+        return "../" * self.name.count("/")
+
+
+def page_name(number: int) -> str:
+    """Page 1 is the entry page itself; the others live in gallery/ so REPORT stays tidy."""
+    return "index.html" if number == 1 else f"{GALLERY_DIR}/page-{number}.html"
+
+
+def paginate(total: int, page_size: int) -> list[Page]:
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, got {page_size}")
+    starts = range(0, max(total, 1), page_size)
+    return [Page(number, start, min(start + page_size, total)) for number, start in enumerate(starts, 1)]
+
+
+def url_path(path: str) -> str:
+    """Percent-encode a relative link so names with #, ?, %, spaces or non-ASCII still resolve."""
+    return quote(path, safe="/")
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+@lru_cache(maxsize=1)
+def environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(str(templates_dir())), autoescape=select_autoescape(default=True),
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters["url"] = url_path
+    env.filters["percent"] = percent
+    return env
+
+
+# ---- the summary: counts and chart geometry, computed here so the templates only draw ----------
+
+@dataclass(frozen=True)
+class Bar:
+    x: float
+    y: float
+    width: float
+    height: float
+    colour: str
+    count: int
+    title: str
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Stacked bars of the positive class's probability, one series per true label."""
+    title: str
+    bars: list[Bar]
+    legend: list[tuple[str, str]]       # (colour, name)
+    max_count: int
+    threshold_x: float | None           # the argmax decision line, drawn for two classes
+
+
+@dataclass(frozen=True)
+class ConfusionCell:
+    x: float
+    y: float
+    count: int
+    share: float                        # of the true class's row
+    title: str
+
+
+@dataclass(frozen=True)
+class Confusion:
+    class_names: list[str]
+    cells: list[ConfusionCell]
+    cell_size: float
+    description: str
+
+
+@dataclass(frozen=True)
+class Roc:
+    points: str                         # SVG polyline points in the plot's coordinates
+    auc: float | None
+    positive_class: str
+
+
+@dataclass(frozen=True)
+class Summary:
+    total: int
+    ok: int
+    error: int
+    per_class: list[tuple[str, int]]
+    labelled: int
+    wrong: int
+    positive_class: str
+    histogram: Histogram
+    confusion: Confusion | None
+    roc: Roc | None
+    attention_flagged: int = 0          # rows whose heat lies mostly off the lungs
+
+
+# Plot areas of the charts, in SVG user units (the SVGs scale with their viewBox).
+CHART_WIDTH, CHART_HEIGHT, CHART_MARGIN = 420, 220, 36
+ROC_SIZE = 220
+CONFUSION_CELL = 78
+
+
+def summarise(rows: Sequence[Row], class_names: Sequence[str], metrics: dict | None) -> Summary:
+    ok_rows = [row for row in rows if row.ok and row.probabilities]
+    predicted = Counter(row.prediction for row in rows if row.ok)
+    positive = positive_class_index(class_names)
+    labelled = [row for row in ok_rows if row.label]
+    return Summary(total=len(rows), ok=sum(row.ok for row in rows), error=sum(not row.ok for row in rows),
+                   per_class=[(name, predicted.get(name, 0)) for name in class_names], labelled=len(labelled),
+                   wrong=sum(row.correct is False for row in rows), positive_class=class_names[positive],
+                   histogram=probability_histogram(ok_rows, class_names, positive),
+                   confusion=confusion_chart(metrics) if metrics and labelled else None,
+                   roc=roc_chart(labelled, class_names, positive, metrics) if metrics and labelled else None,
+                   attention_flagged=sum(bool(row.attention_flag) for row in ok_rows))
+
+
+def probability_histogram(rows: Sequence[Row], class_names: Sequence[str], positive: int) -> Histogram:
+    edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
+    scores = np.array([row.probabilities[positive] for row in rows], dtype=np.float64)
+    labels = np.array([row.label for row in rows], dtype=object)
+    series = [(f"true {name}", colour, labels == name)
+              for name, colour in zip(class_names, SERIES_COLOURS * len(class_names))]
+    series = [s for s in series if s[2].any()]
+    unlabelled = labels == ""
+    if unlabelled.any() or not series:
+        series.append(("no label" if series else "all images", UNLABELLED_COLOUR, unlabelled))
+    counts = [np.histogram(scores[mask], bins=edges)[0] for _, _, mask in series]
+    max_count = max(1, int(np.sum(counts, axis=0).max(initial=0)))
+    bin_width = CHART_WIDTH / HISTOGRAM_BINS
+    bars = []
+    for b in range(HISTOGRAM_BINS):
+        stacked = 0
+        for (name, colour, _), series_counts in zip(series, counts):
+            count = int(series_counts[b])
+            if count:
+                height = count / max_count * CHART_HEIGHT
+                stacked += height
+                bars.append(Bar(x=round(b * bin_width + 1, 1), y=round(CHART_HEIGHT - stacked, 1),
+                                width=round(bin_width - 2, 1), height=round(height, 1), colour=colour,
+                                count=count, title=f"{name}: {count} with P({class_names[positive]}) "
+                                      f"{edges[b]:.2f}-{edges[b + 1]:.2f}"))
+    return Histogram(title=f"P({class_names[positive]})", bars=bars,
+                     legend=[(colour, name) for name, colour, _ in series], max_count=max_count,
+                     threshold_x=CHART_WIDTH / 2 if len(class_names) == 2 else None)
+
+
+def confusion_chart(metrics: dict) -> Confusion:
+    names = list(metrics["class_names"])
+    matrix = metrics["confusion_matrix"]
+    cells = []
+    for t, true_name in enumerate(names):
+        row_total = max(1, sum(matrix[t]))
+        for p, predicted_name in enumerate(names):
+            count = int(matrix[t][p])
+            cells.append(ConfusionCell(x=p * CONFUSION_CELL, y=t * CONFUSION_CELL, count=count,
+                                       share=count / row_total,
+                                       title=f"true {true_name}, predicted {predicted_name}: {count}"))
+    description = "; ".join(cell.title for cell in cells)
+    return Confusion(class_names=names, cells=cells, cell_size=CONFUSION_CELL, description=description)
+
+
+def roc_chart(labelled: Sequence[Row], class_names: Sequence[str], positive: int, metrics: dict) -> Roc:
+    is_positive = np.array([row.label == class_names[positive] for row in labelled])
+    scores = np.array([row.probabilities[positive] for row in labelled])
+    curve = roc_curve(is_positive, scores)
+    keep = np.unique(np.linspace(0, len(curve) - 1, min(len(curve), ROC_MAX_POINTS)).round().astype(int))
+    points = " ".join(f"{curve[i][0] * ROC_SIZE:.1f},{(1 - curve[i][1]) * ROC_SIZE:.1f}" for i in keep)
+    return Roc(points=points, auc=metrics.get("roc_auc"), positive_class=class_names[positive])
+
+
+def heatmap_legend_stops(count: int = 9) -> list[tuple[str, str]]:
+    """(offset, colour) stops of the exact colour map the overlays use (overlay.jet)."""
+    values = np.linspace(0.0, 1.0, count, dtype=np.float32)
+    return [(f"{100 * v:.1f}%", "#{:02x}{:02x}{:02x}".format(*rgb)) for v, rgb in zip(values, jet(values))]
+
+
+def heat_scale_text(cam: dict) -> str:
+    """What the legend says about the scale: per image, or one run-wide constant (--heat-scale)."""
+    if cam.get("heat_scale") == "run" and cam.get("run_scale") is not None:
+        return (f"one scale for the whole run (red = raw map value {cam['run_scale']:.4g}, the run's 99th "
+                "percentile, or more): heat compares across images")
+    return "each map scaled to its own range (red = that image's hottest point): heat does not compare across images"
+
+
+# ---- the data file behind the whole-run view ----------------------------------------------------
+
+Boxes = dict[str, Sequence[Sequence[float]]]   # path -> ground-truth boxes (x0, y0, x1, y1), original pixels
+
+
+def box_list(boxes: Boxes | None, row: Row) -> list[list[float]] | None:
+    """The row's ground-truth boxes for the large view, rounded; None when it has none."""
+    if not boxes or not row.ok or not row.width or not row.height or not boxes.get(row.path):
+        return None
+    return [[round(float(value), 2) for value in box] for box in boxes[row.path]]
+
+
+def boxes_attribute(boxes: Boxes | None, row: Row) -> str:
+    """The card's ``data-boxes``: JSON ``{"size": [w, h], "boxes": [[x0, y0, x1, y1], ...]}``, or ''."""
+    found = box_list(boxes, row)
+    return "" if found is None else json.dumps({"size": [row.width, row.height], "boxes": found},
+                                               separators=(",", ":"))
+
+
+def row_record(row: Row, boxes: Boxes | None = None) -> list:
+    confidence = None if row.confidence is None else round(row.confidence, 4)
+    record = [row.path, row.status, row.error, row.prediction, confidence, row.label, row.correct, row.thumb,
+              row.overlay, row.original]
+    if boxes:
+        record += [row.width, row.height, box_list(boxes, row)]
+    return record
+
+
+def rows_script(rows: Sequence[Row], pages: Sequence[Page], page_size: int, boxes: Boxes | None = None) -> str:
+    """Every row as a JavaScript assignment (ASCII only, so no charset can garble a name)."""
+    columns = list(ROWS_COLUMNS) + (list(BOX_COLUMNS) if boxes else [])
+    data = {"pageSize": page_size, "pages": [page.name for page in pages], "columns": columns,
+            "rows": [row_record(row, boxes) for row in rows]}
+    return "window.BATCHCAM_ROWS = " + json.dumps(data, ensure_ascii=True, separators=(",", ":")) + ";\n"
+
+
+# ---- pages --------------------------------------------------------------------------------------
+
+def page_numbers_near(current: int, last: int) -> list[int | None]:
+    """First, last and a window around the current page; None marks a gap."""
+    wanted = sorted({1, last, *range(max(1, current - PAGE_WINDOW), min(last, current + PAGE_WINDOW) + 1)})
+    numbers: list[int | None] = []
+    for number in wanted:
+        if numbers and number - numbers[-1] > 1:
+            numbers.append(None)
+        numbers.append(number)
+    return numbers
+
+
+def page_linker(page: Page) -> Callable[[int], str]:
+    return lambda number: page.base + url_path(page_name(number))
+
+
+def static_asset(name: str) -> str:
+    return (templates_dir() / name).read_text(encoding="utf-8")
+
+
+def render_gallery(rows: Sequence[Row], class_names: Sequence[str], manifest: dict, metrics: dict | None,
+                   page_size: int = DEFAULT_PAGE_SIZE, boxes: Boxes | None = None) -> dict[str, str]:
+    """The gallery's files, relative to REPORT, name -> text; ``index.html`` is the entry page.
+
+    ``rows`` must be in the order the gallery shows them (the CSV's, by path). ``boxes`` (from
+    ``evaluate --boxes``: path -> boxes in original pixels) are drawn over the large view.
+    """
+    pages = paginate(len(rows), page_size)
+    env = environment()
+    shared = {"manifest": manifest, "class_names": list(class_names), "pages": pages, "page_size": page_size,
+              "total": len(rows), "labels_known": any(row.correct is not None for row in rows),
+              "csp": CONTENT_SECURITY_POLICY, "attention_threshold": ATTENTION_THRESHOLD,
+              "heat_scale": heat_scale_text(manifest.get("cam", {})), "legend_stops": heatmap_legend_stops(),
+              "page_first_paths": [rows[p.start].path if p.stop > p.start else "" for p in pages],
+              "page_last_paths": [rows[p.stop - 1].path if p.stop > p.start else "" for p in pages],
+              "boxes_of": lambda row: boxes_attribute(boxes, row)}
+    files = {f"{GALLERY_DIR}/{name}": static_asset(name) for name in STATIC_ASSETS}
+    files[ROWS_SCRIPT] = rows_script(rows, pages, page_size, boxes)
+    index, other = env.get_template("index.html"), env.get_template("gallery_page.html")
+    summary = summarise(rows, class_names, metrics)
+    for page in pages:
+        template: Template = index if page.number == 1 else other
+        files[page.name] = template.render(shared, page=page, rows=rows[page.start:page.stop], base=page.base,
+                                           page_url=page_linker(page),
+                                           nearby=page_numbers_near(page.number, len(pages)),
+                                           summary=summary, metrics=metrics)
+    return files

@@ -1,0 +1,179 @@
+"""What makes re-runs incremental and crash-safe: the row store in ``REPORT/.batchcam/``.
+
+``rows.jsonl`` holds every row of the last complete run; ``journal.jsonl`` collects the rows of
+the run in progress, appended and fsynced batch by batch. A run killed at any instant leaves at
+most a torn last journal line (ignored on reading), so the next run redoes only the batches that
+were in flight. A row is reused when its file's size and mtime_ns and the run's settings (model
+sha256, CAM method, target, preprocessing) are unchanged, and its overlay files still exist.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from batchcam.decode.discover import Candidate
+from batchcam.records import Row, original_path, thumb_path
+from batchcam.runtime.fsutil import SafeDir
+
+ROW_FORMAT = 4  # bump whenever a row's meaning or the overlay rendering changes
+ROWS, JOURNAL = "rows.jsonl", "journal.jsonl"
+ROW_FIELDS = {f.name for f in fields(Row)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the file itself that a row depends on."""
+
+    model_sha256: str
+    cam: str
+    target: str
+    target_layer: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    faithfulness: bool = False
+    heat_scale: str = "image"
+    precision: str = "fp32"      # of the forward pass (autocast dtype)
+    decode: str = "cpu"          # "gpu": the batched decoder's pixels differ slightly from Pillow's
+    overlay_size: int = 512
+    row_format: int = ROW_FORMAT
+
+    @property
+    def key(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """A candidate with the size and mtime seen at discovery (the plan's view of the file)."""
+
+    relpath: str
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Plan:
+    reuse: list[Row]
+    process: list[PlannedFile]
+
+
+def stat_candidates(candidates: Sequence[Candidate]) -> list[PlannedFile]:
+    planned = []
+    for candidate in candidates:
+        try:
+            stat = os.stat(candidate.path)
+            size, mtime_ns = stat.st_size, stat.st_mtime_ns
+        except OSError:
+            size, mtime_ns = -1, -1  # read fails later and becomes an error row
+        planned.append(PlannedFile(candidate.relpath, candidate.path, size, mtime_ns))
+    return planned
+
+
+def make_plan(files: Sequence[PlannedFile], previous: dict[str, Row], *, full: bool,
+              row_is_complete: Callable[[Row], bool]) -> Plan:
+    """Split the files into rows to reuse and files to process; rows of vanished files are dropped."""
+    reuse, process = [], []
+    for planned in files:
+        row = None if full else previous.get(planned.relpath)
+        if (row is not None and not row.transient and row.size == planned.size
+                and row.mtime_ns == planned.mtime_ns and row_is_complete(row)):
+            reuse.append(row)
+        else:
+            process.append(planned)
+    return Plan(reuse=reuse, process=process)
+
+
+class RowStore:
+    """The row store in ``REPORT/.batchcam/`` (``state``, opened without following links).
+
+    The journal also announces the overlay names of each batch before they are written, so the
+    overlays of a run killed mid-batch are still known as batchcam's and removed by the next run.
+    """
+
+    def __init__(self, state: SafeDir, settings_key: str):
+        self.state = state
+        self.settings_key = settings_key
+        self._journal = None
+
+    def load(self) -> dict[str, Row]:
+        """Rows of the last complete run, then of an interrupted one, made with these settings."""
+        rows: dict[str, Row] = {}
+        for name in (ROWS, JOURNAL):
+            for record in self._records(name):
+                row = self._row(record)
+                if row is not None:
+                    rows[row.relpath] = row
+        return rows
+
+    def written_overlays(self) -> set[str]:
+        """Every overlay file batchcam wrote that the store or the journal knows of, whatever the settings."""
+        names: set[str] = set()
+        for name in (ROWS, JOURNAL):
+            for record in self._records(name):
+                announced = record.get("overlays")
+                overlays = announced if isinstance(announced, list) else [record.get("row", {}).get("overlay")]
+                for overlay in overlays:
+                    if isinstance(overlay, str) and overlay.startswith("overlays/") and overlay.endswith(".jpg"):
+                        names.update((overlay, thumb_path(overlay), original_path(overlay)))
+        return names
+
+    def __enter__(self) -> "RowStore":
+        self._journal = self.state.open_append(JOURNAL, encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    def announce(self, overlays: Iterable[str]) -> None:
+        """Say which overlays are about to be written (flushed, not fsynced: a kill cannot lose it,
+        and a power cut at worst leaves a few files that are never removed)."""
+        names = [name for name in overlays if name]
+        if names:
+            self._journal.write(json.dumps({"overlays": names}) + "\n")
+            self._journal.flush()
+
+    def append(self, rows: Iterable[Row]) -> None:
+        """Journal finished rows durably: after this returns, a crash does not lose them."""
+        lines = "".join(self._line(row) for row in rows)
+        if lines:
+            self._journal.write(lines)
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+
+    def commit(self, rows: Sequence[Row]) -> None:
+        """The run is complete: its rows become the store, and the journal is emptied."""
+        with self.state.atomic_write(ROWS, "w", encoding="utf-8") as f:
+            f.writelines(self._line(row) for row in rows)
+        self._journal.truncate(0)
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+
+    def _line(self, row: Row) -> str:
+        return json.dumps({"settings": self.settings_key, "row": asdict(row)}) + "\n"
+
+    def _row(self, record: dict) -> Row | None:
+        if record.get("settings") != self.settings_key:
+            return None
+        try:
+            return Row(**{k: v for k, v in record["row"].items() if k in ROW_FIELDS})
+        except (TypeError, KeyError, AttributeError):
+            return None  # a record of another format
+
+    def _records(self, name: str) -> Iterable[dict]:
+        text = self.state.read_text(name)
+        for line in (text or "").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a torn last line from a killed run
+            if isinstance(record, dict):
+                yield record

@@ -1,0 +1,103 @@
+"""What a report says about its run: manifest.json, metrics.json's contents, labels from folders."""
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+import batchcam
+from batchcam.checks.attention import BORDER_MARGIN, REMOVED_FRACTION
+from batchcam.checks.metrics import classification_metrics
+from batchcam.model.checkpoint import LoadedModel
+from batchcam.records import ATTENTION_THRESHOLD, Row
+
+SCHEMA_VERSION = 1
+
+
+def label_for(relpath: str, class_names: Sequence[str]) -> str:
+    """The true class when the file's parent folder is named like a class (case-insensitive)."""
+    parts = relpath.split("/")
+    if len(parts) < 2:
+        return ""
+    parent = parts[-2].lower()
+    return next((name for name in class_names if name.lower() == parent), "")
+
+
+def scan_metrics(rows: Sequence[Row], class_names: Sequence[str]) -> dict | None:
+    """Classification metrics when labels are known, with the explanation checks' summaries.
+
+    The attention summary rides along with the classification metrics; the faithfulness averages
+    (asked for with --faithfulness) are written even when no label is known.
+    """
+    labelled = [row for row in rows if row.ok and row.label]
+    faithfulness = faithfulness_summary(rows)
+    if not labelled:
+        return {"faithfulness": faithfulness} if faithfulness else None
+    index = {name: i for i, name in enumerate(class_names)}
+    metrics = classification_metrics([index[r.label] for r in labelled], [index[r.prediction] for r in labelled],
+                                     np.array([r.probabilities for r in labelled]), class_names)
+    metrics["attention"] = attention_summary(rows)
+    if faithfulness:
+        metrics["faithfulness"] = faithfulness
+    return metrics
+
+
+def attention_summary(rows: Sequence[Row]) -> dict:
+    shares = [row.attention_outside for row in rows if row.ok and row.attention_outside is not None]
+    return {"region": f"off the estimated lung fields, and the border band ({BORDER_MARGIN:.0%} of each side)",
+            "threshold": ATTENTION_THRESHOLD,
+            "n": len(shares), "flagged": sum(share > ATTENTION_THRESHOLD for share in shares),
+            "mean_outside": round(float(np.mean(shares)), 6) if shares else None}
+
+
+def faithfulness_summary(rows: Sequence[Row]) -> dict | None:
+    """Average probability drops (top 20% of the map removed vs a random region), or None."""
+    measured = [row for row in rows if row.ok and row.faith_drop_top is not None]
+    if not measured:
+        return None
+    top = np.array([row.faith_drop_top for row in measured])
+    random = np.array([row.faith_drop_random for row in measured])
+    return {"n": len(measured), "removed_fraction": REMOVED_FRACTION, "fill": "image mean",
+            "mean_drop_top": round(float(top.mean()), 6), "mean_drop_random": round(float(random.mean()), 6),
+            "top_beats_random": round(float(np.mean(top > random)), 6)}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "grad-cam", "pillow", "numpy", "jinja2"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def manifest(*, root: Path, argv: Sequence[str], loaded: LoadedModel, cam: dict, device: str, counts: dict,
+             started_at: str, finished_at: str, seconds: float) -> dict:
+    spec = loaded.spec
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "batchcam_version": batchcam.__version__,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "root": str(root.resolve()),
+        "args": list(argv),
+        "model": {"path": str(loaded.path), "name": loaded.path.name, "sha256": loaded.sha256, "arch": spec.arch,
+                  "class_names": list(spec.class_names), "image_size": spec.image_size, "mean": list(spec.mean),
+                  "std": list(spec.std), "dropout": spec.dropout, "demo": loaded.demo},
+        "cam": cam,
+        "device": device,
+        "versions": library_versions(),
+        "platform": {"system": platform.system(), "machine": platform.machine()},
+        "counts": counts,
+        "timings": {"seconds": round(seconds, 3),
+                    "images_per_second": round(counts.get("processed", 0) / seconds, 3) if seconds > 0 else None},
+    }

@@ -1,0 +1,288 @@
+"""The review gallery without a browser: pages, links, escaping, the CSP and the summary charts.
+
+Rows are built directly (no model); ``write_gallery_report`` also writes small JPEGs where the rows
+say the images are, so the browser tests (test_gallery_browser.py) reuse it.
+"""
+from __future__ import annotations
+
+import html.parser
+import json
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from PIL import Image
+
+from batchcam.cli import main
+from batchcam.config import ScanConfig
+from batchcam.errors import UsageError
+from batchcam.records import Row, overlay_path
+from batchcam.report.folder import ReportFolder
+from batchcam.report.gallery import CONTENT_SECURITY_POLICY, ROC_MAX_POINTS, ROWS_SCRIPT, render_gallery, summarise
+from batchcam.report.summary import scan_metrics
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+HOSTILE_NAME = "<script>alert(1)</script>#?%.png"
+HOSTILE_ERROR = "cannot decode image: <img src=x onerror=alert(2)> & \"quotes\""
+MANIFEST = {"root": "/data/<u>xrays</u>", "finished_at": "2026-11-25T02:03:10+00:00", "batchcam_version": "test",
+            "model": {"name": "model.pt", "demo": False}, "cam": {"method": "gradcam", "target_layer": "layer4"}}
+
+
+def ok_row(path: str, prediction: str, confidence: float, label: str = "", overlay: str | None = None) -> Row:
+    p_pneumonia = confidence if prediction == "PNEUMONIA" else 1 - confidence
+    return Row(path=path, status="ok", prediction=prediction, confidence=confidence,
+               probabilities=[1 - p_pneumonia, p_pneumonia], label=label, cam_target=prediction,
+               overlay=overlay or overlay_path(path), width=64, height=48)
+
+
+def error_row(path: str, error: str = "cannot decode image: truncated file") -> Row:
+    return Row(path=path, status="error", error=error)
+
+
+def labelled_rows() -> list[Row]:
+    """Eight rows over two pages of five: both classes, one wrong, an error on each page, hostile names."""
+    return sorted([
+        ok_row("NORMAL/a.png", "NORMAL", 0.91, "NORMAL"),
+        ok_row("NORMAL/b.png", "PNEUMONIA", 0.62, "NORMAL"),                       # wrong
+        ok_row("NORMAL/c d#?%é.png", "NORMAL", 0.55, "NORMAL", overlay="overlays/c d#?%é.jpg"),
+        ok_row("PNEUMONIA/e.png", "PNEUMONIA", 0.97, "PNEUMONIA"),
+        ok_row("PNEUMONIA/f.png", "PNEUMONIA", 0.73, "PNEUMONIA"),
+        ok_row(HOSTILE_NAME, "NORMAL", 0.80),
+        error_row("NORMAL/broken.png"),
+        error_row("PNEUMONIA/zz-broken.png", HOSTILE_ERROR),
+    ], key=lambda row: row.path)
+
+
+def write_gallery_report(folder: Path, rows: list[Row], page_size: int, class_names=CLASSES) -> Path:
+    """A report folder holding the gallery and an overlay, thumbnail and original per ok row.
+
+    Overlay and original differ in colour, so a test can tell which one the large view shows.
+    """
+    report = ReportFolder(folder)
+    report.prepare()
+    for row in rows:
+        if row.ok:
+            for name, colour, size in ((row.overlay, (200, 40, 40), (64, 48)), (row.thumb, (200, 40, 40), (32, 24)),
+                                       (row.original, (90, 90, 90), (64, 48))):
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", size, colour).save(folder / name, format="JPEG")
+    metrics = scan_metrics(rows, class_names)
+    report.write_gallery(render_gallery(rows, class_names, MANIFEST, metrics, page_size))
+    return folder
+
+
+class Page(html.parser.HTMLParser):
+    """Elements and text of a page, and the text of each card's path."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.elements: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def all(self, tag: str, **attrs) -> list[dict]:
+        return [a for t, a in self.elements if t == tag and all(a.get(k) == v for k, v in attrs.items())]
+
+    def cards(self) -> list[dict]:
+        return [a for t, a in self.elements if t == "article" and "card" in a.get("class", "").split()]
+
+    def links(self) -> list[str]:
+        return [a[key] for _, a in self.elements for key in ("href", "src") if a.get(key)]
+
+
+def render(rows: list[Row], page_size: int = 100, class_names=CLASSES) -> dict[str, str]:
+    return render_gallery(rows, class_names, MANIFEST, scan_metrics(rows, class_names), page_size)
+
+
+def many_rows(count: int) -> list[Row]:
+    return [ok_row(f"NORMAL/img{i:04d}.png", "NORMAL", 0.9, "NORMAL") for i in range(count)]
+
+
+# ---- pages ----------------------------------------------------------------------------------------
+
+def test_rows_are_split_into_pages_of_page_size_with_index_as_the_first():
+    files = render(many_rows(25), page_size=10)
+    pages = sorted(name for name in files if name.endswith(".html"))
+    assert pages == ["gallery/page-2.html", "gallery/page-3.html", "index.html"]
+    assert [len(Page(files[name]).cards()) for name in ("index.html", "gallery/page-2.html",
+                                                        "gallery/page-3.html")] == [10, 10, 5]
+    assert [c["data-index"] for c in Page(files["gallery/page-3.html"]).cards()] == [str(i) for i in range(20, 25)]
+
+
+def test_index_links_every_page_and_pages_link_back_and_onwards():
+    files = render(many_rows(25), page_size=10)
+    index_links = Page(files["index.html"]).links()
+    assert {"gallery/page-2.html", "gallery/page-3.html"} <= set(index_links)
+    page2_links = Page(files["gallery/page-2.html"]).links()
+    assert {"../index.html", "page-3.html"} <= {link.removeprefix("../gallery/") for link in page2_links}
+    assert any(a.get("aria-current") == "page" for _, a in Page(files["gallery/page-2.html"]).elements)
+
+
+def test_one_page_needs_no_other_page_files():
+    files = render(many_rows(3))
+    assert [name for name in files if name.endswith(".html")] == ["index.html"]
+    assert not any("page-2" in link for link in Page(files["index.html"]).links())
+
+
+def test_every_relative_link_of_every_page_resolves_inside_the_report(tmp_path):
+    report = write_gallery_report(tmp_path / "report", labelled_rows(), page_size=5)
+    (report / "predictions.csv").write_text("path\n")
+    (report / "manifest.json").write_text("{}")
+    for page in report.rglob("*.html"):
+        for link in Page(page.read_text(encoding="utf-8")).links():
+            parts = urlsplit(link)
+            if not parts.path:
+                continue    # a fragment on the same page
+            assert not parts.scheme and not link.startswith("//"), f"{page.name}: external link {link}"
+            target = (page.parent / unquote(parts.path)).resolve()
+            assert target.is_file() and report.resolve() in target.parents, f"{page.name}: broken {link}"
+
+
+def test_pages_of_a_longer_previous_run_are_removed(tmp_path):
+    report = ReportFolder(tmp_path / "report")
+    report.prepare()
+    report.write_gallery(render(many_rows(30), page_size=10))
+    assert (tmp_path / "report" / "gallery" / "page-3.html").is_file()
+    report.write_gallery(render(many_rows(12), page_size=10))
+    assert sorted(p.name for p in (tmp_path / "report" / "gallery").glob("*.html")) == ["page-2.html"]
+
+
+def test_a_symbolic_link_planted_as_the_gallery_folder_is_not_written_through(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    report = ReportFolder(tmp_path / "report")
+    report.prepare()
+    (tmp_path / "report" / "gallery").symlink_to(outside, target_is_directory=True)
+    report.write_gallery(render(many_rows(12), page_size=10))
+    assert not any(outside.iterdir())
+    gallery = tmp_path / "report" / "gallery"
+    assert not gallery.is_symlink() and (gallery / "page-2.html").is_file()
+
+
+def test_page_size_below_one_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="page_size"):
+        render(many_rows(3), page_size=0)
+    with pytest.raises(UsageError, match="--page-size"):
+        ScanConfig(root=tmp_path, out=tmp_path / "out", page_size=0).validate()
+    assert main(["scan", str(tmp_path), "--out", str(tmp_path / "out"), "--page-size", "0"]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_scan_writes_pages_of_the_page_size_asked_for(xray_folder, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    assert main(["scan", str(xray_folder), "--out", str(out), "--model", str(tiny_model), "--workers", "0",
+                 "--page-size", "3", "--quiet"]) == 0
+    assert len(Page((out / "index.html").read_text(encoding="utf-8")).cards()) == 3
+    assert len(Page((out / "gallery" / "page-2.html").read_text(encoding="utf-8")).cards()) == 1
+
+
+# ---- escaping and links ---------------------------------------------------------------------------
+
+def test_hostile_names_error_text_and_class_names_are_text_not_markup():
+    classes = ("NORMAL", "<i>PNEU</i>")
+    rows = [ok_row(HOSTILE_NAME, "NORMAL", 0.8), error_row("x.png", HOSTILE_ERROR)]
+    rows[0].label = "<i>PNEU</i>"
+    for name, text in render(rows, class_names=classes).items():
+        if not name.endswith(".html"):
+            continue
+        page = Page(text)
+        assert not any(tag in ("i", "u") for tag, _ in page.elements), name
+        assert not any(key.startswith("on") for _, attrs in page.elements for key in attrs), name
+        assert not any(attrs.get("src") == "x" for _, attrs in page.elements), name
+        assert [a.get("src") for a in page.all("script")] == ["gallery/gallery.js"]
+        assert HOSTILE_NAME in page.text and HOSTILE_ERROR in page.text
+        assert "<i>PNEU</i>" in page.text and "/data/<u>xrays</u>" in page.text
+
+
+def test_rows_script_is_ascii_json_holding_every_row_in_gallery_order():
+    rows = labelled_rows()
+    script = render(rows, page_size=5)[ROWS_SCRIPT]
+    assert script.isascii()
+    prefix = "window.BATCHCAM_ROWS = "
+    assert script.startswith(prefix) and script.rstrip().endswith(";")
+    data = json.loads(script[len(prefix):].rstrip().rstrip(";"))
+    assert data["pageSize"] == 5 and data["pages"] == ["index.html", "gallery/page-2.html"]
+    records = [dict(zip(data["columns"], record)) for record in data["rows"]]
+    assert [r["path"] for r in records] == [row.path for row in rows]
+    assert [r["correct"] for r in records] == [row.correct for row in rows]
+    hostile = next(row for row in rows if row.path == HOSTILE_NAME)
+    assert next(r for r in records if r["path"] == HOSTILE_NAME)["thumb"] == hostile.thumb
+
+
+def test_links_to_images_are_percent_encoded_on_every_page():
+    rows = [ok_row(f"NORMAL/img{i}.png", "NORMAL", 0.9) for i in range(3)]
+    rows.append(ok_row("NORMAL/odd.png", "NORMAL", 0.9, overlay="overlays/c d#?%é.jpg"))
+    files = render(rows, page_size=3)
+    page = Page(files["gallery/page-2.html"])
+    assert page.all("a", **{"class": "thumb"})[0]["href"] == "../overlays/c%20d%23%3F%25%C3%A9.jpg"
+    assert page.all("img", src="../overlays/c%20d%23%3F%25%C3%A9.thumb.jpg")
+    assert page.all("a", **{"class": "thumb"})[0]["data-original"] == "../overlays/c%20d%23%3F%25%C3%A9.orig.jpg"
+
+
+def test_every_page_carries_the_csp_and_no_inline_script_or_style():
+    files = render(labelled_rows(), page_size=5)
+    for name in ("index.html", "gallery/page-2.html"):
+        page = Page(files[name])
+        csp = page.all("meta", **{"http-equiv": "Content-Security-Policy"})
+        assert [m["content"] for m in csp] == [CONTENT_SECURITY_POLICY]
+        assert all(a.get("src") for a in page.all("script")), "an inline script would be refused by the CSP"
+        assert not page.all("style") and not any("style" in attrs for _, attrs in page.elements)
+    assert "'unsafe-inline'" not in CONTENT_SECURITY_POLICY and "default-src 'none'" in CONTENT_SECURITY_POLICY
+
+
+def test_cards_carry_prediction_confidence_truth_and_a_wrong_mark():
+    page = Page(render(labelled_rows(), page_size=10)["index.html"])
+    cards = {c["id"]: c for c in page.cards()}
+    wrong = [c for c in cards.values() if "wrong" in c["class"].split()]
+    assert [(c["data-pred"], c["data-label"], c["data-correct"]) for c in wrong] == [("PNEUMONIA", "NORMAL", "false")]
+    assert "\u2717 wrong" in page.text
+    errors = [c for c in cards.values() if c["data-status"] == "error"]
+    assert len(errors) == 2 and not any("data-conf" in card for card in errors)
+    assert len(page.all("meter")) == 6
+    assert all(img["alt"].startswith("Grad-CAM overlay of ") for img in page.all("img") if img.get("src"))
+
+
+# ---- summary --------------------------------------------------------------------------------------
+
+def test_metrics_confusion_and_roc_appear_only_when_labels_are_known():
+    labelled = Page(render(labelled_rows())["index.html"])
+    figures = {a.get("class") for a in labelled.all("figure")}
+    assert {"chart histogram", "chart confusion", "chart roc"} <= figures
+    assert labelled.all("table", **{"class": "metrics"})
+    unlabelled_rows = labelled_rows()
+    for row in unlabelled_rows:
+        row.label = ""
+    unlabelled = Page(render(unlabelled_rows)["index.html"])
+    figures = {a.get("class") for a in unlabelled.all("figure")}
+    assert "chart histogram" in figures and not {"chart confusion", "chart roc"} & figures
+    assert not unlabelled.all("table", **{"class": "metrics"}) and not unlabelled.all("select", id="f-outcome")
+
+
+def test_summary_charts_only_on_the_index():
+    files = render(labelled_rows(), page_size=5)
+    assert not Page(files["gallery/page-2.html"]).all("figure", **{"class": "chart histogram"})
+
+
+def test_histogram_counts_every_ok_image_once_stacked_by_true_label():
+    rows = labelled_rows()
+    summary = summarise(rows, CLASSES, scan_metrics(rows, CLASSES))
+    assert sum(bar.count for bar in summary.histogram.bars) == 6
+    assert [name for _, name in summary.histogram.legend] == ["true NORMAL", "true PNEUMONIA", "no label"]
+    assert (summary.total, summary.ok, summary.error, summary.wrong, summary.labelled) == (8, 6, 2, 1, 5)
+    assert summary.per_class == [("NORMAL", 3), ("PNEUMONIA", 3)]
+
+
+def test_roc_curve_is_thinned_for_large_runs_and_spans_the_unit_square():
+    rows = [ok_row(f"{label}/{i:05d}.png", label, 0.5 + (i % 997) / 2000, label)
+            for i, label in ((i, CLASSES[i % 2]) for i in range(5000))]
+    rows[0].prediction, rows[0].confidence = "PNEUMONIA", 0.6     # keep both classes and some mistakes
+    roc = summarise(rows, CLASSES, scan_metrics(rows, CLASSES)).roc
+    points = roc.points.split()
+    assert len(points) <= ROC_MAX_POINTS
+    assert points[0] == "0.0,220.0" and points[-1] == "220.0,0.0"

@@ -1,0 +1,314 @@
+"""REPORT is batchcam's: it never deletes what it did not write, never writes through a planted
+link, and keys every file by a name no other file shares. Each test is an attack that once worked."""
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_hostile import anatomy, dicom_bytes
+
+from batchcam.cli import main
+from batchcam.engines.shared_storage import STORAGE_TOKEN, write_token
+from batchcam.report.folder import ReportFolder
+from batchcam.report.lock import MARKER, STATE_DIR
+from conftest import write_xrays
+
+
+def scan(root: Path, out: Path, model: Path, *extra: str) -> int:
+    return main(["scan", str(root), "--out", str(out), "--model", str(model), "--workers", "0", *extra])
+
+
+def rows(out: Path) -> list[dict]:
+    with open(out / "predictions.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (links as their target text), for byte-for-byte comparisons."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            found[key] = b"-> " + os.fsencode(os.readlink(path))
+        elif path.is_file():
+            found[key] = path.read_bytes()
+    return found
+
+
+@pytest.fixture
+def model_calls(monkeypatch) -> list[int]:
+    """Counts images through the model."""
+    from batchcam.cam import engine as cam_module
+
+    calls: list[int] = []
+    original = cam_module.CamEngine.__call__
+
+    def counting(self, x):
+        calls.append(x.shape[0])
+        return original(self, x)
+    monkeypatch.setattr(cam_module.CamEngine, "__call__", counting)
+    return calls
+
+
+def jpeg(seed: int = 0) -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (40, 30), 40 + seed).save(out, "JPEG")
+    return out.getvalue()
+
+
+# ---- whose folder it is ------------------------------------------------------------------------
+
+def test_report_equal_to_root_is_refused_and_nothing_is_touched(tmp_path, tiny_model, capsys):
+    same = tmp_path / "same"
+    write_xrays(same, count=2)
+    (same / "overlays").mkdir()
+    (same / "overlays" / "scanned-x.jpg").write_bytes(jpeg())
+    before = tree(same)
+    assert scan(same, same, tiny_model) == 2
+    assert "is ROOT itself" in capsys.readouterr().err
+    assert tree(same) == before and not (same / STATE_DIR).exists()
+
+
+def test_report_containing_root_is_refused(tmp_path, tiny_model, capsys):
+    outer = tmp_path / "outer"
+    write_xrays(outer / "xrays", count=2)
+    before = tree(outer)
+    assert scan(outer / "xrays", outer, tiny_model) == 2
+    assert "contains ROOT" in capsys.readouterr().err
+    assert tree(outer) == before
+
+
+def test_a_folder_that_is_not_a_report_is_refused_untouched(xray_folder, tmp_path, tiny_model, capsys):
+    site = tmp_path / "site"
+    (site / "overlays").mkdir(parents=True)
+    (site / "gallery").mkdir()
+    (site / "overlays" / "logo-0123456789ab.jpg").write_bytes(jpeg())
+    (site / "gallery" / "about.html").write_text("<p>about us</p>")
+    (site / "index.html").write_text("<p>home</p>")
+    before = tree(site)
+    assert scan(xray_folder, site, tiny_model) == 2
+    assert "not a batchcam report" in capsys.readouterr().err
+    assert tree(site) == before
+
+
+def test_an_empty_folder_becomes_a_report_and_a_refused_run_leaves_it_empty(xray_folder, tmp_path, tiny_model):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert scan(xray_folder, empty, tiny_model, "--target", "NO_SUCH_CLASS") == 2
+    assert list(empty.iterdir()) == []
+    assert scan(xray_folder, empty, tiny_model) == 0
+    assert (empty / STATE_DIR / MARKER).is_file()
+
+
+def test_a_report_of_batchcam_0_1_without_the_marker_is_still_a_report(xray_folder, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model) == 0
+    (out / STATE_DIR / MARKER).unlink()
+    assert scan(xray_folder, out, tiny_model) == 0
+    assert (out / STATE_DIR / MARKER).is_file()
+
+
+def test_within_its_report_batchcam_removes_only_what_it_wrote(xray_folder, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model, "--page-size", "1") == 0
+    assert (out / "gallery" / "page-4.html").is_file() and (out / "metrics.json").is_file()
+    # a reviewer's own files, one named exactly like a batchcam overlay and one like a page
+    mine = {out / "overlays" / "notes-0123456789ab.jpg": jpeg(1), out / "overlays" / "xray.png": jpeg(2),
+            out / "gallery" / "about.html": b"<p>mine</p>", out / "gallery" / "page-99.html": b"<p>mine too</p>"}
+    for path, data in mine.items():
+        path.write_bytes(data)
+    vanished = next((xray_folder / "PNEUMONIA").iterdir())
+    gone_overlay = next(r["overlay"] for r in rows(out) if r["path"] == f"PNEUMONIA/{vanished.name}")
+    vanished.unlink()
+    assert scan(xray_folder, out, tiny_model, "--page-size", "1") == 0
+    assert all(path.read_bytes() == data for path, data in mine.items())
+    assert not (out / gone_overlay).exists()  # batchcam's own overlay of a vanished file is gone
+    assert not (out / "gallery" / "page-4.html").exists() and (out / "gallery" / "page-2.html").is_file()
+
+
+def test_metrics_json_is_removed_only_when_batchcam_wrote_it(tmp_path, tiny_model):
+    root = tmp_path / "unlabelled"
+    root.mkdir()
+    Image.new("L", (64, 64), 90).save(root / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert scan(root, out, tiny_model) == 0
+    (out / "metrics.json").write_text('{"mine": true}')  # not batchcam's: it wrote none for this run
+    assert scan(root, out, tiny_model, "--full") == 0
+    assert json.loads((out / "metrics.json").read_text()) == {"mine": True}
+
+
+def test_predict_out_never_replaces_a_file_it_did_not_write(tmp_path, tiny_model, capsys):
+    image = tmp_path / "in" / "chest.png"
+    write_xrays(tmp_path / "in", count=1)
+    next((tmp_path / "in").rglob("*.png")).rename(image)
+    site = tmp_path / "site"
+    assert main(["predict", str(image), "--model", str(tiny_model), "--out", str(site), "--json"]) == 0
+    written = json.loads(capsys.readouterr().out.splitlines()[0])["overlay"]
+    assert main(["predict", str(image), "--model", str(tiny_model), "--out", str(site)]) == 0  # same bytes again
+    Path(written).write_bytes(b"someone else's file now")
+    (site / "logo.jpg").write_bytes(jpeg())
+    before = tree(site)
+    assert main(["predict", str(image), "--model", str(tiny_model), "--out", str(site)]) == 3
+    assert "left as it is" in capsys.readouterr().err
+    assert tree(site) == before
+
+
+# ---- links planted inside REPORT ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [f"{STATE_DIR}/journal.jsonl", f"{STATE_DIR}/rows.jsonl", f"{STATE_DIR}/lock",
+                                  f"{STATE_DIR}/outputs.json", f"{STATE_DIR}/{MARKER}", "batchcam.log",
+                                  "predictions.csv", "manifest.json", "index.html", "cams.npz"])
+def test_a_link_planted_in_place_of_a_report_file_is_replaced_and_its_target_unchanged(
+        name, xray_folder, tmp_path, tiny_model):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "precious.txt"
+    target.write_bytes(b"precious\n" * 100)
+    assert scan(xray_folder, out, tiny_model, "--save-cams") == 0
+    (out / name).unlink()
+    (out / name).symlink_to(target)
+    assert scan(xray_folder, out, tiny_model, "--full", "--save-cams") == 0
+    assert target.read_bytes() == b"precious\n" * 100
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
+    assert not (out / name).is_symlink() or name == f"{STATE_DIR}/lock"
+
+
+def test_a_planted_link_in_place_of_the_state_folder_is_refused_and_nothing_written_through(
+        xray_folder, tmp_path, tiny_model, capsys):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    assert scan(xray_folder, out, tiny_model) == 0
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    shutil.rmtree(out / STATE_DIR)
+    (out / STATE_DIR).symlink_to(outside, target_is_directory=True)
+    assert scan(xray_folder, out, tiny_model, "--full") == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert tree(outside) == {"keep.txt": b"keep"}
+
+
+def test_the_ray_storage_token_is_never_written_through_a_link(tmp_path):
+    report, outside = tmp_path / "report", tmp_path / "outside.txt"
+    (report / STATE_DIR).mkdir(parents=True)
+    outside.write_text("precious")
+    (report / STATE_DIR / STORAGE_TOKEN).symlink_to(outside)
+    write_token(report, "abc")
+    assert outside.read_text() == "precious"
+    assert (report / STATE_DIR / STORAGE_TOKEN).read_text() == "abc"
+
+
+def test_gallery_and_overlay_folders_planted_as_links_are_replaced(xray_folder, tmp_path, tiny_model):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    assert scan(xray_folder, out, tiny_model) == 0
+    outside.mkdir()
+    (outside / "page-1.html").write_text("mine")
+    for folder in ("gallery", "overlays"):
+        shutil.rmtree(out / folder)
+        (out / folder).symlink_to(outside, target_is_directory=True)
+    assert scan(xray_folder, out, tiny_model, "--full") == 0
+    assert tree(outside) == {"page-1.html": b"mine"}
+    assert (out / "gallery").is_dir() and not (out / "gallery").is_symlink()
+
+
+# ---- keys: one per file, never an argument name ---------------------------------------------------
+
+@pytest.mark.parametrize("option", ["--save-cams", "--heat-scale=run"])
+def test_files_named_like_numpy_arguments_keep_their_own_maps(tmp_path, tiny_model, option, model_calls):
+    pytest.importorskip("pydicom", reason="extensionless files are candidates only as DICOM (the dicom extra)")
+    root = tmp_path / "root"
+    root.mkdir()
+    for seed, name in enumerate(("file", "allow_pickle", "arr_0")):  # extensionless DICOM, found by magic
+        (root / name).write_bytes(dicom_bytes(anatomy(64) // (seed + 1)))
+    Image.new("L", (64, 64), 90).save(root / "a.png")
+    out = tmp_path / "out"
+    assert scan(root, out, tiny_model, option) == 0
+    with np.load(out / "cams.npz") as saved:
+        keys = set(saved.files)
+    assert keys == {r["path"] for r in rows(out)} == {"file", "allow_pickle", "arr_0", "a.png"}
+    model_calls.clear()
+    assert scan(root, out, tiny_model, option) == 0
+    assert model_calls == []  # every map was kept, so every row is reused
+
+
+def test_cams_are_written_member_by_member_whatever_the_key(tmp_path):
+    report = ReportFolder(tmp_path / "r")
+    maps = {name: np.full((2, 2), i, np.float32) for i, name in enumerate(("file", "allow_pickle", "a/b.png"))}
+    report.write_cams(maps)
+    with zipfile.ZipFile(tmp_path / "r" / "cams.npz") as archive:
+        assert sorted(archive.namelist()) == sorted(f"{name}.npy" for name in maps)
+    assert {k: v.tolist() for k, v in report.read_cams().items()} == {k: v.tolist() for k, v in maps.items()}
+    report.close()
+
+
+def test_two_files_whose_names_once_displayed_alike_keep_their_own_rows_maps_and_overlays(tmp_path, tiny_model):
+    root = tmp_path / "root"
+    root.mkdir()
+    Image.new("L", (64, 64), 30).save(root / "a\nb.png", "PNG")
+    bright = Image.new("L", (64, 64), 30)
+    bright.paste(230, (0, 0, 20, 20))
+    bright.save(root / "a\\nb.png", "PNG")
+    out = tmp_path / "out"
+    assert scan(root, out, tiny_model, "--heat-scale", "run") == 0
+    table = {r["path"]: r for r in rows(out)}
+    assert set(table) == {"a\\nb.png", "a\\\\nb.png"}
+    assert len({r["overlay"] for r in table.values()}) == 2
+    with np.load(out / "cams.npz") as saved:
+        assert set(saved.files) == set(table)
+    assert len({r["sha256"] for r in table.values()}) == 2
+
+
+# ---- exit codes the README promises ---------------------------------------------------------------
+
+def test_evaluate_refuses_a_boxes_row_longer_than_its_header_with_exit_2(xray_folder, tmp_path, tiny_model, capsys):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model) == 0
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,x0,y0,x1,y1\nNORMAL/img00.png,1,2,3,4,5,6\n")
+    assert main(["evaluate", str(out), "--boxes", str(boxes)]) == 2
+    assert "more fields than the header" in capsys.readouterr().err
+
+
+def test_evaluate_on_a_report_it_cannot_write_exits_74(xray_folder, tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model) == 0
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,x0,y0,x1,y1\nNORMAL/img00.png,1,2,3,4\n")
+    before = (out / "predictions.csv").read_bytes()
+
+    def read_only(self, name, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.path / name))
+
+    monkeypatch.setattr(ReportFolder, "write_json", read_only)
+    assert main(["evaluate", str(out), "--boxes", str(boxes)]) == 74
+    assert (out / "predictions.csv").read_bytes() == before
+
+
+def test_evaluate_refuses_a_folder_batchcam_did_not_write(xray_folder, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model) == 0
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("predictions.csv", "manifest.json"):
+        (copy / name).write_bytes((out / name).read_bytes())
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,x0,y0,x1,y1\nNORMAL/img00.png,1,2,3,4\n")
+    assert main(["evaluate", str(copy), "--boxes", str(boxes)]) == 2
+    assert sorted(p.name for p in copy.iterdir()) == ["manifest.json", "predictions.csv"]
+
+
+def test_sanity_skips_a_broken_link_in_root(tmp_path, tiny_model):
+    root = tmp_path / "root"
+    write_xrays(root, count=3)
+    (root / "NORMAL" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    assert main(["sanity", str(root), "--model", str(tiny_model), "--sample", "4", "--device", "cpu",
+                 "--out", str(tmp_path / "sanity")]) == 0
+    assert (tmp_path / "sanity" / "sanity.json").is_file()
