@@ -82,14 +82,11 @@ def float_tiff(side: int = TIFF_SIDE) -> bytes:
     return buffer.getvalue()
 
 
-def dicom16(side: int) -> bytes:
-    """A side x side 16-bit MONOCHROME2 DICOM, uncompressed (needs pydicom)."""
+def secondary_capture(side: int, samples: int, photometric: str, bits: int, pixels: np.ndarray,
+                      syntax: str | None = None) -> bytes:
+    """A side x side DICOM (needs pydicom; RLE also the pylibjpeg-rle encoder)."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (
-        ExplicitVRLittleEndian,
-        SecondaryCaptureImageStorage,
-        generate_uid,
-    )
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -98,40 +95,30 @@ def dicom16(side: int) -> bytes:
     ds = Dataset()
     ds.file_meta = meta
     ds.Rows = ds.Columns = side
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (np.arange(side * side, dtype=np.uint32) % 4096).astype(np.uint16).tobytes()
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = samples, photometric
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, min(bits, 12), min(bits, 12) - 1, 0
+    ds.PixelData = pixels.tobytes()
+    if syntax is not None:
+        ds.compress(syntax, pixels, encoding_plugin="pylibjpeg")
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def dicom16(side: int) -> bytes:
+    """A side x side 16-bit MONOCHROME2 DICOM, uncompressed."""
+    pixels = (np.arange(side * side, dtype=np.uint32) % 4096).astype(np.uint16).reshape(side, side)
+    return secondary_capture(side, 1, "MONOCHROME2", 16, pixels)
 
 
 def dicom_rgb_rle(side: int) -> bytes:
-    """A side x side RGB DICOM, RLE Lossless (needs pydicom and the pylibjpeg-rle encoder): colour
-    DICOM costs the most memory a pixel to decode (a float64 luma conversion)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (
-        ExplicitVRLittleEndian,
-        RLELossless,
-        SecondaryCaptureImageStorage,
-        generate_uid,
-    )
+    """A side x side RGB DICOM, RLE Lossless: colour DICOM costs the most memory a pixel to decode
+    (a float64 luma conversion)."""
+    from pydicom.uid import RLELossless
 
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.Rows = ds.Columns = side
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    pixels = np.zeros((side, side, 3), dtype=np.uint8)
-    ds.PixelData = pixels.tobytes()
-    ds.compress(RLELossless, pixels, encoding_plugin="pylibjpeg")
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return secondary_capture(side, 3, "RGB", 8, np.zeros((side, side, 3), dtype=np.uint8), RLELossless)
 
 
 def xray_pngs(count: int = 3) -> list[tuple[str, bytes]]:

@@ -53,3 +53,19 @@ def xray_folder(tmp_path) -> Path:
     root = tmp_path / "xrays"
     write_xrays(root)
     return root
+
+
+@pytest.fixture
+def model_calls(monkeypatch) -> list[int]:
+    """Counts images through the model (CamEngine calls), however the engine is built."""
+    from batchcam.cam import engine
+
+    calls: list[int] = []
+    original = engine.CamEngine.__call__
+
+    def counting(self, x):
+        calls.append(x.shape[0])
+        return original(self, x)
+
+    monkeypatch.setattr(engine.CamEngine, "__call__", counting)
+    return calls

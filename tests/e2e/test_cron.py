@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from batchcam.cam import engine as cam_module
 from batchcam.cli import main
 from batchcam.report.folder import ReportFolder
 from conftest import tiny_checkpoint, write_xrays
@@ -46,20 +45,6 @@ def snapshot(out: Path) -> dict[str, bytes]:
     """Every file a reader of the report sees (the log and the hidden state folder aside)."""
     return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*")
             if p.is_file() and ".batchcam" not in p.parts and p.name != "batchcam.log"}
-
-
-@pytest.fixture
-def model_calls(monkeypatch) -> list[int]:
-    """Counts images through the model (CamEngine calls), however the engine is built."""
-    calls: list[int] = []
-    original = cam_module.CamEngine.__call__
-
-    def counting(self, x):
-        calls.append(x.shape[0])
-        return original(self, x)
-
-    monkeypatch.setattr(cam_module.CamEngine, "__call__", counting)
-    return calls
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05) -> bool:

@@ -44,21 +44,6 @@ def tree(folder: Path) -> dict[str, bytes]:
     return found
 
 
-@pytest.fixture
-def model_calls(monkeypatch) -> list[int]:
-    """Counts images through the model."""
-    from batchcam.cam import engine as cam_module
-
-    calls: list[int] = []
-    original = cam_module.CamEngine.__call__
-
-    def counting(self, x):
-        calls.append(x.shape[0])
-        return original(self, x)
-    monkeypatch.setattr(cam_module.CamEngine, "__call__", counting)
-    return calls
-
-
 def jpeg(seed: int = 0) -> bytes:
     out = io.BytesIO()
     Image.new("L", (40, 30), 40 + seed).save(out, "JPEG")
