@@ -207,7 +207,7 @@ def test_openapi_documents_the_multipart_predict_endpoint(client):
                                             ("localhost", True), ("0.0.0.0", False), ("192.168.1.20", False),
                                             ("::", False), ("example.org", False)])
 def test_only_loopback_addresses_count_as_local(host, loopback):
-    from batchcam.commands.serve import is_loopback
+    from batchcam.commands.serve_guard import is_loopback
 
     assert is_loopback(host) is loopback
 

@@ -322,7 +322,7 @@ def test_the_bound_address_and_localhost_are_accepted(client, host):
     ("127.0.0.1", 80, ["127.0.0.1", "127.0.0.1:80", "localhost"], ["127.0.0.1:8000"]),
 ])
 def test_allowed_hosts_follow_the_bound_address(host, port, good, bad):
-    from batchcam.commands.serve import allowed_hosts_for, host_allowed
+    from batchcam.commands.serve_guard import allowed_hosts_for, host_allowed
 
     allowed = allowed_hosts_for(host, port)
     assert [h for h in good if not host_allowed(h, allowed)] == []
