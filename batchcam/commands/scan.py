@@ -26,13 +26,14 @@ def scan(config: ScanConfig, console: Console) -> ScanResult:
     another run holds REPORT, ReportWriteError when REPORT cannot be written, Interrupted after a
     signal.
     """
-    started, started_at = time.monotonic(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     config.validate()
     lock = ReportLock(config.out, root=config.root)
     try:
         with lock:  # first, so a second run on this REPORT is refused at once
             from batchcam.commands import scan_run  # torch and the stages load once REPORT is ours
 
+            started = time.monotonic()  # the run's timings leave out the libraries' import, as before
             try:
                 ready = scan_run.prepare(config, console)
             except UsageError:
