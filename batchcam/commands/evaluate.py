@@ -12,6 +12,7 @@ from batchcam.records import read_csv
 from batchcam.report.folder import ReportFolder
 from batchcam.report.gallery import render_gallery
 from batchcam.report.lock import ReportLock
+from batchcam.report.summary import scan_metrics
 
 
 def evaluate(report_path: Path, boxes_path: Path, warn=print) -> dict:
@@ -42,8 +43,12 @@ def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn)
     text = report.read_text("predictions.csv")
     if manifest is None or text is None:
         raise UsageError(f"REPORT {report_path}: manifest.json or predictions.csv is unreadable")
-    class_names = list(manifest["model"]["class_names"])
-    rows = read_csv(io.StringIO(text, newline=""), class_names)
+    try:
+        class_names = [str(name) for name in manifest["model"]["class_names"]]
+        rows = read_csv(io.StringIO(text, newline=""), class_names)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UsageError(f"REPORT {report_path}: manifest.json or predictions.csv is not a scan's "
+                         f"({type(e).__name__}: {e})") from None
     cams = report.read_cams() if report.exists("cams.npz") else None
     if cams is None:
         warn(f"{report_path}/cams.npz is missing (scan with --save-cams): reporting the pointing game only")
@@ -51,9 +56,10 @@ def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn)
     if not results["n"]:
         warn(f"no ok image of {report_path} has a box in {boxes_path}")
     metrics = report.read_json("metrics.json")
-    if metrics is None and report.read_text("metrics.json") is not None:
-        warn(f"{report_path / 'metrics.json'} is unreadable; writing the localisation alone")
-    metrics = metrics or {}
+    if not isinstance(metrics, dict):
+        if report.read_text("metrics.json") is not None:
+            warn(f"{report_path / 'metrics.json'} is unreadable; computing it again from predictions.csv")
+        metrics = scan_metrics(rows, class_names) or {}
     metrics["localisation"] = results
     report.write_json("metrics.json", metrics)
     drawn = {row.path: found for row in rows if (found := boxes.for_row(row))}

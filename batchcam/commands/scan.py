@@ -5,6 +5,7 @@ batchcam must not write into, is refused in a blink even while the first run kee
 """
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,4 +52,5 @@ def scan(config: ScanConfig, console: Console) -> ScanResult:
 
 
 def _inside(path: Path, folder: Path) -> bool:
-    return path.resolve().is_relative_to(folder.resolve())
+    """Lexically: resolving could follow the very link inside REPORT that was refused."""
+    return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))

@@ -10,9 +10,9 @@ image is processed, and a worker that had to import torch first would add second
 """
 from __future__ import annotations
 
+import os
 import secrets
 import socket
-import tempfile
 from pathlib import Path
 
 from batchcam.report.lock import STATE_DIR
@@ -57,6 +57,14 @@ def node_problems(root: str, report: str, token: str) -> tuple[str | None, str |
     return root_problem, report_problem(report, token)
 
 
+def probe_overlays(report: Path) -> None:
+    """Create and remove a file in REPORT/overlays, never through a link planted in its place."""
+    with SafeDir.open(report) as folder, folder.subdir("overlays", create=False, replace_link=False) as overlays:
+        name = f".ray-probe-{secrets.token_hex(8)}"
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=overlays.fd))
+        overlays.unlink(name)
+
+
 def report_problem(report: str, token: str) -> str | None:
     """Why this node cannot share REPORT with the driver, or None when it can."""
     node = socket.gethostname()
@@ -68,8 +76,7 @@ def report_problem(report: str, token: str) -> str | None:
     if seen != token:
         return f"node {node} sees another {path} than the one the driver wrote"
     try:
-        with tempfile.NamedTemporaryFile(dir=Path(report) / "overlays", prefix=".ray-probe-"):
-            pass
+        probe_overlays(Path(report))
     except OSError as e:
         return f"node {node} cannot write into {Path(report) / 'overlays'}: {e.strerror or e}"
     return None

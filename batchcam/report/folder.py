@@ -24,8 +24,12 @@ from batchcam.report.lock import STATE_DIR
 from batchcam.runtime.fsutil import SafeDir
 
 LOG = "batchcam.log"
+FOLDERS = ("", "overlays", "gallery", STATE_DIR)
 OUTPUTS = "outputs.json"  # in .batchcam/: the report files the last run wrote, so only those are ever removed
 GALLERY_PAGE = re.compile(r"page-[0-9]+\.html")
+# The only names outputs.json may give batchcam to remove: a report file, or a file directly in gallery/.
+REPORT_FILE = re.compile(r"(predictions\.csv|manifest\.json|metrics\.json|cams\.npz|index\.html"
+                         r"|gallery/(?!\.\.?$)[^/\x00]+)")
 
 
 class ReportFolder:
@@ -55,6 +59,8 @@ class ReportFolder:
 
     def _folder(self, name: str) -> SafeDir:
         """REPORT itself (``""``), its state folder or one of its sub-folders, opened once."""
+        if name not in FOLDERS:
+            raise ValueError(f"{name!r} is not one of the report's folders")
         with self._opening:
             if name not in self._folders:
                 if name == "":
@@ -169,9 +175,10 @@ class ReportFolder:
         if self._previous is None:
             text = self.state().read_text(OUTPUTS)
             try:
-                self._previous = set(json.loads(text)["files"]) if text is not None else self._legacy_outputs()
+                listed = set(json.loads(text)["files"]) if text is not None else self._legacy_outputs()
             except (ValueError, KeyError, TypeError):
-                self._previous = self._legacy_outputs()
+                listed = self._legacy_outputs()
+            self._previous = {name for name in listed if isinstance(name, str) and REPORT_FILE.fullmatch(name)}
         return self._previous
 
     def _legacy_outputs(self) -> set[str]:

@@ -153,6 +153,7 @@ class RowStore:
         """The run is complete: its rows become the store, and the journal is emptied."""
         with self.state.atomic_write(ROWS, "w", encoding="utf-8") as f:
             f.writelines(self._line(row) for row in rows)
+        self.state.fsync()  # the new rows.jsonl is on disk before the journal that led to it is emptied
         self._journal.truncate(0)
         self._journal.flush()
         os.fsync(self._journal.fileno())

@@ -141,17 +141,27 @@ class SafeDir:
         return self._open_replacing_link(name, os.O_RDWR)
 
     def _open_replacing_link(self, name: str, access: int) -> int:
-        flags = access | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        """Open ``name`` in place, unless it is not batchcam's own plain file: a symbolic link, a
+        hard link to a file elsewhere (more than one name), a FIFO or a device is removed (never
+        written through, never waited on) and a new file made in its place."""
+        flags = access | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         with self._about(name):
             for _ in range(3):
                 try:
-                    return os.open(name, flags, 0o644, dir_fd=self.fd)
+                    fd = os.open(name, flags, 0o644, dir_fd=self.fd)
                 except OSError as e:
-                    if e.errno != errno.ELOOP:
+                    if e.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO nobody reads
                         raise
+                else:
+                    found = os.fstat(fd)
+                    if stat.S_ISREG(found.st_mode) and found.st_nlink == 1:
+                        os.set_blocking(fd, True)
+                        return fd
+                    os.close(fd)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=self.fd)
-            raise OSError(errno.ELOOP, "a link keeps reappearing here", str(self.path / name))
+                flags |= os.O_EXCL
+            raise OSError(errno.EEXIST, "something keeps reappearing here", str(self.path / name))
 
     def read_bytes(self, name: str) -> bytes | None:
         """The file's bytes; None when it is missing, or is a link or not a regular file."""

@@ -297,3 +297,89 @@ def test_sanity_skips_a_broken_link_in_root(tmp_path, tiny_model):
     assert main(["sanity", str(root), "--model", str(tiny_model), "--sample", "4", "--device", "cpu",
                  "--out", str(tmp_path / "sanity")]) == 0
     assert (tmp_path / "sanity" / "sanity.json").is_file()
+
+
+# ---- found in review: hard links, FIFOs, an edited outputs list, the Ray probe ----------------------
+
+def test_an_edited_outputs_list_never_removes_a_file_outside_the_report(xray_folder, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    listed = json.loads((out / STATE_DIR / "outputs.json").read_text())
+    listed["files"] += ["gallery/../../victim.txt", "../victim.txt", "/etc/hostname", "gallery/.."]
+    (out / STATE_DIR / "outputs.json").write_text(json.dumps(listed))
+    assert scan(xray_folder, out, tiny_model, "--full") == 0
+    assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("name", [f"{STATE_DIR}/lock", f"{STATE_DIR}/journal.jsonl", "batchcam.log"])
+def test_a_hard_link_planted_at_a_file_batchcam_appends_to_is_replaced_not_written(name, xray_folder, tmp_path,
+                                                                                  tiny_model):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious\n")
+    (out / name).unlink()
+    os.link(victim, out / name)
+    assert scan(xray_folder, out, tiny_model, "--full") == 0
+    assert victim.read_bytes() == b"precious\n"
+    assert (out / name).stat().st_nlink == 1
+
+
+@pytest.mark.parametrize("name", ["batchcam.log", f"{STATE_DIR}/journal.jsonl"])
+def test_a_fifo_planted_at_the_log_or_journal_never_blocks_the_run(name, xray_folder, tmp_path, tiny_model):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model) == 0
+    (out / name).unlink()
+    os.mkfifo(out / name)
+    run = subprocess.run([sys.executable, "-m", "batchcam", "scan", str(xray_folder), "--out", str(out), "--model",
+                          str(tiny_model), "--workers", "0", "--full"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (out / name).is_file()
+
+
+def test_a_refused_link_is_judged_inside_report_without_following_it(tmp_path):
+    from batchcam.commands.scan import _inside
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / STATE_DIR).symlink_to(elsewhere, target_is_directory=True)
+    assert _inside(out / STATE_DIR, out)  # so the refusal is exit 74, not an internal error
+
+
+def test_the_ray_storage_probe_never_creates_a_file_through_a_planted_overlays_link(tmp_path):
+    from batchcam.engines.shared_storage import probe_overlays
+    from batchcam.runtime.fsutil import PlantedLink
+
+    report, elsewhere = tmp_path / "report", tmp_path / "elsewhere"
+    report.mkdir()
+    elsewhere.mkdir()
+    (report / "overlays").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(PlantedLink):
+        probe_overlays(report)
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("broken", ["metrics", "manifest", "confidence"])
+def test_evaluate_on_a_malformed_report_exits_2(broken, xray_folder, tmp_path, tiny_model, capsys):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model) == 0
+    if broken == "metrics":
+        (out / "metrics.json").write_text("[1]")
+    elif broken == "manifest":
+        (out / "manifest.json").write_text("{}")
+    else:
+        text = (out / "predictions.csv").read_text()
+        header, first, *rest = text.splitlines()
+        cells = first.split(",")
+        cells[header.split(",").index("confidence")] = "high"
+        (out / "predictions.csv").write_text("\n".join([header, ",".join(cells), *rest]) + "\n")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,x0,y0,x1,y1\nNORMAL/img00.png,1,2,3,4\n")
+    code = main(["evaluate", str(out), "--boxes", str(boxes)])
+    assert code == (0 if broken == "metrics" else 2), capsys.readouterr().err
