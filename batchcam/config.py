@@ -69,12 +69,12 @@ class ScanConfig:
     full: bool = False               # recompute every image instead of reusing unchanged rows
     quiet: bool = False
     page_size: int = DEFAULT_PAGE_SIZE   # images per gallery page
-    faithfulness: bool = False       # two extra forward passes per batch (batchcam.attention)
+    faithfulness: bool = False       # two extra forward passes per batch (batchcam.checks.attention)
     heat_scale: str = "image"        # "image": each map alone; "run": one run-wide constant (keeps cams.npz)
     overlay_size: int = OVERLAY_LONG_SIDE  # overlays' longer side, px (never enlarged)
     precision: str = "auto"          # the forward pass: auto = bf16 (else fp16) autocast on CUDA, fp32 on the CPU
     compile: bool = False            # torch.compile the model: slow to start, faster on long GPU runs
-    decode: str = "cpu"              # "gpu": JPEGs decoded in batches on the GPU (batchcam.gpu_decode)
+    decode: str = "cpu"              # "gpu": JPEGs decoded in batches on the GPU (batchcam.decode.gpu_decode)
     engine: str = "local"            # "local": this process and its DataLoader; "ray": a Ray cluster
     ray_address: str | None = None   # None: the ray engine starts a local Ray cluster on this machine
     gpus_per_worker: float | None = None  # ray engine; None: 1 when the cluster has GPUs, else 0

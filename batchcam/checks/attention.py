@@ -3,7 +3,7 @@
 Attention outside the lungs
     ``attention_outside`` is the share of the displayed heat (the map as the overlay shows it:
     min-max normalised, upsampled bilinearly) that lies outside the lungs: outside the lung fields
-    estimated from the image by ``batchcam.lungs`` (dark regions inside the body, convex-hulled,
+    estimated from the image by ``batchcam.decode.lungs`` (dark regions inside the body, convex-hulled,
     grown by 6% of the side), and always including the border band (everything outside the
     central box that leaves a ``BORDER_MARGIN`` of 10% on each side), where markers, labels and
     rulers sit. When no plausible lung fields are found, the border band alone is the region.

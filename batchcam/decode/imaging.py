@@ -5,7 +5,7 @@ Every mode Pillow can produce is rendered as grayscale by what its values mean, 
 white), 32-bit integer and float images by the range their values imply. Only an allowlist of
 formats is decoded, so a file that merely carries an image extension (an EPS, say) never reaches a
 decoder it did not ask for (Pillow's EPS plugin runs Ghostscript). DICOM files, recognised by
-their ``DICM`` magic, go to ``batchcam.dicom`` and come back as the same ``DecodedImage``.
+their ``DICM`` magic, go to ``batchcam.decode.dicom`` and come back as the same ``DecodedImage``.
 
 Nothing is accepted half-decoded: Pillow raises on missing pixel data (``LOAD_TRUNCATED_IMAGES``
 stays False), and a PNG or JPEG whose pixels all decoded but whose end (IEND chunk, EOI marker) is

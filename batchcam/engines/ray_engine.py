@@ -211,7 +211,7 @@ def actor_count(ray, workers: int, gpus: float, batches: int) -> int:
 
 
 class SharedFolders:
-    """ROOT and REPORT, which every node must see as the driver does (``batchcam.shared_storage``).
+    """ROOT and REPORT, which every node must see as the driver does (``batchcam.engines.shared_storage``).
 
     Entering writes the token into REPORT and checks every live node before any image is
     processed; actors check the token again when they start, for nodes that join later. Leaving

@@ -168,7 +168,7 @@ def test_second_run_on_a_locked_report_exits_75_at_once_and_changes_nothing(xray
     out = tmp_path / "out"
     scan(xray_folder, out, tiny_model)
     before = snapshot(out)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom batchcam.lock import ReportLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom batchcam.report.lock import ReportLock\n"
                                "with ReportLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
                                str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

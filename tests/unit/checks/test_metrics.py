@@ -1,4 +1,4 @@
-"""batchcam.metrics: the numbers training and scan report, checked against hand-computed values."""
+"""batchcam.checks.metrics: the numbers training and scan report, checked against hand-computed values."""
 from __future__ import annotations
 
 import numpy as np

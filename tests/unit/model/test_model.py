@@ -1,4 +1,4 @@
-"""batchcam.model: the classifier, its checkpoint format, and what a checkpoint may (not) contain."""
+"""batchcam.model.checkpoint: the classifier, its checkpoint format, and what a checkpoint may (not) contain."""
 from __future__ import annotations
 
 import hashlib
