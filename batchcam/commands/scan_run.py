@@ -117,8 +117,7 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
         cam_info = {"method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
                     "exact_fast_path": job.engine.exact, "heat_scale": config.heat_scale}
         if config.heat_scale == "run":
-            cam_info["run_scale"] = rescale_overlays(rows, files, {**previous_cams, **new_cams}, job.decode,
-                                                     report, console)
+            cam_info["run_scale"] = rescale_overlays(rows, files, {**previous_cams, **new_cams}, job)
         report_manifest = manifest(root=config.root, argv=config.argv, loaded=loaded, cam=cam_info,
                                    device=str(device), counts=counts, started_at=started_at,
                                    finished_at=now_iso(), seconds=seconds)

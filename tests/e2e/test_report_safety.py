@@ -383,3 +383,23 @@ def test_evaluate_on_a_malformed_report_exits_2(broken, xray_folder, tmp_path, t
     boxes.write_text("path,x0,y0,x1,y1\nNORMAL/img00.png,1,2,3,4\n")
     code = main(["evaluate", str(out), "--boxes", str(boxes)])
     assert code == (0 if broken == "metrics" else 2), capsys.readouterr().err
+
+
+def test_the_run_wide_heat_scale_pass_never_redraws_the_previous_reports_overlays_in_place(
+        xray_folder, tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model, "--heat-scale", "run") == 0
+    shown = {name: (out / name).read_bytes() for row in rows(out) for name in (row["overlay"],)}
+    Image.new("L", (80, 80), 250).save(xray_folder / "NORMAL" / "bright.png")  # moves the run-wide scale
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "predictions.csv"))
+
+    monkeypatch.setattr(ReportFolder, "write_csv", disk_full)
+    assert scan(xray_folder, out, tiny_model, "--heat-scale", "run") == 74
+    assert {name: (out / name).read_bytes() for name in shown} == shown  # the old pages show what they showed
+    monkeypatch.undo()
+    assert scan(xray_folder, out, tiny_model, "--heat-scale", "run") == 0
+    overlays = {row["overlay"] for row in rows(out)}
+    on_disk = {f"overlays/{p.name}" for p in (out / "overlays").iterdir() if p.name.count(".") == 1}
+    assert on_disk == overlays  # the superseded overlays were removed
