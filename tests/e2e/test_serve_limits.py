@@ -414,14 +414,6 @@ def test_serve_config_limits_reach_the_app(tiny_model, monkeypatch):
         (2 * 1024 * 1024, 3, 7_000_000)
 
 
-def serve_cli_has_limit_options() -> bool:
-    from batchcam.cli import build_parser
-
-    _, unknown = build_parser().parse_known_args(["serve", "--max-files", "3", "--max-megapixels", "7"])
-    return not unknown
-
-
-@pytest.mark.skipif(not serve_cli_has_limit_options(), reason="batchcam/cli.py has no --max-files/--max-megapixels yet")
 def test_the_cli_limits_reach_the_app_and_bad_ones_exit_2(tiny_model, monkeypatch, capsys):
     import uvicorn
     from fastapi.testclient import TestClient
