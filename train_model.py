@@ -28,15 +28,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from batchcam.checks.metrics import classification_metrics
-from batchcam.config import DEFAULT_MAX_FILE_BYTES
+from batchcam.cli import add_selection_options, selection
+from batchcam.config import DEFAULT_MAX_FILE_BYTES, Selection
 from batchcam.decode.dataset import FileTooLarge, read_file_bounded
 from batchcam.decode.discover import IMAGE_EXTENSIONS, discover
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, resize_square
-from batchcam.decode.pixels import DecodeError
+from batchcam.decode.pixels import DecodeError, NotSelected
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import ModelSpec, build_model, normalize, save_checkpoint
 from batchcam.runtime.devices import resolve_device, resolve_precision
 
+SKIPPED = "not selected: "  # marks a film left out by the selection rule among the skipped files
 MIN_VAL_IMAGES = 50  # the Kaggle val/ folder has 16 images: too few to pick an epoch by
 
 
@@ -71,6 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt of an interrupted run")
+    add_selection_options(p)
     p.add_argument("--half-weights", action="store_true",
                    help="store the final checkpoint's weights as float16 (half the size)")
     return p
@@ -133,11 +136,15 @@ class XrayFolder(Dataset):
     """(path, label) pairs decoded as the scanner decodes them; augmentation only when training.
 
     A file that cannot be decoded yields ``ok=False`` instead of raising, so one bad image is a
-    counted skip rather than the end of a long run.
+    counted skip rather than the end of a long run. DICOM films are chosen by scan's own rule
+    (``selection``: by default frontal chest radiographs), so a model never learns from what scan
+    would not score.
     """
 
-    def __init__(self, items: list[tuple[Path, int]], image_size: int, augment: bool, rotation: float):
+    def __init__(self, items: list[tuple[Path, int]], image_size: int, augment: bool, rotation: float,
+                 selection: Selection = Selection()):
         self.items, self.image_size, self.augment, self.rotation = items, image_size, augment, rotation
+        self.selection = selection
 
     def __len__(self) -> int:
         return len(self.items)
@@ -146,7 +153,10 @@ class XrayFolder(Dataset):
         path, label = self.items[index]
         try:
             data = read_file_bounded(path, DEFAULT_MAX_FILE_BYTES)
-            gray = decode_grayscale(data, min_long_side=DECODE_MIN_LONG_SIDE, name=path.name).gray
+            gray = decode_grayscale(data, min_long_side=DECODE_MIN_LONG_SIDE, name=path.name,
+                                    selection=self.selection).gray
+        except NotSelected as e:
+            return torch.zeros(self.image_size, self.image_size, dtype=torch.uint8), label, str(path), f"{SKIPPED}{e}"
         except (DecodeError, FileTooLarge, OSError) as e:
             return torch.zeros(self.image_size, self.image_size, dtype=torch.uint8), label, str(path), str(e)
         square = Image.fromarray(resize_square(gray, self.image_size))
@@ -175,7 +185,8 @@ def seed_worker(worker_id: int) -> None:
 def make_loader(items, args, augment: bool, shuffle: bool) -> DataLoader:
     """Workers are not persistent: each epoch reseeds the generator (see ``reseed``), so the
     shuffle and augmentation of epoch N are the same whether or not the run was resumed."""
-    return DataLoader(XrayFolder(items, args.image_size, augment, args.rotation), batch_size=args.batch_size,
+    dataset = XrayFolder(items, args.image_size, augment, args.rotation, args.selection)
+    return DataLoader(dataset, batch_size=args.batch_size,
                       shuffle=shuffle, num_workers=args.workers, collate_fn=collate,
                       worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(args.seed))
 
@@ -409,9 +420,14 @@ def plot_learning_curve(path: Path, history: list[dict]) -> None:
 
 
 def report_skips(skipped: list) -> None:
-    if skipped:
-        path, reason = skipped[0]
-        print(f"skipped {len(skipped)} unreadable image(s), e.g. {path}: {reason}", file=sys.stderr, flush=True)
+    """One line per kind: films the selection rule left out, and files that could not be read."""
+    not_selected = [(path, reason[len(SKIPPED):]) for path, reason in skipped if reason.startswith(SKIPPED)]
+    unreadable = [(path, reason) for path, reason in skipped if not reason.startswith(SKIPPED)]
+    for found, what in ((not_selected, "DICOM film(s) that scan would not score (--select)"),
+                        (unreadable, "unreadable image(s)")):
+        if found:
+            path, reason = found[0]
+            print(f"skipped {len(found)} {what}, e.g. {path}: {reason}", file=sys.stderr, flush=True)
 
 
 def print_test_metrics(metrics: dict, out: Path) -> None:
@@ -461,6 +477,7 @@ def _round(value, digits: int = 4):
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
+        args.selection = selection(args)
         class_names, splits = discover_splits(args.data, args.val_split, args.seed)
         print(f"classes {class_names}; images: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()), flush=True)
         args.out.mkdir(parents=True, exist_ok=True)

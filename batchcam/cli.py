@@ -14,6 +14,7 @@ from pathlib import Path
 from batchcam import __version__
 from batchcam.config import (
     CAM_METHODS,
+    CHEST_MODALITIES,
     DECODERS,
     DEFAULT_MAX_FILE_MB,
     DEFAULT_MAX_FILES,
@@ -22,14 +23,17 @@ from batchcam.config import (
     DEFAULT_PAGE_SIZE,
     DEFAULT_SANITY_SAMPLE,
     ENGINES,
+    FRONTAL_VIEWS,
     HEAT_SCALES,
     MAX_FILES_RANGE,
     MEGAPIXELS_RANGE,
     OVERLAY_LONG_SIDE,
     PRECISIONS,
+    SELECT_MODES,
     UPLOAD_MB_RANGE,
     PredictConfig,
     ScanConfig,
+    Selection,
     ServeConfig,
     default_workers_for,
 )
@@ -76,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also measure the probability drop when the top 20%% of each map (and a random region "
                       "of the same size) is removed: two extra forward passes per batch")
     add_file_size_option(scan)
+    add_selection_options(scan)
     add_engine_options(scan)
     add_performance_options(scan)
     add_predict_parser(commands)
@@ -89,6 +94,23 @@ def add_file_size_option(command: argparse.ArgumentParser) -> None:
     command.add_argument("--max-file-mb", type=float, default=DEFAULT_MAX_FILE_MB, metavar="MB",
                          help=f"a larger file is an error row and is never read, in MB of 2^20 bytes "
                          f"(default: {DEFAULT_MAX_FILE_MB}; far above any real X-ray)")
+
+
+def add_selection_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--select", default="chest", choices=SELECT_MODES,
+                         help="chest: score only DICOM films that are frontal chest radiographs (by their Modality, "
+                         "BodyPartExamined and ViewPosition), the others become 'skipped' rows with the reason; all: "
+                         "score every file. Files without DICOM tags (JPEG, PNG, ...) are always scored")
+    command.add_argument("--modalities", default=None, metavar="LIST",
+                         help="with --select chest: the DICOM modalities scored "
+                         f"(default: {','.join(CHEST_MODALITIES)})")
+    command.add_argument("--views", default=None, metavar="LIST",
+                         help=f"with --select chest: the ViewPosition values scored, or 'any' (default: "
+                         f"{','.join(FRONTAL_VIEWS)}); a film without ViewPosition is scored")
+
+
+def selection(args: argparse.Namespace) -> Selection:
+    return Selection.from_options(args.select, args.modalities, args.views)
 
 
 def add_engine_options(scan: argparse.ArgumentParser) -> None:
@@ -138,6 +160,7 @@ def add_predict_parser(commands) -> None:
     predict.add_argument("--target", default="predicted",
                          help="class the heatmap explains: 'predicted' (the default) or a class name")
     add_file_size_option(predict)
+    add_selection_options(predict)
 
 
 def add_evaluate_parser(commands) -> None:
@@ -200,6 +223,7 @@ def add_serve_parser(commands) -> None:
                        f"{MEGAPIXELS_RANGE[0]} to {MEGAPIXELS_RANGE[1]} (default: {DEFAULT_MAX_MEGAPIXELS}); a "
                        "16-bit, float or DICOM image, decoded through 64-bit floats, may have a quarter of that (a "
                        "colour DICOM a twelfth); more get HTTP 413 before any pixel is decoded")
+    add_selection_options(serve)
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -207,7 +231,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     config = PredictConfig(files=tuple(args.files), model=args.model, out=args.out, json=args.json,
                            device=args.device, cam=args.cam, target=args.target, batch_size=args.batch_size,
-                           max_file_mb=args.max_file_mb)
+                           max_file_mb=args.max_file_mb, selection=selection(args))
     console = Console()
     try:
         result = predict(config, console)
@@ -224,7 +248,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(model=args.model, host=args.host, port=args.port, device=args.device,
                          max_upload_mb=args.max_upload_mb, max_files=args.max_files,
-                         max_megapixels=args.max_megapixels)
+                         max_megapixels=args.max_megapixels, selection=selection(args))
     return serve(config, Console())
 
 
@@ -236,7 +260,8 @@ def scan_config(args: argparse.Namespace, argv: list[str]) -> ScanConfig:
                       faithfulness=args.faithfulness, heat_scale=args.heat_scale, engine=args.engine,
                       ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker,
                       overlay_size=args.overlay_size, precision=args.precision, compile=args.compile,
-                      decode=args.decode, max_file_mb=args.max_file_mb, argv=tuple(argv))
+                      decode=args.decode, max_file_mb=args.max_file_mb,
+                      selection=selection(args), argv=tuple(argv))
 
 
 def run_scan(config: ScanConfig) -> int:

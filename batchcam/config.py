@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,63 @@ DEFAULT_MAX_FILES = 32           # serve: files in one request
 MAX_FILES_RANGE = (1, 1024)
 DEFAULT_MAX_MEGAPIXELS = 100     # serve: pixels in one request, in millions, from the images' headers
 MEGAPIXELS_RANGE = (1, 4096)
+
+
+# Which DICOM films are scored (decode.selection applies the rule; files without tags are always scored).
+SELECT_MODES = ("chest", "all")
+CHEST_MODALITIES = ("CR", "DX")  # computed and digital radiography
+FRONTAL_VIEWS = ("PA", "AP")
+ANY_VIEW = "any"
+DICOM_CODE = re.compile(r"[A-Z0-9_ ]{1,16}")  # the characters and length of a DICOM code string (CS)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which DICOM films the model scores: ``chest`` (the default) scores a Modality in
+    ``modalities`` whose BodyPartExamined is absent or names the chest and whose ViewPosition is
+    absent or in ``views`` (None: any view); ``all`` scores every file. The rest become ``skipped``
+    rows with their reason. ``key`` goes into the row store, so changing the rule re-decides them."""
+
+    mode: str = "chest"
+    modalities: tuple[str, ...] = CHEST_MODALITIES
+    views: tuple[str, ...] | None = FRONTAL_VIEWS
+
+    @classmethod
+    def from_options(cls, select: str = "chest", modalities: str | None = None,
+                     views: str | None = None) -> "Selection":
+        """From ``--select``, ``--modalities CR,DX`` and ``--views PA,AP`` (or ``any``)."""
+        check_choice("--select", select, SELECT_MODES)
+        if select == "all":
+            if modalities is not None or views is not None:
+                raise UsageError("--modalities and --views choose among DICOM films; --select all scores every file")
+            return cls(mode="all")
+        chosen_views = None if views is not None and views.strip().lower() == ANY_VIEW else \
+            parse_codes("--views", views, FRONTAL_VIEWS)
+        return cls(mode="chest", modalities=parse_codes("--modalities", modalities, CHEST_MODALITIES),
+                   views=chosen_views)
+
+    @property
+    def everything(self) -> bool:
+        return self.mode == "all"
+
+    @property
+    def key(self) -> str:
+        if self.everything:
+            return "all"
+        return f"chest;{','.join(self.modalities)};{','.join(self.views) if self.views else ANY_VIEW}"
+
+
+def parse_codes(option: str, text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of DICOM codes, upper-cased and de-duplicated in order."""
+    if text is None:
+        return default
+    codes = tuple(dict.fromkeys(code.strip().upper() for code in text.split(",") if code.strip()))
+    if not codes:
+        raise UsageError(f"{option} needs at least one value, e.g. {option} {','.join(default)}")
+    for code in codes:
+        if not DICOM_CODE.fullmatch(code):
+            raise UsageError(f"{option}: {code!r} is not a DICOM code (letters, digits, space or _; at most 16)")
+    return codes
 
 
 def default_workers() -> int:
@@ -79,6 +137,7 @@ class ScanConfig:
     ray_address: str | None = None   # None: the ray engine starts a local Ray cluster on this machine
     gpus_per_worker: float | None = None  # ray engine; None: 1 when the cluster has GPUs, else 0
     max_file_mb: float = DEFAULT_MAX_FILE_MB  # a larger file is an error row, never read
+    selection: Selection = Selection()        # which DICOM films are scored; the rest are skipped rows
     argv: tuple[str, ...] = ()
 
     @property
@@ -149,6 +208,7 @@ class PredictConfig:
     target: str = "predicted"
     batch_size: int = 16
     max_file_mb: float = DEFAULT_MAX_FILE_MB
+    selection: Selection = Selection()
 
     @property
     def max_file_bytes(self) -> int:
@@ -174,6 +234,7 @@ class ServeConfig:
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
     max_files: int = DEFAULT_MAX_FILES              # files in one request
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS  # pixels in one request, in millions
+    selection: Selection = Selection()
 
     def validate(self) -> None:
         check_model(self.model)

@@ -14,6 +14,7 @@ TAIL_COLUMNS = ("label", "correct", "cam_target", "cam_peak_x", "cam_peak_y", "o
                 "height", "sha256", "model_sha256")
 # Beyond the contract, after its columns: the explanation checks (batchcam.checks.attention).
 CHECK_COLUMNS = ("attention_outside", "attention_flag", "faith_drop_top", "faith_drop_random")
+STATUSES = ("ok", "error", "skipped")   # skipped: read, but not what the model is for (decode.selection)
 ATTENTION_THRESHOLD = 0.55    # attention_flag when more than this share of the heat is off the lungs
 
 
@@ -25,7 +26,7 @@ def attention_flag(share: float | None) -> bool | None:
 @dataclass
 class Row:
     path: str
-    status: str                     # "ok" or "error"
+    status: str                     # "ok", "error" or "skipped" (STATUSES)
     error: str = ""
     prediction: str = ""
     confidence: float | None = None
@@ -47,6 +48,7 @@ class Row:
     size: int = -1           # bytes, as read
     mtime_ns: int = -1
     transient: bool = False  # an error that may not happen again (file changed or vanished mid-scan)
+    selection: str = ""      # a DICOM's: the key of the --select rule that scored or skipped it
 
     def __post_init__(self) -> None:
         self.relpath = self.relpath or self.path
@@ -70,6 +72,14 @@ class Row:
     @property
     def original(self) -> str:
         return original_path(self.overlay) if self.overlay else ""
+
+
+def status_counts(rows: Iterable[Row]) -> dict[str, int]:
+    """Rows per status, every status present (manifest ``counts``; exit code 3 only for ``error``)."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    return counts
 
 
 def columns(class_names: Sequence[str]) -> list[str]:

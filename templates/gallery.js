@@ -12,7 +12,7 @@
   const byId = (id) => document.getElementById(id);
   const controls = {
     form: byId("filters"), scope: byId("f-scope"), cls: byId("f-class"), outcome: byId("f-outcome"),
-    min: byId("f-min"), max: byId("f-max"), errors: byId("f-errors"), sort: byId("f-sort"),
+    min: byId("f-min"), max: byId("f-max"), errors: byId("f-errors"), skipped: byId("f-skipped"), sort: byId("f-sort"),
   };
   const shownStatus = byId("shown");
   const pageGrid = byId("cards");
@@ -79,12 +79,15 @@
     return {
       scope: controls.scope.value, cls: controls.cls.value, outcome: controls.outcome ? controls.outcome.value : "",
       min: percentValue(controls.min, 0), max: percentValue(controls.max, 1), errorsOnly: controls.errors.checked,
+      skippedOnly: controls.skipped.checked,
       sort: controls.sort.value,
     };
   }
 
   function matches(item, filter) {
-    if (filter.errorsOnly) return item.status === "error";
+    if (filter.errorsOnly || filter.skippedOnly) {
+      return (filter.errorsOnly && item.status === "error") || (filter.skippedOnly && item.status === "skipped");
+    }
     if (filter.cls && item.prediction !== filter.cls) return false;
     if (filter.outcome === "correct" && item.correct !== true) return false;
     if (filter.outcome === "wrong" && item.correct !== false) return false;
@@ -242,13 +245,13 @@
         card.appendChild(truth);
       }
     } else {
-      card.classList.add("error");
+      card.classList.add(item.status === "skipped" ? "skipped" : "error");
       const placeholder = element("div", "thumb placeholder", "no image");
       placeholder.setAttribute("aria-hidden", "true");
       card.appendChild(placeholder);
       card.appendChild(element("p", "name", item.path));
       const reason = element("p", "error-text");
-      reason.append(element("strong", "", "error:"), " ", element("span", "reason", item.error));
+      reason.append(element("strong", "", `${item.status}:`), " ", element("span", "reason", item.error));
       card.appendChild(reason);
     }
     const where = element("p", "where");

@@ -72,7 +72,9 @@ async function predict(file, card) {
       showError(card, body.detail ? String(body.detail) : `the server answered HTTP ${response.status}`);
       return;
     }
-    showResult(card, body.results[0]);
+    const result = body.results[0];
+    if (result.status === "skipped") showSkipped(card, result.error);
+    else showResult(card, result);
   } catch (error) {
     showError(card, `the server did not answer (${error.message})`);
   }
@@ -89,6 +91,15 @@ function showError(card, reason) {
   card.querySelector(".status-text").textContent = "Not processed";
   const text = card.querySelector(".error-text");
   text.textContent = reason;
+  text.hidden = false;
+}
+
+/** A file read but not scored (a DICOM that is not a frontal chest radiograph): its reason. */
+function showSkipped(card, reason) {
+  card.dataset.status = "skipped";
+  card.querySelector(".status-text").textContent = "Not scored";
+  const text = card.querySelector(".error-text");
+  text.textContent = `skipped: ${reason}`;
   text.hidden = false;
 }
 

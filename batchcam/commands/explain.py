@@ -16,6 +16,7 @@ import torch
 from batchcam.cam import overlay as overlays
 from batchcam.cam.engine import TARGET_LAYER, CamEngine
 from batchcam.cam.overlay import RenderedOverlay
+from batchcam.config import Selection
 from batchcam.decode.dataset import Sample, collate_samples, decode_sample
 from batchcam.engines.stages import explain_batch
 from batchcam.model.checkpoint import LoadedModel
@@ -66,8 +67,9 @@ class Explainer:
     """
 
     def __init__(self, loaded: LoadedModel, device: torch.device, method: str = "gradcam",
-                 target: int | None = None):
+                 target: int | None = None, selection: Selection | None = Selection()):
         self.loaded, self.device, self.method, self.target = loaded, device, method, target
+        self.selection = selection  # which DICOM films are scored; the others are skipped results
         self.model = loaded.model.to(device).to(memory_format=torch.channels_last)
         self._lock = threading.Lock()
 
@@ -77,10 +79,10 @@ class Explainer:
 
     def decode(self, name: str, data: bytes) -> Sample:
         """Bytes to a Sample exactly as scan decodes a file; a bad file becomes ``sample.error``."""
-        return decode_sample(name, data, self.loaded.spec.image_size)
+        return decode_sample(name, data, self.loaded.spec.image_size, selection=self.selection)
 
     def explain(self, samples: list[Sample]) -> list[Explanation]:
-        """One Explanation per sample, in order; error samples pass through as error rows."""
+        """One Explanation per sample, in order; error and skipped samples pass through as such rows."""
         samples, views = collate_samples(samples)
         with self._lock, CamEngine(self.model, self.method, self.target) as engine:
             results = explain_batch(samples, views, engine, self.loaded, self.device)

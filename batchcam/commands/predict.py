@@ -27,12 +27,14 @@ from batchcam.runtime.fsutil import SafeDir, publish_new
 class PredictResult:
     ok: int = 0
     error: int = 0
+    skipped: int = 0    # not scored: DICOM films that are not frontal chest radiographs (--select)
     overlays: list[Path] = field(default_factory=list)
 
     @property
     def summary_line(self) -> str:
-        total = self.ok + self.error
-        return f"batchcam: {total} file{'' if total == 1 else 's'}, {self.ok} ok, {self.error} error"
+        total = self.ok + self.error + self.skipped
+        skipped = f", {self.skipped} skipped" if self.skipped else ""
+        return f"batchcam: {total} file{'' if total == 1 else 's'}, {self.ok} ok, {self.error} error{skipped}"
 
 
 def predict(config: PredictConfig, console: Console, stdout: TextIO | None = None) -> PredictResult:
@@ -41,7 +43,8 @@ def predict(config: PredictConfig, console: Console, stdout: TextIO | None = Non
     config.validate()
     device = resolve_device(config.device)
     loaded = load_model(config.model, console.warn)
-    explainer = Explainer(loaded, device, config.cam, resolve_target(config.target, loaded.spec.class_names))
+    explainer = Explainer(loaded, device, config.cam, resolve_target(config.target, loaded.spec.class_names),
+                          selection=config.selection)
     if config.out is not None:
         _make_folder(config.out)
     printer = JsonLinesPrinter(stdout) if config.json else TablePrinter(
@@ -49,11 +52,10 @@ def predict(config: PredictConfig, console: Console, stdout: TextIO | None = Non
     result = PredictResult()
     for explanation in explain_files(explainer, config.files, config.batch_size, config.max_file_bytes):
         overlay = _save_overlay(explanation, config.out) if config.out is not None and explanation.ok else None
-        if explanation.ok:
-            result.ok += 1
-        else:
-            result.error += 1
-            print(f"batchcam: error: {explanation.name}: {explanation.error}", file=console.stream, flush=True)
+        status = explanation.row.status
+        setattr(result, status, getattr(result, status) + 1)
+        if status != "ok":
+            print(f"batchcam: {status}: {explanation.name}: {explanation.error}", file=console.stream, flush=True)
         if overlay is not None:
             result.overlays.append(overlay)
         printer.print(explanation, overlay)
@@ -130,7 +132,7 @@ class TablePrinter:
         self.stream = stream
         self.with_overlay = with_overlay
         self.file_width = max(len("file"), *(len(Path(name).as_posix()) for name in files))
-        self.prediction_width = max(len("prediction"), len("error"), *(len(name) for name in class_names))
+        self.prediction_width = max(len("prediction"), len("skipped"), *(len(name) for name in class_names))
         self.probability_headers = [f"p_{name}" for name in class_names]
         header = ["file".ljust(self.file_width), "prediction".ljust(self.prediction_width), "confidence",
                   *(f"{h:>8}" for h in self.probability_headers)]
@@ -141,7 +143,7 @@ class TablePrinter:
         if row.ok:
             prediction, numbers = row.prediction, [row.confidence, *row.probabilities]
         else:
-            prediction, numbers = "error", [None] * (1 + len(self.probability_headers))
+            prediction, numbers = row.status, [None] * (1 + len(self.probability_headers))
         widths = [len("confidence"), *(max(8, len(h)) for h in self.probability_headers)]
         cells = [row.path.ljust(self.file_width), prediction.ljust(self.prediction_width),
                  *(_number(value).rjust(width) for value, width in zip(numbers, widths))]

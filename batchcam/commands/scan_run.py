@@ -23,7 +23,7 @@ from batchcam.engines.job import DecodeSettings, RayOptions, ScanJob
 from batchcam.engines.stages import prepared_model
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import LoadedModel, load_model
-from batchcam.records import Row
+from batchcam.records import Row, status_counts
 from batchcam.report.folder import ReportFolder, open_log
 from batchcam.report.gallery import render_gallery
 from batchcam.report.store import PlannedFile, RowStore, Settings, make_plan, stat_candidates
@@ -43,7 +43,8 @@ class ScanResult:
     def summary_line(self) -> str:
         c = self.counts
         rate = c["processed"] / self.seconds if self.seconds > 0 else 0.0
-        return (f"batchcam: {c['found']} found, {c['ok']} ok, {c['error']} error, "
+        skipped = f"{c['skipped']} skipped, " if c.get("skipped") else ""
+        return (f"batchcam: {c['found']} found, {c['ok']} ok, {c['error']} error, {skipped}"
                 f"{self.seconds:.1f} s, {rate:.1f} images/s -> {self.report}")
 
 
@@ -100,7 +101,7 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
     report.prepare()
     previous_cams = report.read_cams() if config.keeps_cams else {}
     with RowStore(report.state(), ready.settings.key) as store:
-        plan = make_plan(files, store.load(), full=config.full,
+        plan = make_plan(files, store.load(), full=config.full, selection=config.selection.key,
                          row_is_complete=lambda row: report.has_overlays(row)
                          and (not config.keeps_cams or not row.ok or row.path in previous_cams))
         console.info(f"scanning {len(files)} images under {config.root} on {device}: "
@@ -112,7 +113,7 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
         processed, new_cams = engine.process(plan.process, job)
         rows = sorted(plan.reuse + processed, key=lambda row: row.path)
         counts = {"found": len(files), "processed": len(processed), "reused": len(plan.reuse),
-                  "ok": sum(row.ok for row in rows), "error": sum(not row.ok for row in rows)}
+                  **status_counts(rows)}
         seconds = time.monotonic() - started
         cam_info = {"method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
                     "exact_fast_path": job.engine.exact, "heat_scale": config.heat_scale}
@@ -120,7 +121,7 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
             cam_info["run_scale"] = rescale_overlays(rows, files, {**previous_cams, **new_cams}, job)
         report_manifest = manifest(root=config.root, argv=config.argv, loaded=loaded, cam=cam_info,
                                    device=str(device), counts=counts, started_at=started_at,
-                                   finished_at=now_iso(), seconds=seconds)
+                                   finished_at=now_iso(), seconds=seconds, selection=config.selection)
         write_report(report, rows, loaded, report_manifest,
                      cams={**previous_cams, **new_cams} if config.keeps_cams else None, page_size=config.page_size)
         report.remove_unreferenced_overlays(rows, store.written_overlays())
@@ -135,7 +136,7 @@ def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportF
                        autocast=ready.autocast)
     decode = DecodeSettings(image_size=ready.loaded.spec.image_size, overlay_size=config.overlay_size,
                             max_file_bytes=config.max_file_bytes, batch_size=config.batch_size,
-                            workers=config.workers, on_gpu=config.decode == "gpu")
+                            workers=config.workers, on_gpu=config.decode == "gpu", selection=config.selection)
     ray = (RayOptions(root=config.root, address=config.ray_address, gpus_per_worker=config.gpus_per_worker,
                       compile=config.compile) if config.engine == "ray" else None)
     return ScanJob(loaded=ready.loaded, engine=engine, device=ready.device, report=report, store=store,
@@ -167,9 +168,9 @@ def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, rep
 
 def report_errors(rows: list[Row], processed: list[Row], console: Console) -> None:
     for row in processed:
-        if not row.ok:
-            console.log(f"error row: {row.path}: {row.error}")
-    errors = sum(not row.ok for row in rows)
+        if row.status != "ok":
+            console.log(f"{row.status} row: {row.path}: {row.error}")
+    errors = status_counts(rows)["error"]
     if errors:
         console.warn(f"{errors} image(s) could not be processed (status 'error' in predictions.csv; "
                      "reasons in batchcam.log)")

@@ -73,7 +73,7 @@ def serve(config: ServeConfig, console: Console) -> int:
     import uvicorn
 
     device = resolve_device(config.device)
-    explainer = Explainer(load_model(config.model, console.warn), device)
+    explainer = Explainer(load_model(config.model, console.warn), device, selection=config.selection)
     app = create_app(explainer, config.max_upload_bytes, max_files=config.max_files,
                      max_pixels_per_request=config.max_pixels_per_request,
                      allowed_hosts=allowed_hosts_for(config.host, config.port))
@@ -209,13 +209,16 @@ def explain_uploads(explainer: Explainer, uploads: list[tuple[str, bytes]], limi
 
 
 def refuse_bad(samples: list[Sample]) -> None:
-    bad = [f"{sample.relpath}: {sample.error}" for sample in samples if not sample.ok]
+    bad = [f"{sample.relpath}: {sample.error}" for sample in samples if sample.error]
     if bad:
         raise UploadRejected(400, "; ".join(bad))
 
 
 def result_json(explanation: Explanation) -> dict:
+    """A file's JSON result; a skipped file (not scored: no image) has its reason and no images."""
     rendered = explanation.rendered
+    if rendered is None:
+        return {**explanation.as_dict(), "overlay": None, "original": None}
     return {**explanation.as_dict(), "overlay": jpeg_data_url(rendered.overlay_jpeg),
             "original": jpeg_data_url(rendered.original_jpeg)}
 

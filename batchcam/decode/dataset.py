@@ -20,19 +20,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from batchcam.config import OVERLAY_LONG_SIDE
+from batchcam.config import DEFAULT_MAX_FILE_BYTES, OVERLAY_LONG_SIDE, Selection
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, fit_within, resize_square
 from batchcam.decode.lungs import estimate_lung_fields
-from batchcam.decode.pixels import DecodeError
+from batchcam.decode.pixels import DecodeError, NotSelected, is_dicom
 
 
 @dataclass
 class Sample:
-    """One decoded file, or the reason it could not be decoded."""
+    """One decoded file, or the reason it could not be decoded (``error``) or is not scored
+    (``skip_reason``: a DICOM that is not a frontal chest radiograph, see ``decode.selection``)."""
 
     relpath: str
     sha256: str = ""
     error: str = ""
+    skip_reason: str = ""
+    selection: str = ""                    # a DICOM's: the key of the rule it was selected or skipped by
     width: int = 0
     height: int = 0
     model_view: np.ndarray | None = None   # uint8 (size, size): what the model sees
@@ -46,14 +49,14 @@ class Sample:
 
     @property
     def ok(self) -> bool:
-        return not self.error
+        return not self.error and not self.skip_reason
+
+    @property
+    def status(self) -> str:
+        return "error" if self.error else "skipped" if self.skip_reason else "ok"
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# No file is read whole beyond this size (scan and predict --max-file-mb): its size is checked
-# before the read, so a sparse 40 GiB file costs a stat, not the machine's memory.
-DEFAULT_MAX_FILE_MB = 512
-DEFAULT_MAX_FILE_BYTES = DEFAULT_MAX_FILE_MB * 2 ** 20
 READ_CHUNK = 8 * 2 ** 20
 
 
@@ -81,8 +84,9 @@ class ScanDataset(Dataset):
 
     def __init__(self, items: Sequence, image_size: int, display_max_side: int = OVERLAY_LONG_SIDE,
                  can_defer: Callable[[bytes], bool] | None = None, *,
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, selection: Selection | None = None):
         self.items = items
+        self.selection = selection  # which DICOM films are scored (None: all)
         self.image_size = image_size
         self.display_max_side = display_max_side
         self.can_defer = can_defer  # scan --decode gpu: files it accepts are left undecoded
@@ -104,13 +108,14 @@ class ScanDataset(Dataset):
         if self.can_defer is not None and self.can_defer(data):
             sample = Sample(relpath=item.relpath, sha256=hashlib.sha256(data).hexdigest(), encoded=data)
         else:
-            sample = decode_sample(item.relpath, data, self.image_size, self.display_max_side)
+            sample = decode_sample(item.relpath, data, self.image_size, self.display_max_side, self.selection)
         sample.size, sample.mtime_ns = size, mtime_ns
         return sample
 
     def decode_deferred(self, sample: Sample) -> Sample:
         """A deferred sample the batched decoder rejected, decoded on the CPU after all."""
-        decoded = decode_sample(sample.relpath, sample.encoded, self.image_size, self.display_max_side)
+        decoded = decode_sample(sample.relpath, sample.encoded, self.image_size, self.display_max_side,
+                                self.selection)
         decoded.size, decoded.mtime_ns = sample.size, sample.mtime_ns
         return decoded
 
@@ -238,11 +243,22 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: int = OVERLAY_LONG_SIDE) -> Sample:
-    """Decode one file's bytes into a Sample; any failure becomes ``Sample.error``, never an exception."""
+def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: int = OVERLAY_LONG_SIDE,
+                  selection: Selection | None = None) -> Sample:
+    """Decode one file's bytes into a Sample; any failure becomes ``Sample.error``, never an exception.
+
+    A DICOM film that ``selection`` does not score gets ``skip_reason`` and no pixels (None scores
+    every file); a DICOM sample records the rule's key, so a changed rule decides it again.
+    """
     sample = Sample(relpath=relpath, sha256=hashlib.sha256(data).hexdigest())
+    if selection is not None and is_dicom(data, relpath):
+        sample.selection = selection.key
     try:
-        decoded = decode_grayscale(data, min_long_side=max(DECODE_MIN_LONG_SIDE, display_max_side), name=relpath)
+        decoded = decode_grayscale(data, min_long_side=max(DECODE_MIN_LONG_SIDE, display_max_side), name=relpath,
+                                   selection=selection)
+    except NotSelected as e:
+        sample.skip_reason = str(e)
+        return sample
     except DecodeError as e:
         sample.error = str(e)
         return sample

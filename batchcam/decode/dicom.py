@@ -4,11 +4,12 @@ The display pipeline is the standard's: stored values -> modality LUT (rescale s
 a Modality LUT) -> VOI LUT or window -> MONOCHROME1 inverted so bone is bright -> 8 bits. Without
 a VOI LUT or window the modality values are min-max stretched, as viewers do.
 
-Only the image pixel, modality LUT and VOI LUT modules are parsed (``specific_tags``): patient,
-study and institution elements are skipped unread, so no patient identifier can reach a row, a
-log line or the gallery, whatever the file holds. Needs the optional extra ``dicom`` (pydicom 3
-plus the pylibjpeg plugins for compressed transfer syntaxes); without it every DICOM file is an
-error row that says how to install it.
+Only the image pixel, modality LUT and VOI LUT modules and the three coded tags that say what the
+film is (Modality, BodyPartExamined, ViewPosition: ``decode.selection``) are parsed
+(``specific_tags``): patient, study and institution elements are skipped unread, so no patient
+identifier can reach a row, a log line or the gallery, whatever the file holds. Needs the
+optional extra ``dicom`` (pydicom 3 plus the pylibjpeg plugins for compressed transfer syntaxes);
+without it every DICOM file is an error row that says how to install it.
 
 What a file may cost is checked before it is spent: a deflated data set is inflated by batchcam,
 up to ``MAX_INFLATED_BYTES``, before pydicom sees it (pydicom alone would inflate it whole); an
@@ -30,16 +31,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from batchcam.config import Selection
 from batchcam.decode.pixels import (
     MARKER_AFTER_SCAN,
     STANDALONE_MARKERS,
     DecodedImage,
     DecodeError,
+    NotSelected,
     gray_from_unit,
     has_dicom_magic,
     one_line,
     refuse_too_many_pixels,
 )
+from batchcam.decode.selection import SELECTION_TAGS, acquisition_of, skip_reason
 
 INSTALL_HINT = 'pip install "batchcam[dicom]"'
 PIXEL_DATA_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -51,6 +55,7 @@ DISPLAY_TAGS = (
     "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
     "WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence",
     *PIXEL_DATA_TAGS,
+    *SELECTION_TAGS,
 )
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
@@ -98,10 +103,12 @@ class Geometry:
     photometric: str
 
 
-def decode_dicom(data: bytes, has_preamble: bool = True) -> DecodedImage:
+def decode_dicom(data: bytes, has_preamble: bool = True, selection: Selection | None = None) -> DecodedImage:
     """Decode one DICOM file's bytes; every failure is a ``DecodeError`` with a one-line reason.
 
     ``has_preamble`` False reads a bare data set (a ``.dcm`` file without the Part 10 header).
+    A film that ``selection`` does not score raises ``NotSelected`` before its pixels are decoded
+    (None scores every film).
     """
     pydicom = _import_pydicom()
     forced = not has_preamble
@@ -113,9 +120,11 @@ def decode_dicom(data: bytes, has_preamble: bool = True) -> DecodedImage:
             ds = pydicom.dcmread(source, force=forced, specific_tags=list(DISPLAY_TAGS), defer_size=DEFER_SIZE)
             _refuse_if_over_budget(source)
             truncated = any("end of file" in str(w.message).lower() for w in caught)
+            if selection is not None and (reason := skip_reason(acquisition_of(ds), selection)):
+                raise NotSelected(reason)
             problem = "pixel data could not be decoded"
             unit, geometry = _display_unit(ds, truncated, forced)
-        except DecodeError:
+        except (DecodeError, NotSelected):
             raise
         except Exception as e:  # pydicom raises many types on hostile files; each is one bad row
             _refuse_if_over_budget(source)  # pydicom may have wrapped the budget's exception in its own

@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from batchcam.config import Selection
 from batchcam.decode.pixels import (
     MARKER_AFTER_SCAN,
     STANDALONE_MARKERS,
@@ -50,21 +51,23 @@ ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.
 IMPLIED_RANGES = {"I": (255.0, 65535.0), "F": (1.0, 255.0, 65535.0)}
 
 
-def decode_grayscale(data: bytes, min_long_side: int | None = None, name: str = "") -> DecodedImage:
+def decode_grayscale(data: bytes, min_long_side: int | None = None, name: str = "",
+                     selection: Selection | None = None) -> DecodedImage:
     """Decode image bytes into an 8-bit grayscale image, EXIF orientation applied.
 
     ``min_long_side`` lets a JPEG decode at a reduced DCT scale (1/2, 1/4, 1/8) as long as its
     longer side stays at least that many pixels: a 2048 px radiograph decodes several times faster
     when the model and the overlay need 1024 px at most (``DECODE_MIN_LONG_SIDE``). ``name`` (the
     file's name or relative path) only lets a ``.dcm`` file without the DICOM preamble be read as
-    DICOM.
+    DICOM. ``selection`` decides which DICOM films are scored (``NotSelected`` for the others;
+    None scores them all); other formats carry no tags to decide by and are always decoded.
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
     if is_dicom(data, name):
         from batchcam.decode.dicom import decode_dicom
 
-        return decode_dicom(data, has_preamble=has_dicom_magic(data))
+        return decode_dicom(data, has_preamble=has_dicom_magic(data), selection=selection)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -15,6 +15,11 @@ class DecodeError(Exception):
     """The file is not an image batchcam can read; the message is a one-line reason for the CSV."""
 
 
+class NotSelected(Exception):
+    """The file was read but is not what the model is for (decode.selection); the message is the
+    one-line reason of its ``skipped`` row. Raised before any pixel is decoded."""
+
+
 @dataclass
 class DecodedImage:
     """A grayscale picture (possibly decoded at reduced scale), the original oriented size, and

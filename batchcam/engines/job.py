@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from batchcam.cam.engine import CamEngine
+from batchcam.config import Selection
 from batchcam.model.checkpoint import LoadedModel
 from batchcam.report.folder import ReportFolder
 from batchcam.report.store import RowStore
@@ -33,6 +34,7 @@ class DecodeSettings:
     batch_size: int
     workers: int
     on_gpu: bool = False                # scan --decode gpu: plain JPEGs decoded in batches on the device
+    selection: Selection = Selection()  # which DICOM films are scored; the others are skipped rows
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ def prepared_model(loaded: LoadedModel, device: torch.device, compile: bool = Fa
 
 def scan_dataset(files, decode: DecodeSettings, can_defer=None) -> ScanDataset:
     return ScanDataset(files, decode.image_size, decode.overlay_size, can_defer=can_defer,
-                       max_file_bytes=decode.max_file_bytes)
+                       max_file_bytes=decode.max_file_bytes, selection=decode.selection)
 
 
 def decode_loader(dataset: ScanDataset, decode: DecodeSettings, pin_memory: bool = False) -> DataLoader:
@@ -79,9 +79,10 @@ def batch_rows(samples: list[Sample], cam_batch: CamBatch | None, loaded: Loaded
     results = []
     ok_index = 0
     for sample in samples:
-        row = Row(path=display_path(sample.relpath), status="ok" if sample.ok else "error", error=sample.error,
+        row = Row(path=display_path(sample.relpath), status=sample.status, error=sample.error or sample.skip_reason,
                   sha256=sample.sha256, model_sha256=loaded.sha256, relpath=sample.relpath,
-                  size=sample.size, mtime_ns=sample.mtime_ns, transient=sample.transient)
+                  size=sample.size, mtime_ns=sample.mtime_ns, transient=sample.transient,
+                  selection=sample.selection)
         cam = None
         if sample.ok:
             probabilities = cam_batch.probabilities[ok_index]

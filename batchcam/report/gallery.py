@@ -27,7 +27,7 @@ from jinja2 import Environment, FileSystemLoader, Template, select_autoescape
 
 from batchcam.cam.overlay import jet
 from batchcam.checks.metrics import positive_class_index, roc_curve
-from batchcam.records import ATTENTION_THRESHOLD, Row
+from batchcam.records import ATTENTION_THRESHOLD, Row, status_counts
 from batchcam.resources import templates_dir
 
 DEFAULT_PAGE_SIZE = 100
@@ -155,6 +155,7 @@ class Summary:
     confusion: Confusion | None
     roc: Roc | None
     attention_flagged: int = 0          # rows whose heat lies mostly off the lungs
+    skipped: int = 0                    # rows not scored (decode.selection)
 
 
 # Plot areas of the charts, in SVG user units (the SVGs scale with their viewBox).
@@ -168,7 +169,8 @@ def summarise(rows: Sequence[Row], class_names: Sequence[str], metrics: dict | N
     predicted = Counter(row.prediction for row in rows if row.ok)
     positive = positive_class_index(class_names)
     labelled = [row for row in ok_rows if row.label]
-    return Summary(total=len(rows), ok=sum(row.ok for row in rows), error=sum(not row.ok for row in rows),
+    counts = status_counts(rows)
+    return Summary(total=len(rows), ok=counts["ok"], error=counts["error"], skipped=counts["skipped"],
                    per_class=[(name, predicted.get(name, 0)) for name in class_names], labelled=len(labelled),
                    wrong=sum(row.correct is False for row in rows), positive_class=class_names[positive],
                    histogram=probability_histogram(ok_rows, class_names, positive),

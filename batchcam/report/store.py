@@ -19,7 +19,7 @@ from batchcam.decode.discover import Candidate
 from batchcam.records import Row, original_path, thumb_path
 from batchcam.runtime.fsutil import SafeDir
 
-ROW_FORMAT = 4  # bump whenever a row's meaning or the overlay rendering changes
+ROW_FORMAT = 5  # bump whenever a row's meaning or the overlay rendering changes
 ROWS, JOURNAL = "rows.jsonl", "journal.jsonl"
 ROW_FIELDS = {f.name for f in fields(Row)}
 
@@ -77,13 +77,18 @@ def stat_candidates(candidates: Sequence[Candidate]) -> list[PlannedFile]:
 
 
 def make_plan(files: Sequence[PlannedFile], previous: dict[str, Row], *, full: bool,
-              row_is_complete: Callable[[Row], bool]) -> Plan:
-    """Split the files into rows to reuse and files to process; rows of vanished files are dropped."""
+              row_is_complete: Callable[[Row], bool], selection: str = "") -> Plan:
+    """Split the files into rows to reuse and files to process; rows of vanished files are dropped.
+
+    A DICOM's row was decided by a ``--select`` rule (``Row.selection``): under another rule
+    (``selection``, the rule's key) it is decided again; rows of files without tags are not.
+    """
     reuse, process = [], []
     for planned in files:
         row = None if full else previous.get(planned.relpath)
         if (row is not None and not row.transient and row.size == planned.size
-                and row.mtime_ns == planned.mtime_ns and row_is_complete(row)):
+                and row.mtime_ns == planned.mtime_ns and row.selection in ("", selection)
+                and row_is_complete(row)):
             reuse.append(row)
         else:
             process.append(planned)

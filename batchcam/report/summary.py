@@ -12,6 +12,7 @@ import numpy as np
 import batchcam
 from batchcam.checks.attention import BORDER_MARGIN, REMOVED_FRACTION
 from batchcam.checks.metrics import classification_metrics
+from batchcam.config import Selection
 from batchcam.model.checkpoint import LoadedModel
 from batchcam.records import ATTENTION_THRESHOLD, Row
 
@@ -80,8 +81,16 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def selection_info(selection: Selection) -> dict:
+    """The --select rule of the run, as the manifest records it."""
+    if selection.everything:
+        return {"select": "all"}
+    return {"select": selection.mode, "modalities": list(selection.modalities),
+            "views": list(selection.views) if selection.views is not None else "any"}
+
+
 def manifest(*, root: Path, argv: Sequence[str], loaded: LoadedModel, cam: dict, device: str, counts: dict,
-             started_at: str, finished_at: str, seconds: float) -> dict:
+             started_at: str, finished_at: str, seconds: float, selection: Selection = Selection()) -> dict:
     spec = loaded.spec
     return {
         "schema_version": SCHEMA_VERSION,
@@ -94,6 +103,7 @@ def manifest(*, root: Path, argv: Sequence[str], loaded: LoadedModel, cam: dict,
                   "class_names": list(spec.class_names), "image_size": spec.image_size, "mean": list(spec.mean),
                   "std": list(spec.std), "dropout": spec.dropout, "demo": loaded.demo},
         "cam": cam,
+        "selection": selection_info(selection),
         "device": device,
         "versions": library_versions(),
         "platform": {"system": platform.system(), "machine": platform.machine()},

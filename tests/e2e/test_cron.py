@@ -66,7 +66,7 @@ def test_unchanged_tree_reruns_without_a_single_model_call(xray_folder, tiny_mod
     model_calls.clear()
     assert scan(xray_folder, out, tiny_model) == 0
     assert model_calls == []
-    assert manifest(out)["counts"] == {"found": 4, "processed": 0, "reused": 4, "ok": 4, "error": 0}
+    assert manifest(out)["counts"] == {"found": 4, "processed": 0, "reused": 4, "ok": 4, "error": 0, "skipped": 0}
     assert (out / "predictions.csv").read_bytes() == first
 
 
@@ -81,7 +81,7 @@ def test_new_changed_and_vanished_files_are_handled_on_rerun(xray_folder, tiny_m
     Image.new("L", (50, 50), 200).save(xray_folder / "NORMAL" / "new.png")
     assert scan(xray_folder, out, tiny_model) == 0
     assert sum(model_calls) == 2
-    assert manifest(out)["counts"] == {"found": 4, "processed": 2, "reused": 2, "ok": 4, "error": 0}
+    assert manifest(out)["counts"] == {"found": 4, "processed": 2, "reused": 2, "ok": 4, "error": 0, "skipped": 0}
     table = {r["path"]: r for r in rows(out)}
     assert "PNEUMONIA/img01.png" not in table
     assert table["NORMAL/img00.png"]["width"] == "90"

@@ -118,7 +118,7 @@ def test_bad_files_are_error_rows_and_the_counts_say_so(reports, mixed_root):
         assert rows[name]["status"] == "error" and rows[name]["error"] and not rows[name]["prediction"]
     assert "empty" in rows[BAD_FILES[0]]["error"]
     counts = manifest(reports["ray"])["counts"]
-    assert counts == {"found": 27, "processed": 27, "reused": 0, "ok": 24, "error": 3}
+    assert counts == {"found": 27, "processed": 27, "reused": 0, "ok": 24, "error": 3, "skipped": 0}
 
 
 def test_the_workers_overlays_and_the_gallery_are_in_the_report(reports):

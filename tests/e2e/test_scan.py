@@ -41,7 +41,7 @@ def test_scan_writes_every_report_file_and_returns_0(xray_folder, tiny_model, tm
         assert (out / r["overlay"]).is_file()
         assert Image.open(out / r["overlay"]).size == (160, 128)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"] == {"found": 4, "processed": 4, "reused": 0, "ok": 4, "error": 0}
+    assert manifest["counts"] == {"found": 4, "processed": 4, "reused": 0, "ok": 4, "error": 0, "skipped": 0}
     assert manifest["model"]["class_names"] == ["NORMAL", "PNEUMONIA"] and manifest["cam"]["exact_fast_path"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 4 and sum(map(sum, metrics["confusion_matrix"])) == 4

@@ -280,3 +280,30 @@ def test_unreadable_training_image_is_skipped_and_training_completes(data_copy):
     assert int(rows[0]["skipped"]) == 1
     assert (out / "model.pt").is_file()
     load_checkpoint(out / "model.pt")
+
+
+def test_training_reads_dicom_films_with_scans_selection_rule(data_copy):
+    pytest.importorskip("pydicom", reason="DICOM support (the dicom extra) is not installed")
+    from tests.dicom_films import dicom_film
+
+    normal = data_copy / "train" / "NORMAL"
+    (normal / "train_chest.dcm").write_bytes(dicom_film(Modality="DX", BodyPartExamined="CHEST", ViewPosition="PA"))
+    (normal / "train_ct.dcm").write_bytes(dicom_film(Modality="CT"))
+    out = data_copy.parent / "out"
+
+    code, _, stderr = run(["--data", data_copy, "--out", out, "--epochs", "1", *FAST])
+
+    assert code == 0, stderr
+    assert int(read_rows(out / "epochs.csv")[0]["skipped"]) == 1  # the CT; the chest film was trained on
+    assert "skipped 1 DICOM film(s) that scan would not score (--select)" in stderr
+    assert "train_ct.dcm: not a chest radiograph: Modality CT" in stderr
+
+    code, _, stderr = run(["--data", data_copy, "--out", data_copy.parent / "all", "--epochs", "1", *FAST,
+                           "--select", "all"])
+    assert code == 0, stderr
+    assert int(read_rows(data_copy.parent / "all" / "epochs.csv")[0]["skipped"]) == 0
+
+
+def test_a_bad_selection_option_is_a_one_line_error(dataset, tmp_path):
+    code, _, stderr = run(["--data", dataset, "--out", tmp_path / "out", "--select", "all", "--views", "LL"])
+    assert "--select all scores every file" in assert_one_line_error(code, stderr)

@@ -1,0 +1,31 @@
+"""Small DICOM films with chosen tags, for the tests of what scan and training select (pydicom needed)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def dicom_film(**tags) -> bytes:
+    """A small 12-bit MONOCHROME2 film with the given tags (Modality, BodyPartExamined, ViewPosition)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    y, x = np.mgrid[0:96, 0:80]
+    pixels = ((np.sin(x / 6.0) * np.cos(y / 9.0) + 1) * 2000).astype(np.uint16)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
