@@ -38,7 +38,7 @@ import torch.nn.functional as F
 LUNG_GRID = 48                  # the estimate's resolution, cells per side
 LEVELS = (0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15)  # shares of the image counted dark
 MIN_GREY_RANGE = 40.0           # 2nd to 98th percentile, grey levels; below it nothing is a radiograph
-FLAT_SPREAD = 0.08              # a border line spanning less of the grey range than this is no anatomy
+FLAT_SPREAD = 0.025             # a border line varying less (std, share of the grey range) is no anatomy
 MIN_FIELD = 0.5                 # the exposed field's shorter side, share of the image's
 LUNG_AREA = (0.025, 0.35)       # one lung's region, share of the image
 MIN_LUNG_HEIGHT = 0.25          # share of the image's height
@@ -102,29 +102,36 @@ class _Region:
 
 def estimate_lung_fields(view: np.ndarray) -> LungEstimate:
     """The grown lung fields of a uint8 grayscale image, or a refusal (see the module's docstring)."""
-    pixels = np.asarray(view, dtype=np.float32)
-    low, high = np.percentile(pixels, (2, 98))
+    half = _half_size(view)
+    low, high = np.percentile(half, (2, 98))
     if high - low < MIN_GREY_RANGE:
         return LungEstimate(None, NOT_A_RADIOGRAPH)
-    top, bottom, left, right = exposed_field(pixels, FLAT_SPREAD * (high - low))
-    if min(bottom - top, right - left) < MIN_FIELD * min(pixels.shape):
+    top, bottom, left, right = exposed_field(half, FLAT_SPREAD * (high - low))
+    if min(bottom - top, right - left) < MIN_FIELD * min(half.shape):
         return LungEstimate(None, MOSTLY_BORDER)
-    field = estimate_in_field(pixels[top:bottom, left:right], high - low)
+    field = estimate_in_field(half[top:bottom, left:right], high - low)
     if field is None:
         return LungEstimate(None, NO_LUNG_PAIR)
-    return LungEstimate(_placed(field, (top, bottom, left, right), pixels.shape))
+    return LungEstimate(_placed(field, (top, bottom, left, right), half.shape))
+
+
+def _half_size(view: np.ndarray) -> np.ndarray:
+    """The view averaged over 2 x 2 pixels (float): plenty for a 48-cell grid, and a quarter of the work."""
+    pixels = torch.from_numpy(np.array(view, dtype=np.float32))[None, None]
+    if min(view.shape) < 2 * LUNG_GRID:
+        return pixels[0, 0].numpy()
+    return F.avg_pool2d(pixels, 2, ceil_mode=True)[0, 0].numpy()
 
 
 def exposed_field(pixels: np.ndarray, flat: float) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the image without its flat border rows and columns.
 
     A collimator's shadow, or padding, is a band of even grey along the border (the image's
-    edge is then not where the body's surroundings end); a row or column whose middle 90% of
-    values span less than ``flat`` grey levels holds no anatomy.
+    edge is then not where the body's surroundings end); a row or column whose standard deviation
+    is under ``flat`` grey levels holds no anatomy.
     """
     def varied_span(lines: np.ndarray) -> tuple[int, int]:
-        low, high = np.percentile(lines, (5, 95), axis=1)
-        varied = np.flatnonzero(high - low >= flat)
+        varied = np.flatnonzero(lines.std(axis=1) >= flat)
         return (int(varied[0]), int(varied[-1]) + 1) if varied.size else (0, 0)
 
     (top, bottom), (left, right) = varied_span(pixels), varied_span(pixels.T)
