@@ -5,8 +5,9 @@ No trained segmenter: the classical radiograph heuristic, made to hold on real f
 borders, shoulders, air above them, 15-bit MONOCHROME1 windowed to 8 bits) and to say no to
 anything else. On a frontal chest film the lungs are two dark (air-filled) fields *inside* the
 body, one on each side of a bright mediastinum and spine, with their apices in the upper third and
-the bright diaphragm below them. On a coarse ``LUNG_GRID`` x ``LUNG_GRID`` copy of the model's
-view:
+the bright diaphragm below them. Even bands along the border (a collimator's shadow, padding) are
+set aside first (``exposed_field``): the body's surroundings end where the exposed field does.
+Then, on a coarse ``LUNG_GRID`` x ``LUNG_GRID`` copy of that field:
 
 1. sweep a dark/bright threshold over ``LEVELS`` (shares of the image counted dark), from the
    most to the least: at each, the dark regions 4-connected to the image's edge are the air around
@@ -30,6 +31,7 @@ on this grid are the shares on the image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -67,7 +69,7 @@ class LungEstimate:
     refusal: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Region:
     """A dark region at one threshold, with the measures the lung tests use (shares of the image)."""
 
@@ -89,10 +91,14 @@ class _Region:
         return cls(mask, float(mask.mean()), rows[0] / n, (rows[-1] + 1) / n, columns[0] / n,
                    (columns[-1] + 1) / n, (xs.mean() + 0.5) / n, (ys.mean() + 0.5) / n, float(gray[mask].mean()))
 
+    @cached_property
+    def hull(self) -> np.ndarray:
+        return convex_hull_mask(self.mask)
+
     def looks_like_a_lung(self) -> bool:
         return (LUNG_AREA[0] <= self.area <= LUNG_AREA[1] and self.bottom - self.top >= MIN_LUNG_HEIGHT
                 and self.top <= APEX_BELOW and self.bottom <= BOTTOM_BELOW
-                and self.mask.sum() >= MIN_SOLIDITY * convex_hull_mask(self.mask).sum())
+                and self.mask.sum() >= MIN_SOLIDITY * self.hull.sum())
 
     def reaches(self, piece: "_Region") -> bool:
         """Whether another region's box comes within ``PIECE_REACH`` of this one's."""
@@ -174,10 +180,10 @@ def _lung_pair(lungs: list[_Region], gray: np.ndarray, grey_range: float) -> tup
 
 
 def _sits_as_lungs(left: _Region, right: _Region, gray: np.ndarray, grey_range: float) -> bool:
-    if abs(left.top - right.top) > APEX_SPREAD or min(left.area, right.area) < MIN_AREA_RATIO * max(left.area,
-                                                                                                     right.area):
-        return False
-    if not MIDLINE[0] <= (left.right + right.left) / 2 <= MIDLINE[1]:
+    """Level apices, comparable sizes, a gap near the middle that is brighter than both lungs."""
+    level = abs(left.top - right.top) <= APEX_SPREAD
+    comparable = min(left.area, right.area) >= MIN_AREA_RATIO * max(left.area, right.area)
+    if not (level and comparable and MIDLINE[0] <= (left.right + right.left) / 2 <= MIDLINE[1]):
         return False
     gap = gap_between(left.mask, right.mask)
     if not gap.any():
@@ -203,7 +209,7 @@ def _with_pieces(region: _Region, regions: list[_Region], gray: np.ndarray) -> _
 
 def _grown_fields(pair: tuple[_Region, _Region], air: np.ndarray) -> np.ndarray:
     """Both lungs hulled and grown, minus the air around the body and the middle of their gap."""
-    hulls = [convex_hull_mask(lung.mask) for lung in pair]
+    hulls = [lung.hull for lung in pair]
     grown = dilate(hulls[0] | hulls[1], round(LUNG_MARGIN * LUNG_GRID))
     return grown & ~air & ~_middle_half(gap_between(*hulls))
 
@@ -287,15 +293,14 @@ def convex_hull_mask(region: np.ndarray) -> np.ndarray:
 def _half_hull(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """One chain of the hull, turning counter-clockwise, without its last point."""
     chain: list[tuple[int, int]] = []
-    for p in points:
-        while len(chain) >= 2 and _cross(chain[-2], chain[-1], p) <= 0:
+    for x, y in points:
+        while len(chain) >= 2:
+            (ox, oy), (ax, ay) = chain[-2], chain[-1]
+            if (ax - ox) * (y - oy) - (ay - oy) * (x - ox) > 0:    # a left turn: the chain stays convex
+                break
             chain.pop()
-        chain.append(p)
+        chain.append((x, y))
     return chain[:-1]
-
-
-def _cross(o: tuple[int, int], a: tuple[int, int], b: tuple[int, int]) -> int:
-    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
