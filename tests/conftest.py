@@ -69,3 +69,21 @@ def model_calls(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(engine.CamEngine, "__call__", counting)
     return calls
+
+
+@pytest.fixture(scope="session")
+def public_dicom():
+    """``public_dicom(name)``: the path of one of pydicom-data's public test films (``RG1_UNCR.dcm``,
+    the CR chest PA film; ``RG3_UNCR.dcm``, a CR tibia; CT, MR, US files). Skipped without the
+    test extra's pydicom-data, or without pydicom and pylibjpeg to decode it."""
+    data_store = pytest.importorskip("data_store", reason="pydicom-data (the test extra) is not installed")
+    pytest.importorskip("pydicom", reason="pydicom (the dicom extra) is not installed")
+    pytest.importorskip("pylibjpeg", reason="pylibjpeg (the dicom extra) is not installed")
+    folder = Path(data_store.__file__).parent / "data"
+
+    def path(name: str) -> Path:
+        if not (folder / name).is_file():
+            pytest.skip(f"{name} is not in this pydicom-data")
+        return folder / name
+
+    return path

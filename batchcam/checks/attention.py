@@ -2,16 +2,17 @@
 
 Attention outside the lungs
     ``attention_outside`` is the share of the displayed heat (the map as the overlay shows it:
-    min-max normalised, upsampled bilinearly) that lies outside the lungs: outside the lung fields
-    estimated from the image by ``batchcam.decode.lungs`` (dark regions inside the body, convex-hulled,
-    grown by 6% of the side), and always including the border band (everything outside the
-    central box that leaves a ``BORDER_MARGIN`` of 10% on each side), where markers, labels and
-    rulers sit. When no plausible lung fields are found, the border band alone is the region.
-    ``attention_flag`` is raised above ``ATTENTION_THRESHOLD`` (55%), when most of the heat is
-    off the lungs. Measured on synthetic images: the demo model's maps put 20-45% of their heat
-    outside; a model that learnt a corner-marker shortcut puts 60-70% there; the grown lung
-    fields cover about 40% of an image, so a map spread evenly puts about 60% outside and is
-    flagged too (it does not point at the lungs either).
+    min-max normalised, upsampled bilinearly) that lies off the lung fields estimated from the image
+    by ``batchcam.decode.lungs`` (two dark fields inside the body either side of the mediastinum,
+    convex-hulled, grown by 6% of the side, the middle of the mediastinum and the air around the
+    body left out). When the image does not look like a frontal chest film the estimate is
+    refused and ``attention_outside`` is empty (the reason goes to the run's log): no region is
+    guessed, as a fixed border band would mislabel a film whose lungs reach its edge.
+    ``attention_flag`` is raised above ``ATTENTION_THRESHOLD`` (55%), when most of the heat is off
+    the lungs. Measured on synthetic images: the demo model's maps put 22-46% of their heat
+    outside; a model that learnt a corner-marker shortcut puts 56-66% there; the grown lung fields
+    cover 36-55% of an image, so a map spread evenly puts 45-64% outside, around the threshold.
+    On pydicom-data's real CR chest film the demo model's heat, on both lungs, is 37% outside.
 
 Faithfulness (``scan --faithfulness``)
     Per image, the drop in the target class's probability when the hottest ``REMOVED_FRACTION``
@@ -32,7 +33,6 @@ from torch import nn
 from batchcam.cam.overlay import normalise, upsample
 from batchcam.decode.lungs import LUNG_GRID
 
-BORDER_MARGIN = 0.10          # the band's width, as a share of each side
 REMOVED_FRACTION = 0.20       # share of the input removed by the faithfulness test
 
 
@@ -47,35 +47,22 @@ def heat_grid(cam: torch.Tensor, width: int, height: int, longest: int = 256) ->
     return upsample(normalise(cam.float()), rows, columns)
 
 
-def border_band(rows: int, columns: int, margin: float = BORDER_MARGIN) -> torch.Tensor:
-    """True outside the central box that leaves ``margin`` of each side (pixel centres)."""
-    y = (torch.arange(rows, dtype=torch.float32) + 0.5) / rows
-    x = (torch.arange(columns, dtype=torch.float32) + 0.5) / columns
-    inside_y = (y >= margin) & (y <= 1 - margin)
-    inside_x = (x >= margin) & (x <= 1 - margin)
-    return ~(inside_y[:, None] & inside_x[None, :])
-
-
 def energy_share(heat: torch.Tensor, region: torch.Tensor) -> float | None:
     """Share of the heat's sum inside ``region`` (a bool mask of the same shape); None for no heat."""
     total = float(heat.sum())
     return None if total <= 0 else float(heat[region].sum()) / total
 
 
-def outside_lungs(lung_fields: np.ndarray | None) -> torch.Tensor:
-    """(LUNG_GRID, LUNG_GRID) bool: the border band, plus everything off the lung fields if known."""
-    band = border_band(LUNG_GRID, LUNG_GRID)
-    return band if lung_fields is None else band | ~torch.from_numpy(lung_fields)
-
-
 def attention_outside(cam: torch.Tensor, lung_fields: np.ndarray | None) -> float | None:
-    """Share of the displayed heat outside the lungs (see the module's docstring).
+    """Share of the displayed heat off the lung fields (see the module's docstring); None without them.
 
-    ``lung_fields`` is ``batchcam.lungs.estimate_lung_fields`` of the image, or None for the
-    border band alone. Both live in coordinates relative to the image, as the map does.
+    ``lung_fields`` is ``batchcam.decode.lungs.estimate_lung_fields(...).fields`` of the image. Both
+    the fields and the map live in coordinates relative to the image.
     """
+    if lung_fields is None:
+        return None
     heat = upsample(normalise(cam.float()), LUNG_GRID, LUNG_GRID)
-    return energy_share(heat, outside_lungs(lung_fields))
+    return energy_share(heat, ~torch.from_numpy(lung_fields))
 
 
 def top_region(cams: torch.Tensor, size: int, fraction: float = REMOVED_FRACTION) -> torch.Tensor:

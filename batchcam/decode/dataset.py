@@ -40,7 +40,7 @@ class Sample:
     height: int = 0
     model_view: np.ndarray | None = None   # uint8 (size, size): what the model sees
     display: np.ndarray | None = None      # uint8 (h, w), longer side <= overlay cap: the overlay's base
-    lung_fields: np.ndarray | None = None  # bool (LUNG_GRID, LUNG_GRID) estimate, None when implausible
+    lung_fields: np.ndarray | None = None  # bool (LUNG_GRID, LUNG_GRID) estimate, None when refused
     encoded: bytes | None = None           # a JPEG left for the batched GPU decoder (scan --decode gpu)
     size: int = -1                         # the file's size and mtime when it was read
     mtime_ns: int = -1
@@ -268,9 +268,20 @@ def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: 
     sample.width, sample.height = decoded.width, decoded.height
     sample.warnings = tuple(decoded.warnings)
     sample.model_view = resize_square(decoded.gray, image_size)
-    sample.lung_fields = estimate_lung_fields(sample.model_view)  # here, in the decoding workers
+    attach_lung_fields(sample)  # here, in the decoding workers
     sample.display = np.asarray(fit_within(decoded.gray, display_max_side), dtype=np.uint8)
     return sample
+
+
+def attach_lung_fields(sample: Sample) -> None:
+    """The lung fields of the sample's model view; a refusal becomes a warning for the run's log.
+
+    ``attention_outside`` is then left empty for this file, and the log says why (one line).
+    """
+    estimate = estimate_lung_fields(sample.model_view)
+    sample.lung_fields = estimate.fields
+    if estimate.fields is None:
+        sample.warnings += (f"attention_outside left empty: {estimate.refusal}",)
 
 
 def collate_samples(samples: list[Sample]) -> tuple[list[Sample], torch.Tensor | None]:

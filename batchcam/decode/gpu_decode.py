@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from batchcam.decode.dataset import Sample, collate_samples
+from batchcam.decode.dataset import Sample, attach_lung_fields, collate_samples
 from batchcam.decode.imaging import ends_complete, exif_orientation
-from batchcam.decode.lungs import estimate_lung_fields
 from batchcam.decode.pixels import refuse_too_many_pixels
 
 
@@ -84,7 +83,7 @@ class BatchedJpegDecoder:
         sample.width, sample.height = width, height
         sample.model_view = _to_uint8(view)
         sample.display = _to_uint8(display)
-        sample.lung_fields = estimate_lung_fields(sample.model_view)
+        attach_lung_fields(sample)
         sample.encoded = None
         return sample
 

@@ -156,6 +156,7 @@ class Summary:
     roc: Roc | None
     attention_flagged: int = 0          # rows whose heat lies mostly off the lungs
     skipped: int = 0                    # rows not scored (decode.selection)
+    attention_measured: int = 0         # rows with lung fields (the estimate refuses non-chest images)
 
 
 # Plot areas of the charts, in SVG user units (the SVGs scale with their viewBox).
@@ -176,7 +177,8 @@ def summarise(rows: Sequence[Row], class_names: Sequence[str], metrics: dict | N
                    histogram=probability_histogram(ok_rows, class_names, positive),
                    confusion=confusion_chart(metrics) if metrics and labelled else None,
                    roc=roc_chart(labelled, class_names, positive, metrics) if metrics and labelled else None,
-                   attention_flagged=sum(bool(row.attention_flag) for row in ok_rows))
+                   attention_flagged=sum(bool(row.attention_flag) for row in ok_rows),
+                   attention_measured=sum(row.attention_outside is not None for row in ok_rows))
 
 
 def probability_histogram(rows: Sequence[Row], class_names: Sequence[str], positive: int) -> Histogram:

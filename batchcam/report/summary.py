@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 import batchcam
-from batchcam.checks.attention import BORDER_MARGIN, REMOVED_FRACTION
+from batchcam.checks.attention import REMOVED_FRACTION
 from batchcam.checks.metrics import classification_metrics
 from batchcam.config import Selection
 from batchcam.model.checkpoint import LoadedModel
@@ -48,10 +48,12 @@ def scan_metrics(rows: Sequence[Row], class_names: Sequence[str]) -> dict | None
 
 
 def attention_summary(rows: Sequence[Row]) -> dict:
-    shares = [row.attention_outside for row in rows if row.ok and row.attention_outside is not None]
-    return {"region": f"off the estimated lung fields, and the border band ({BORDER_MARGIN:.0%} of each side)",
+    scored = [row for row in rows if row.ok]
+    shares = [row.attention_outside for row in scored if row.attention_outside is not None]
+    return {"region": "off the estimated lung fields; empty where the estimate was refused",
             "threshold": ATTENTION_THRESHOLD,
             "n": len(shares), "flagged": sum(share > ATTENTION_THRESHOLD for share in shares),
+            "no_lung_fields": len(scored) - len(shares),
             "mean_outside": round(float(np.mean(shares)), 6) if shares else None}
 
 

@@ -164,7 +164,7 @@ def test_attention_flag_fires_on_a_corner_map_and_stays_quiet_on_lung_maps():
     corner[0, 0], corner[0, 1], corner[1, 0] = 1.0, 0.5, 0.5
     for seed in range(HELD_OUT_SEED, HELD_OUT_SEED + 4):
         xray = generate(seed, "PNEUMONIA", (640, 560))
-        fields = estimate_lung_fields(resize_square(xray.image, 224))
+        fields = estimate_lung_fields(resize_square(xray.image, 224)).fields
         assert fields is not None
         share = attention_outside(corner, fields)
         assert share > ATTENTION_THRESHOLD
@@ -175,13 +175,38 @@ def test_attention_flag_fires_on_a_corner_map_and_stays_quiet_on_lung_maps():
         assert attention_outside(cam, fields) < 0.3
 
 
-def test_without_lung_fields_the_border_band_is_the_region():
+def test_without_lung_fields_attention_outside_is_empty():
     corner = torch.zeros(7, 7)
     corner[0, 0] = 1.0
-    assert attention_outside(corner, None) > ATTENTION_THRESHOLD
-    centre = torch.zeros(7, 7)
-    centre[3, 3] = 1.0
-    assert attention_outside(centre, None) == 0.0
+    assert attention_outside(corner, None) is None
+    assert Row(path="a", status="ok", attention_outside=None).attention_flag is None
+
+
+def test_the_demo_models_heat_on_the_real_chest_film_lies_on_its_lungs_and_the_tibia_gets_no_lung_fields(
+        public_dicom, tmp_path):
+    """pydicom-data's CR chest PA film (heat on both lungs) and CR tibia, both scored (--select all:
+    by default the tibia is a skipped row, see test_selection.py), so the lung estimate must refuse it."""
+    import shutil
+
+    root = tmp_path / "films"
+    (root / "PNEUMONIA").mkdir(parents=True)     # a class-named folder: metrics.json is written too
+    for name in ("RG1_UNCR.dcm", "RG3_UNCR.dcm"):
+        shutil.copy(public_dicom(name), root / "PNEUMONIA" / name)
+    report = tmp_path / "report"
+    assert main(["scan", str(root), "--out", str(report), "--workers", "0", "--quiet", "--select", "all"]) == 0
+    with open(report / "predictions.csv", newline="") as f:
+        rows = {row["path"]: row for row in csv.DictReader(f)}
+    chest, tibia = rows["PNEUMONIA/RG1_UNCR.dcm"], rows["PNEUMONIA/RG3_UNCR.dcm"]
+    assert tibia["status"] == "ok"
+    assert chest["status"] == "ok" and 0 <= float(chest["attention_outside"]) < ATTENTION_THRESHOLD
+    assert chest["attention_flag"] == "false"
+    assert tibia["attention_outside"] == "" and tibia["attention_flag"] == ""
+    log = (report / "batchcam.log").read_text().splitlines()
+    refused = [line for line in log if "attention_outside left empty: no lung fields" in line]
+    assert len(refused) == 1 and "RG3_UNCR.dcm" in refused[0]
+    attention = read_metrics(report)["attention"]
+    assert attention["n"] == 1 and attention["no_lung_fields"] == 1 and attention["flagged"] == 0
+    assert "1 without: not like a frontal chest film" in (report / "index.html").read_text()
 
 
 def test_attention_stays_quiet_on_the_demo_models_maps_of_plain_images(held_out):
