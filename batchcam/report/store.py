@@ -19,7 +19,7 @@ from batchcam.decode.discover import Candidate
 from batchcam.records import Row, original_path, thumb_path
 from batchcam.runtime.fsutil import SafeDir
 
-ROW_FORMAT = 4  # bump whenever a row's meaning or the overlay rendering changes
+ROW_FORMAT = 5  # bump whenever a row's meaning or the overlay rendering changes
 ROWS, JOURNAL = "rows.jsonl", "journal.jsonl"
 ROW_FIELDS = {f.name for f in fields(Row)}
 
