@@ -183,3 +183,16 @@ def test_calibrate_needs_enough_images_of_every_class(tmp_path, tiny_model, caps
     assert main(["calibrate", str(root), "--model", str(tiny_model), "--out", str(tmp_path / "o.pt")]) == 2
     assert "at least 10 images in each class folder" in capsys.readouterr().err
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_predict_reports_the_flag_in_json_and_warns_on_stderr(tmp_path, capsys):
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (400, 400), dtype=np.uint8)).save(noise)
+    film = tmp_path / "film.png"
+    generate(HELD_OUT_SEED + 200, "NORMAL", (600, 600)).image.save(film)
+    assert main(["predict", str(noise), str(film), "--json"]) == 0
+    out, err = capsys.readouterr()
+    records = {Path(record["file"]).name: record for record in map(json.loads, out.splitlines())}
+    assert records["noise.png"]["ood_flag"] is True and records["noise.png"]["ood_score"] > 0
+    assert records["film.png"]["ood_flag"] is False
+    assert "noise.png: unlike the training images" in err and "film.png: unlike" not in err
