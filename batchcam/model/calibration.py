@@ -41,7 +41,7 @@ class OodStatistics:
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """(B, features) -> (B,) Mahalanobis distance to the nearest class mean (float32, on the CPU)."""
         centred = features.float().cpu()[:, None, :] - self.means[None]          # (B, C, D)
-        squared = torch.einsum("bcd,de,bce->bc", centred, self.precision, centred)
+        squared = ((centred @ self.precision) * centred).sum(-1)
         return squared.min(dim=1).values.clamp_(min=0).sqrt_()
 
     def to_checkpoint(self) -> dict:
