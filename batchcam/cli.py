@@ -212,7 +212,8 @@ def add_calibrate_parser(commands) -> None:
     calibrate.add_argument("--model", type=Path, required=True, help="the checkpoint or state dict to calibrate")
     calibrate.add_argument("--out", type=Path, required=True, metavar="MODEL_OUT",
                            help="the new checkpoint to write (never --model itself, never through a link)")
-    calibrate.add_argument("--device", default="auto", help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
+    calibrate.add_argument("--device", default="auto",
+                           help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
     calibrate.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
     calibrate.add_argument("--workers", type=int, default=0,
                            help="DataLoader processes decoding images (default: 0, decode in this process)")

@@ -34,6 +34,17 @@ def milliseconds(function) -> tuple[float, object]:
     return (time.perf_counter() - started) * 1000, result
 
 
+def one_batch(engine: CamEngine, loaded, batch_size: int, size: int) -> dict[str, float]:
+    """Milliseconds of each step on one random batch."""
+    x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
+    forward, (logits, activations) = milliseconds(lambda: engine._forward(x))
+    with torch.inference_mode():
+        explain, batch = milliseconds(lambda: from_forward(logits, activations, engine.head.weight, None,
+                                                           loaded.temperature))
+    distances, _ = milliseconds(lambda: loaded.ood.distances(batch.features))
+    return {"forward": forward, "from_forward": explain, "distances": distances}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=8)
@@ -50,19 +61,13 @@ def main(argv=None) -> int:
     with CamEngine(model, temperature=loaded.temperature) as engine:
         engine._forward(torch.randn(args.batch_size, 3, size, size))   # warm-up: kernel selection
         for _ in range(args.batches):
-            x = torch.randn(args.batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
-            took, (logits, activations) = milliseconds(lambda: engine._forward(x))
-            times["forward"].append(took)
-            with torch.inference_mode():
-                took, batch = milliseconds(lambda: from_forward(logits, activations, engine.head.weight, None,
-                                                                loaded.temperature))
-            times["from_forward"].append(took)
-            took, _ = milliseconds(lambda: loaded.ood.distances(batch.features))
-            times["distances"].append(took)
+            for name, took in one_batch(engine, loaded, args.batch_size, size).items():
+                times[name].append(took)
     median = {name: statistics.median(values) for name, values in times.items()}
     header = (f"## OOD score and temperature: cost per batch of {args.batch_size} at {size} px "
               f"(demo model, CPU, {args.batches} batches)")
-    lines = [f"Machine: {machine()}.", "", "| step | ms per batch (median) | share of the forward pass |", "|---|---|---|",
+    lines = [f"Machine: {machine()}.", "", "| step | ms per batch (median) | share of the forward pass |",
+             "|---|---|---|",
              f"| forward pass (logits + layer4 activations) | {median['forward']:.1f} | 100% |",
              f"| `from_forward`: maps, pooled features, scaled probabilities | {median['from_forward']:.2f} | "
              f"{median['from_forward'] / median['forward']:.2%} |",
