@@ -3,8 +3,11 @@
 The recipe of the original study: ImageFolder data with train/val/test splits, images resized to
 224 and normalised with ImageNet statistics, horizontal flips and small rotations, CrossEntropyLoss,
 Adam at lr 1e-4, 20 epochs of batch 32, with and without dropout compared. The best epoch by
-validation loss is kept and written as a batchcam checkpoint (see batchcam/model.py), the very
-format ``scan`` reads, through the same ``build_model`` and ``save_checkpoint``.
+validation loss is kept and written as a batchcam checkpoint (see batchcam/model/checkpoint.py),
+the very format ``scan`` reads, through the same ``build_model`` and ``save_checkpoint``. At the end
+the best model is calibrated (batchcam/model/calibration.py): the training images' feature
+statistics for the out-of-distribution flag, and the temperature fitted on the validation split;
+the test metrics are then those of the calibrated probabilities, with ECE before and after.
 
     python train_model.py --data DIR --out runs/exp1
     python train_model.py --data DIR --out runs/cmp --compare-dropout 0.5
@@ -27,7 +30,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from batchcam.checks.metrics import classification_metrics
+from batchcam.cam.engine import CamEngine
+from batchcam.checks.metrics import classification_metrics, expected_calibration_error
 from batchcam.cli import add_selection_options, selection
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, Selection
 from batchcam.decode.dataset import FileTooLarge, read_file_bounded
@@ -35,6 +39,7 @@ from batchcam.decode.discover import IMAGE_EXTENSIONS, discover
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, resize_square
 from batchcam.decode.pixels import DecodeError, NotSelected
 from batchcam.errors import UsageError
+from batchcam.model.calibration import Calibration, fit_calibration, scaled_probabilities
 from batchcam.model.checkpoint import ModelSpec, build_model, normalize, save_checkpoint
 from batchcam.runtime.devices import resolve_device, resolve_precision
 
@@ -241,6 +246,8 @@ class EpochResult:
     loss: float
     metrics: dict
     skipped: list
+    logits: torch.Tensor | None = None   # evaluation only: (n, classes) before any temperature
+    labels: torch.Tensor | None = None
 
 
 def autocast(device: torch.device):
@@ -267,9 +274,11 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, spec, device, p
     return EpochResult(loss=total / max(count, 1), metrics={}, skipped=skipped)
 
 
-def evaluate(model, loader, criterion, spec, device, class_names, progress, what="val") -> EpochResult:
+def evaluate(model, loader, criterion, spec, device, class_names, progress, what="val",
+             temperature: float = 1.0) -> EpochResult:
+    """Loss (of the raw logits) and metrics (of the probabilities at ``temperature``) on a split."""
     model.eval()
-    total, labels_all, probs_all, skipped = 0.0, [], [], []
+    total, labels_all, logits_all, skipped = 0.0, [], [], []
     with torch.inference_mode():
         for gray, labels, bad in progress(loader, what):
             skipped += bad
@@ -280,13 +289,48 @@ def evaluate(model, loader, criterion, spec, device, class_names, progress, what
                 logits = model(x)
             total += criterion(logits.float(), labels).item() * len(labels)
             labels_all.append(labels.cpu())
-            probs_all.append(torch.softmax(logits.float(), 1).cpu())
+            logits_all.append(logits.float().cpu())
     if not labels_all:
         raise TrainingError(f"no readable images in the {what} split")
-    labels = torch.cat(labels_all).numpy()
-    probs = torch.cat(probs_all).numpy()
-    metrics = classification_metrics(labels, probs.argmax(1), probs, class_names)
-    return EpochResult(loss=total / len(labels), metrics=metrics, skipped=skipped)
+    labels, logits = torch.cat(labels_all), torch.cat(logits_all)
+    probs = scaled_probabilities(logits, temperature).numpy()
+    metrics = classification_metrics(labels.numpy(), probs.argmax(1), probs, class_names)
+    return EpochResult(loss=total / len(labels), metrics=metrics, skipped=skipped, logits=logits, labels=labels)
+
+
+def features_and_logits(model, loader, spec, device, progress, what: str):
+    """Pooled layer4 features, logits and labels of a split, read off one forward pass per batch
+    by the engine scan uses (so the statistics describe exactly the features scan will score)."""
+    model.eval()
+    features, logits, labels = [], [], []
+    with CamEngine(model, autocast=resolve_precision("auto", device)) as engine:
+        for gray, batch_labels, _ in progress(loader, what):
+            if gray is None:
+                continue
+            batch = engine(normalize(gray.to(device, non_blocking=True), spec))
+            features.append(batch.features)
+            logits.append(batch.logits)
+            labels.append(batch_labels)
+    if not features:
+        raise TrainingError(f"no readable images in the {what} split")
+    return torch.cat(features), torch.cat(logits), torch.cat(labels)
+
+
+def calibrate(model, splits, args, spec, device, progress) -> Calibration:
+    """OOD statistics from the (unaugmented) training images, temperature and threshold from validation."""
+    train = features_and_logits(model, make_loader(splits["train"], args, augment=False, shuffle=False), spec,
+                                device, progress, "calibrate train")
+    val = features_and_logits(model, make_loader(splits["val"], args, augment=False, shuffle=False), spec,
+                              device, progress, "calibrate val")
+    try:
+        return fit_calibration(train[0], train[2], val[0], val[1], val[2], len(spec.class_names))
+    except ValueError as e:
+        raise TrainingError(f"cannot calibrate the model: {e}") from None
+
+
+def ece_at(result: EpochResult, temperature: float) -> float | None:
+    confidence, predicted = scaled_probabilities(result.logits, temperature).max(1)
+    return expected_calibration_error((predicted == result.labels).numpy(), confidence.numpy())
 
 
 def make_progress(quiet: bool):
@@ -346,12 +390,20 @@ def train(args, dropout: float, out: Path, class_names, splits) -> dict:
         raise TrainingError(f"{out}: no best.pt to evaluate; run without --resume to train from the start")
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(best["state_dict"])
-    test_result = evaluate(model, loaders["test"], criterion, spec, device, class_names, progress, "test")
+    calibration = calibrate(model, splits, args, spec, device, progress)
+    val_result = evaluate(model, loaders["val"], criterion, spec, device, class_names, progress)
+    test_result = evaluate(model, loaders["test"], criterion, spec, device, class_names, progress, "test",
+                           temperature=calibration.temperature)
     report_skips(test_result.skipped)
-    test_metrics = {**test_result.metrics, "loss": test_result.loss, "best_epoch": best["metrics"].get("epoch")}
+    test_metrics = {**test_result.metrics, "loss": test_result.loss, "best_epoch": best["metrics"].get("epoch"),
+                    "temperature": calibration.temperature, "ece_unscaled": ece_at(test_result, 1.0)}
+    print(f"calibration: temperature {calibration.temperature:.4f}; ECE before -> after scaling: validation "
+          f"{_round(ece_at(val_result, 1.0))} -> {_round(ece_at(val_result, calibration.temperature))}, test "
+          f"{_round(test_metrics['ece_unscaled'])} -> {_round(test_metrics['ece'])}; OOD threshold "
+          f"{calibration.ood.threshold:.3f} (Mahalanobis distance, 99.5th percentile of validation)", flush=True)
     save_checkpoint(out / "model.pt", model.cpu().to(memory_format=torch.contiguous_format), spec,
                     training=config, metrics={"test": jsonable(test_metrics), "best_epoch": test_metrics["best_epoch"]},
-                    half=args.half_weights)
+                    half=args.half_weights, temperature=calibration.temperature, ood=calibration.ood)
     (out / "test_metrics.json").write_text(json.dumps(jsonable(test_metrics), indent=2) + "\n")
     plot_learning_curve(out / "learning_curve.png", state["history"])
     print_test_metrics(test_metrics, out)
@@ -431,7 +483,7 @@ def report_skips(skipped: list) -> None:
 
 
 def print_test_metrics(metrics: dict, out: Path) -> None:
-    names = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc")
+    names = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "ece")
     print("test: " + ", ".join(f"{n} {_round(metrics[n])}" for n in names), flush=True)
     print(f"test confusion matrix (rows true, columns predicted, {metrics['class_names']}): "
           f"{metrics['confusion_matrix']}", flush=True)

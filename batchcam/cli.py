@@ -31,6 +31,7 @@ from batchcam.config import (
     PRECISIONS,
     SELECT_MODES,
     UPLOAD_MB_RANGE,
+    CalibrateConfig,
     PredictConfig,
     ScanConfig,
     Selection,
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(commands)
     add_sanity_parser(commands)
     add_serve_parser(commands)
+    add_calibrate_parser(commands)
     return parser
 
 
@@ -226,6 +228,32 @@ def add_serve_parser(commands) -> None:
     add_selection_options(serve)
 
 
+def add_calibrate_parser(commands) -> None:
+    calibrate = commands.add_parser("calibrate", help="add out-of-distribution statistics and a temperature "
+                                    "to a model, from labelled images, without retraining")
+    calibrate.add_argument("root", type=Path, metavar="LABELLED_ROOT",
+                           help="ImageFolder tree: one sub-folder per class of the model (NORMAL/, PNEUMONIA/)")
+    calibrate.add_argument("--model", type=Path, required=True, help="the checkpoint or state dict to calibrate")
+    calibrate.add_argument("--out", type=Path, required=True, metavar="MODEL_OUT",
+                           help="the new checkpoint to write (never --model itself, never through a link)")
+    calibrate.add_argument("--device", default="auto",
+                           help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
+    calibrate.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
+    calibrate.add_argument("--workers", type=int, default=0,
+                           help="DataLoader processes decoding images (default: 0, decode in this process)")
+    add_file_size_option(calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from batchcam.commands.calibrate import calibrate
+
+    config = CalibrateConfig(root=args.root, model=args.model, out=args.out, device=args.device,
+                             batch_size=args.batch_size, workers=args.workers, max_file_mb=args.max_file_mb)
+    result = calibrate(config, Console())
+    print(f"batchcam: {result.summary_line} -> {config.out}", flush=True)
+    return EXIT_OK
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from batchcam.commands.predict import predict
 
@@ -292,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_evaluate(args)
         if args.command == "sanity":
             return run_sanity(args)
+        if args.command == "calibrate":
+            return run_calibrate(args)
     except UsageError as e:  # CheckpointError and NotOurFolder too
         print(f"batchcam: error: {e}", file=sys.stderr)
         return EXIT_USAGE

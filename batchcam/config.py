@@ -226,6 +226,40 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class CalibrateConfig:
+    """``batchcam calibrate ROOT --model M --out M2``: M's weights with statistics and a temperature."""
+
+    root: Path
+    model: Path
+    out: Path
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int = 0
+    max_file_mb: float = DEFAULT_MAX_FILE_MB
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * MEGABYTE)
+
+    def validate(self) -> None:
+        """The input checkpoint is never replaced, and nothing is written through a link."""
+        if not self.root.is_dir():
+            raise UsageError(f"{self.root} is not a folder (expected one sub-folder per class)")
+        check_model(self.model)
+        if self.out.is_symlink():
+            raise UsageError(f"--out {self.out} is a symbolic link; batchcam never writes through one")
+        if self.out.exists() and (self.out.is_dir() or os.path.samefile(self.out, self.model)):
+            raise UsageError(f"--out {self.out} is a folder or the --model file itself; name a new file")
+        if os.path.abspath(self.out) == os.path.abspath(self.model):
+            raise UsageError("--out must differ from --model: calibrate never overwrites its input")
+        if not self.out.parent.is_dir():
+            raise UsageError(f"--out {self.out}: folder {self.out.parent} does not exist")
+        check_count("--batch-size", self.batch_size, 1, 4096)
+        check_count("--workers", self.workers, 0, 64)
+        check_in_range("--max-file-mb", self.max_file_mb, *MAX_FILE_MB_RANGE)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     model: Path | None = None        # None: the bundled demo model
     host: str = "127.0.0.1"

@@ -15,6 +15,9 @@ TAIL_COLUMNS = ("label", "correct", "cam_target", "cam_peak_x", "cam_peak_y", "o
 # Beyond the contract, after its columns: the explanation checks (batchcam.checks.attention).
 CHECK_COLUMNS = ("attention_outside", "attention_flag", "faith_drop_top", "faith_drop_random")
 STATUSES = ("ok", "error", "skipped")   # skipped: read, but not what the model is for (decode.selection)
+# Then how far the image lies from the training images (batchcam.model.calibration); empty when the
+# checkpoint has no statistics.
+OOD_COLUMNS = ("ood_score", "ood_flag")
 ATTENTION_THRESHOLD = 0.55    # attention_flag when more than this share of the heat is off the lungs
 
 
@@ -43,6 +46,8 @@ class Row:
     attention_outside: float | None = None   # share of the heat off the lungs (attention.py)
     faith_drop_top: float | None = None      # only with --faithfulness
     faith_drop_random: float | None = None
+    ood_score: float | None = None           # Mahalanobis distance to the nearest class mean
+    ood_flag: bool | None = None             # beyond the checkpoint's threshold: unlike the training images
     # Not CSV columns: what the incremental store needs to decide whether the row can be reused.
     relpath: str = ""        # the file's own relative path (``path`` may be an escaped form of it)
     size: int = -1           # bytes, as read
@@ -84,7 +89,7 @@ def status_counts(rows: Iterable[Row]) -> dict[str, int]:
 
 def columns(class_names: Sequence[str]) -> list[str]:
     """The contract's columns in order, with one p_<CLASS> column per class after confidence."""
-    return [*BASE_COLUMNS, *(f"p_{name}" for name in class_names), *TAIL_COLUMNS, *CHECK_COLUMNS]
+    return [*BASE_COLUMNS, *(f"p_{name}" for name in class_names), *TAIL_COLUMNS, *CHECK_COLUMNS, *OOD_COLUMNS]
 
 
 def to_csv_dict(row: Row, class_names: Sequence[str]) -> dict[str, str]:
@@ -96,7 +101,8 @@ def to_csv_dict(row: Row, class_names: Sequence[str]) -> dict[str, str]:
               "sha256": row.sha256, "model_sha256": row.model_sha256,
               "attention_outside": _number(row.attention_outside),
               "attention_flag": "" if row.attention_flag is None else str(row.attention_flag).lower(),
-              "faith_drop_top": _number(row.faith_drop_top), "faith_drop_random": _number(row.faith_drop_random)}
+              "faith_drop_top": _number(row.faith_drop_top), "faith_drop_random": _number(row.faith_drop_random),
+              "ood_score": _number(row.ood_score), "ood_flag": _boolean(row.ood_flag)}
     for name, p in zip(class_names, row.probabilities or [None] * len(class_names)):
         values[f"p_{name}"] = _number(p)
     return values
@@ -112,7 +118,8 @@ def from_csv_dict(values: dict[str, str], class_names: Sequence[str]) -> Row:
                sha256=values.get("sha256", ""), model_sha256=values.get("model_sha256", ""),
                attention_outside=_float(values.get("attention_outside")),
                faith_drop_top=_float(values.get("faith_drop_top")),
-               faith_drop_random=_float(values.get("faith_drop_random")))
+               faith_drop_random=_float(values.get("faith_drop_random")),
+               ood_score=_float(values.get("ood_score")), ood_flag=_parse_boolean(values.get("ood_flag")))
 
 
 def write_csv(stream: io.TextIOBase, rows: Iterable[Row], class_names: Sequence[str]) -> None:
@@ -193,6 +200,14 @@ def _number(value) -> str:
     if isinstance(value, float):
         return f"{value:.6f}"
     return str(value)
+
+
+def _boolean(value: bool | None) -> str:
+    return "" if value is None else str(value).lower()
+
+
+def _parse_boolean(text: str | None) -> bool | None:
+    return None if not text else text == "true"
 
 
 def _float(text: str | None) -> float | None:

@@ -114,7 +114,8 @@ function showResult(card, result) {
   card.querySelector(".confidence-text").textContent = `${formatPercent(result.confidence)} confidence`;
   fillProbabilities(card.querySelector(".probabilities tbody"), result.probabilities);
   card.querySelector(".facts").textContent = `${result.width} × ${result.height} px; the heatmap explains `
-    + `${result.cam_target}, hottest at (${result.cam_peak_x}, ${result.cam_peak_y}).`;
+    + `${result.cam_target}, hottest at (${result.cam_peak_x}, ${result.cam_peak_y}).`
+    + (result.ood_flag ? " Unlike the training images: do not trust this prediction or its heatmap." : "");
 
   image.src = result.overlay;
   image.alt = `Grad-CAM overlay for ${result.file}`;

@@ -9,6 +9,9 @@ reference (the tests compare the two) and computes every other method.
 
 Every method returns the raw, un-normalised low-resolution map (>= 0); normalising and upsampling
 to an image's geometry is the overlay stage's job, done the same way for all methods.
+
+The same forward pass also gives the temperature-scaled probabilities and the pooled ``layer4``
+features that the out-of-distribution score reads (``batchcam.model.calibration``): no extra pass.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from batchcam.config import CAM_METHODS
+from batchcam.model.calibration import scaled_probabilities
 
 # Method name -> pytorch-grad-cam class name. The library is imported only when one is used: it
 # pulls in OpenCV, matplotlib and scikit-learn (seconds of start-up the exact path does not need).
@@ -29,9 +33,38 @@ TARGET_LAYER = "layer4"
 
 @dataclass
 class CamBatch:
-    probabilities: torch.Tensor  # (B, classes), float32 on the CPU
+    probabilities: torch.Tensor  # (B, classes), float32 on the CPU, softmax(logits / temperature)
     targets: torch.Tensor        # (B,) class index each map explains
     cams: torch.Tensor           # (B, h, w) raw maps, float32 on the CPU, >= 0
+    features: torch.Tensor       # (B, K) the pooled target-layer activations, float32 on the CPU
+    logits: torch.Tensor         # (B, classes) before the temperature, float32 on the CPU (calibrate fits T on them)
+
+
+def targets_for(logits: torch.Tensor, target: int | None) -> torch.Tensor:
+    """The class each map explains: the predicted one, or the fixed ``target`` index."""
+    if target is None:
+        return logits.argmax(dim=1)
+    return torch.full((logits.shape[0],), target, dtype=torch.long, device=logits.device)
+
+
+def from_forward(logits: torch.Tensor, activations: torch.Tensor, head_weight: torch.Tensor | None,
+                 target: int | None, temperature: float) -> CamBatch:
+    """Everything batchcam reads off one forward pass: its logits and its ``layer4`` activations.
+
+    ``head_weight`` (classes, K) gives the exact Grad-CAM maps; None leaves the maps empty for a
+    library method to fill. Any backend that returns these two tensors explains the same way.
+    """
+    logits, activations = logits.float(), activations.float()
+    targets = targets_for(logits, target)
+    features = activations.mean((2, 3))
+    if head_weight is None:
+        cams = torch.empty(0)
+    else:
+        height, width = activations.shape[-2:]
+        weights = head_weight.float()[targets]                                   # (B, K)
+        cams = torch.einsum("bk,bkhw->bhw", weights, activations).clamp_(min=0).div_(height * width).cpu()
+    return CamBatch(scaled_probabilities(logits, temperature).cpu(), targets.cpu(), cams, features.cpu(),
+                    logits.cpu())
 
 
 def linear_head(model: nn.Module) -> nn.Linear | None:
@@ -53,10 +86,11 @@ class CamEngine:
     used for ``gradcam`` whenever the head allows it (``exact`` tells which path is in use).
     ``autocast`` (CUDA only: ``torch.bfloat16`` or ``torch.float16``) runs the exact path's forward
     pass in that precision; the map itself is always computed in float32 from the activations.
+    ``temperature`` (the checkpoint's) divides the logits of every reported probability.
     """
 
     def __init__(self, model: nn.Module, method: str = "gradcam", target: int | None = None,
-                 allow_exact: bool = True, autocast: torch.dtype | None = None):
+                 allow_exact: bool = True, autocast: torch.dtype | None = None, temperature: float = 1.0):
         if method not in LIBRARY_METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
         self.model, self.method, self.target = model, method, target
@@ -64,12 +98,12 @@ class CamEngine:
         self.head = linear_head(model)
         self.exact = allow_exact and method == "gradcam" and self.head is not None
         self.autocast = autocast
+        self.temperature = temperature
         self._activations: torch.Tensor | None = None
         self._hook = None
 
     def __enter__(self) -> "CamEngine":
-        if self.exact:
-            self._hook = self.layer.register_forward_hook(self._keep_activations)
+        self._hook = self.layer.register_forward_hook(self._keep_activations)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -84,41 +118,39 @@ class CamEngine:
     def _keep_activations(self, module, inputs, output) -> None:
         self._activations = output
 
-    def _targets(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.target is None:
-            return logits.argmax(dim=1)
-        return torch.full((logits.shape[0],), self.target, dtype=torch.long, device=logits.device)
-
-    def _exact(self, x: torch.Tensor) -> CamBatch:
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and ``layer4`` activations of one forward pass, without gradients."""
         if self._hook is None:
             raise RuntimeError("CamEngine must be used inside a 'with' block")
         with torch.inference_mode():
             with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                logits = self.model(x).float()
-            activations = self._activations.float()
-            targets = self._targets(logits)
-            weights = self.head.weight.float()[targets]                      # (B, K)
-            height, width = activations.shape[-2:]
-            cams = torch.einsum("bk,bkhw->bhw", weights, activations).clamp_(min=0) / (height * width)
-        self._activations = None
-        return CamBatch(torch.softmax(logits, 1).cpu(), targets.cpu(), cams.cpu())
+                logits = self.model(x)
+        activations, self._activations = self._activations, None
+        return logits, activations
+
+    def _exact(self, x: torch.Tensor) -> CamBatch:
+        logits, activations = self._forward(x)
+        with torch.inference_mode():
+            return from_forward(logits, activations, self.head.weight, self.target, self.temperature)
 
     def _library(self, x: torch.Tensor) -> CamBatch:
+        logits, activations = self._forward(x)
         with torch.inference_mode():
-            logits = self.model(x).float()
-        targets = self._targets(logits)
+            batch = from_forward(logits, activations, None, self.target, self.temperature)
         import pytorch_grad_cam
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         method = _raw_map_capturing(getattr(pytorch_grad_cam, LIBRARY_METHODS[self.method]))
         # Targets for the whole batch, always: a short list silently yields all-zero maps.
-        wanted = [ClassifierOutputTarget(int(t)) for t in targets]
+        wanted = [ClassifierOutputTarget(int(t)) for t in batch.targets]
         with torch.enable_grad(), method(model=self.model, target_layers=[self.layer]) as cam:
             cam(input_tensor=x.clone(), targets=wanted)
+        self._activations = None
         raw = cam.raw_map
         if raw is None or raw.shape[0] != x.shape[0]:
             raise RuntimeError(f"{self.method} produced no map for this batch")
-        return CamBatch(torch.softmax(logits, 1).cpu(), targets.cpu(), torch.from_numpy(raw).float())
+        batch.cams = torch.from_numpy(raw).float()
+        return batch
 
 
 def _raw_map_capturing(method_class: type) -> type:

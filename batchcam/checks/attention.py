@@ -103,17 +103,20 @@ def seed_of(text: str) -> int:
 
 
 def faithfulness(model: nn.Module, x: torch.Tensor, cams: torch.Tensor, targets: torch.Tensor,
-                 probabilities: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                 probabilities: torch.Tensor, seeds: list[int],
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Drops of the target class's probability (original - removed) for the top and a random region.
 
     ``x`` is the normalised batch the maps were computed on; two extra forward passes, batched.
+    ``temperature`` must be the one ``probabilities`` were scaled with, so both sides compare.
     """
     size = x.shape[-1]
     top = top_region(cams, size)
     random = random_region(x.shape[0], size, seeds)
     with torch.inference_mode():
         removed = torch.cat([mean_fill(x, top), mean_fill(x, random)])
-        p = torch.softmax(model(removed.contiguous(memory_format=torch.channels_last)).float(), 1).cpu()
+        logits = model(removed.contiguous(memory_format=torch.channels_last)).float()
+        p = torch.softmax(logits / temperature, 1).cpu()
     index = torch.arange(x.shape[0])
     original = probabilities[index, targets]
     batch = x.shape[0]

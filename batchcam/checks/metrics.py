@@ -48,6 +48,9 @@ def classification_metrics(labels: Sequence[int], predictions: Sequence[int],
         "roc_auc": roc_auc(is_pos, probabilities[:, positive]) if len(labels) else None,
         "class_names": list(class_names),
         "confusion_matrix": confusion.tolist(),
+        # Of the predicted class's probability, as reported (after the checkpoint's temperature).
+        "ece": expected_calibration_error(labels == predictions, probabilities[np.arange(len(labels)), predictions]),
+        "ece_bins": ECE_BINS,
     }
 
 
@@ -95,3 +98,34 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 def _ratio(numerator: int, denominator: int) -> float | None:
     return None if denominator == 0 else numerator / denominator
+
+
+ECE_BINS = 15
+
+
+def reliability_bins(correct: Sequence[bool], confidence: Sequence[float],
+                     bins: int = ECE_BINS) -> list[dict]:
+    """Equal-width confidence bins (lower edge excluded, the first includes 0): for each non-empty
+    one, its edges, how many predictions fall in it, their mean confidence and their accuracy."""
+    correct = np.asarray(correct, dtype=np.float64)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    result = []
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            result.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(members.sum()),
+                           "confidence": float(confidence[members].mean()), "accuracy": float(correct[members].mean())})
+    return result
+
+
+def expected_calibration_error(correct: Sequence[bool], confidence: Sequence[float],
+                               bins: int = ECE_BINS) -> float | None:
+    """ECE (Naeini et al. 2015; Guo et al. 2017): the count-weighted mean |accuracy - confidence|
+    over equal-width confidence bins of the predicted class's probability. None without predictions."""
+    total = len(np.asarray(confidence))
+    if total == 0:
+        return None
+    return float(sum(b["n"] / total * abs(b["accuracy"] - b["confidence"])
+                     for b in reliability_bins(correct, confidence, bins)))

@@ -51,7 +51,8 @@ class Explanation:
                 "prediction": row.prediction or None, "confidence": row.confidence,
                 "probabilities": probabilities, "cam_target": row.cam_target or None,
                 "cam_peak_x": row.cam_peak_x, "cam_peak_y": row.cam_peak_y,
-                "width": row.width, "height": row.height, "sha256": row.sha256 or None}
+                "width": row.width, "height": row.height, "sha256": row.sha256 or None,
+                "ood_score": row.ood_score, "ood_flag": row.ood_flag}
 
 
 def jpeg_data_url(jpeg: bytes) -> str:
@@ -84,7 +85,8 @@ class Explainer:
     def explain(self, samples: list[Sample]) -> list[Explanation]:
         """One Explanation per sample, in order; error and skipped samples pass through as such rows."""
         samples, views = collate_samples(samples)
-        with self._lock, CamEngine(self.model, self.method, self.target) as engine:
+        with self._lock, CamEngine(self.model, self.method, self.target,
+                                   temperature=self.loaded.temperature) as engine:
             results = explain_batch(samples, views, engine, self.loaded, self.device)
         return [self._rendered(row, sample, cam) for row, sample, cam in results]
 
@@ -93,7 +95,7 @@ class Explainer:
         loaded = self.loaded
         return {"name": loaded.path.name, "path": str(loaded.path), "sha256": loaded.sha256,
                 "arch": loaded.spec.arch, "classes": list(self.class_names),
-                "image_size": loaded.spec.image_size, "demo": loaded.demo,
+                "image_size": loaded.spec.image_size, "demo": loaded.demo, **loaded.calibration_summary(),
                 "cam": {"method": self.method, "target_layer": TARGET_LAYER,
                         "target": "predicted" if self.target is None else self.class_names[self.target]}}
 

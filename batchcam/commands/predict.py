@@ -56,6 +56,9 @@ def predict(config: PredictConfig, console: Console, stdout: TextIO | None = Non
         setattr(result, status, getattr(result, status) + 1)
         if status != "ok":
             print(f"batchcam: {status}: {explanation.name}: {explanation.error}", file=console.stream, flush=True)
+        if explanation.row.ood_flag:
+            console.warn(f"{explanation.name}: unlike the training images (ood_score "
+                         f"{explanation.row.ood_score:.1f}): do not trust this prediction or its heatmap")
         if overlay is not None:
             result.overlays.append(overlay)
         printer.print(explanation, overlay)

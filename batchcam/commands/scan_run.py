@@ -121,7 +121,7 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
             cam_info["run_scale"] = rescale_overlays(rows, files, {**previous_cams, **new_cams}, job)
         report_manifest = manifest(root=config.root, argv=config.argv, loaded=loaded, cam=cam_info,
                                    device=str(device), counts=counts, started_at=started_at,
-                                   finished_at=now_iso(), seconds=seconds, selection=config.selection)
+                                   finished_at=now_iso(), seconds=seconds, selection=config.selection, rows=rows)
         write_report(report, rows, loaded, report_manifest,
                      cams={**previous_cams, **new_cams} if config.keeps_cams else None, page_size=config.page_size)
         report.remove_unreferenced_overlays(rows, store.written_overlays())
@@ -133,7 +133,7 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
 def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportFolder, store: RowStore) -> ScanJob:
     """The few things the engines use, with the model prepared once on its device."""
     engine = CamEngine(prepared_model(ready.loaded, ready.device, config.compile), config.cam, ready.target,
-                       autocast=ready.autocast)
+                       autocast=ready.autocast, temperature=ready.loaded.temperature)
     decode = DecodeSettings(image_size=ready.loaded.spec.image_size, overlay_size=config.overlay_size,
                             max_file_bytes=config.max_file_bytes, batch_size=config.batch_size,
                             workers=config.workers, on_gpu=config.decode == "gpu", selection=config.selection)

@@ -309,7 +309,7 @@ class CamWorker:
         self.device = torch.device("cuda" if spec.gpus else "cpu")
         self.loaded: LoadedModel = ray.get(spec.model)
         self.engine = CamEngine(prepared_model(self.loaded, self.device, spec.compile), spec.cam, spec.target,
-                                autocast=spec.autocast)
+                                autocast=spec.autocast, temperature=self.loaded.temperature)
         self.report = ReportFolder(Path(spec.report))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -66,7 +66,8 @@ def explain_batch(samples: list[Sample], views: torch.Tensor | None, engine: Cam
     if faithfulness and cam_batch is not None:
         ok = [row for row, _, cam in results if cam is not None]
         drops = attention.faithfulness(engine.model, x, cam_batch.cams, cam_batch.targets, cam_batch.probabilities,
-                                       [attention.seed_of(f"{row.relpath}:{row.sha256}") for row in ok])
+                                       [attention.seed_of(f"{row.relpath}:{row.sha256}") for row in ok],
+                                       engine.temperature)
         for row, top, random in zip(ok, *drops):
             row.faith_drop_top, row.faith_drop_random = float(top), float(random)
     return results
@@ -76,6 +77,7 @@ def batch_rows(samples: list[Sample], cam_batch: CamBatch | None, loaded: Loaded
                settings_key: str = "") -> list[tuple[Row, Sample, torch.Tensor | None]]:
     """One row per sample, in order; ok samples take the next prediction and map in turn."""
     class_names = loaded.spec.class_names
+    distances = loaded.ood.distances(cam_batch.features) if loaded.ood and cam_batch is not None else None
     results = []
     ok_index = 0
     for sample in samples:
@@ -96,6 +98,9 @@ def batch_rows(samples: list[Sample], cam_batch: CamBatch | None, loaded: Loaded
             row.overlay = overlay_path(sample.relpath, f"{sample.sha256}:{settings_key}")
             cam = cam_batch.cams[ok_index]
             row.attention_outside = attention.attention_outside(cam, sample.lung_fields)
+            if distances is not None:
+                row.ood_score = float(distances[ok_index])
+                row.ood_flag = row.ood_score > loaded.ood.threshold
             ok_index += 1
         results.append((row, sample, cam))
     return results

@@ -3,7 +3,9 @@
 A checkpoint is a plain dict of tensors, strings, numbers and lists, so it loads with
 ``torch.load(..., weights_only=True)`` and never unpickles arbitrary objects. It carries its own
 preprocessing (image size, mean, std) and class names, the way torchvision's weight enums carry
-their transforms and categories, so a scan cannot preprocess differently from training.
+their transforms and categories, so a scan cannot preprocess differently from training. It may
+also carry the calibration (``batchcam.model.calibration``): the temperature and the
+out-of-distribution statistics; one without them scores at temperature 1 and flags nothing.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from batchcam.errors import CheckpointError
+from batchcam.model.calibration import OodStatistics
 from batchcam.resources import DEMO_MODEL, DEMO_NOTICE
 from batchcam.runtime.fsutil import SafeDir
 
@@ -62,6 +65,15 @@ class LoadedModel:
     sha256: str
     demo: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0              # divides the logits before the softmax
+    ood: OodStatistics | None = None      # None: the checkpoint has no statistics, nothing is flagged
+
+    def calibration_summary(self) -> dict[str, Any]:
+        """What the manifest says about the temperature and the out-of-distribution statistics."""
+        ood = self.ood.summary() if self.ood else {
+            "statistics": False, "note": "this checkpoint has no feature statistics: ood_score and ood_flag "
+                                         "are empty (batchcam calibrate adds them)"}
+        return {"temperature": round(self.temperature, 6), "ood": ood}
 
 
 def build_model(num_classes: int, dropout: float = 0.0, weights: Any = None) -> nn.Module:
@@ -83,7 +95,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, spec: ModelSpec, *,
                     training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
-                    half: bool = False) -> None:
+                    half: bool = False, temperature: float | None = None,
+                    ood: OodStatistics | None = None) -> None:
     """Write a checkpoint atomically (temporary file, fsync, rename).
 
     ``half`` stores floating-point weights as float16 (the bundled demo model does, to stay small);
@@ -91,12 +104,42 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, spec: ModelSpec, 
     """
     state = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
              for k, v in model.state_dict().items()}
+    _write_payload(path, _payload(spec, state, training, metrics, temperature, ood))
+
+
+def save_calibrated(source: str | os.PathLike, out: str | os.PathLike, temperature: float,
+                    ood: OodStatistics) -> None:
+    """Write ``source`` again at ``out`` with a temperature and statistics, its weights byte for byte.
+
+    A bare state dict becomes a batchcam checkpoint with the bare-state-dict defaults.
+    """
+    source = Path(source)
+    raw = _read_weights_only(source)
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        _parse_batchcam(source, raw)
+        payload = {**raw, "temperature": float(temperature), "ood": ood.to_checkpoint()}
+    else:
+        spec, state, _ = _parse_plain_state_dict(source, _plain_state_dict(source, raw))
+        payload = _payload(spec, state, {}, {}, temperature, ood)
+    _write_payload(out, payload)
+
+
+def _payload(spec: ModelSpec, state: dict, training: dict[str, Any] | None, metrics: dict[str, Any] | None,
+             temperature: float | None, ood: OodStatistics | None) -> dict[str, Any]:
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "arch": spec.arch,
         "class_names": list(spec.class_names), "image_size": spec.image_size,
         "mean": list(spec.mean), "std": list(spec.std), "dropout": float(spec.dropout),
         "training": training or {}, "metrics": metrics or {}, "state_dict": state,
     }
+    if temperature is not None:
+        payload["temperature"] = float(temperature)
+    if ood is not None:
+        payload["ood"] = ood.to_checkpoint()
+    return payload
+
+
+def _write_payload(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     path = Path(path)
     with SafeDir.open(path.parent) as folder, folder.atomic_write(path.name, "wb") as f:
         torch.save(payload, f)
@@ -114,12 +157,12 @@ def load_checkpoint(path: str | os.PathLike, *, demo: bool = False) -> LoadedMod
     """Load a batchcam checkpoint, or a bare ResNet18 state dict, into an eval-mode model on the CPU."""
     path = Path(path)
     raw = _read_weights_only(path)
+    temperature, ood = 1.0, None
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         spec, state, info = _parse_batchcam(path, raw)
-    elif isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        spec, state, info = _parse_plain_state_dict(path, raw)
+        temperature, ood = _parse_calibration(path, raw)
     else:
-        raise CheckpointError(f"{path}: not a batchcam checkpoint nor a ResNet18 state dict")
+        spec, state, info = _parse_plain_state_dict(path, _plain_state_dict(path, raw))
     model = build_model(len(spec.class_names), spec.dropout)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
@@ -131,7 +174,25 @@ def load_checkpoint(path: str | os.PathLike, *, demo: bool = False) -> LoadedMod
                               f"{len(spec.class_names)} classes: {detail}") from None
     model.eval()
     return LoadedModel(model=model, spec=spec, path=path.resolve(), sha256=file_sha256(path),
-                       demo=demo, info=info)
+                       demo=demo, info=info, temperature=temperature, ood=ood)
+
+
+def _plain_state_dict(path: Path, raw: Any) -> dict:
+    if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        return raw
+    raise CheckpointError(f"{path}: not a batchcam checkpoint nor a ResNet18 state dict")
+
+
+def _parse_calibration(path: Path, raw: dict) -> tuple[float, OodStatistics | None]:
+    """The temperature (1.0 when absent) and the OOD statistics (None when absent) of a checkpoint."""
+    try:
+        temperature = float(raw.get("temperature", 1.0))
+        ood = OodStatistics.from_checkpoint(raw["ood"]) if raw.get("ood") is not None else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: checkpoint calibration is invalid ({e})") from None
+    if not 0 < temperature < float("inf"):
+        raise CheckpointError(f"{path}: checkpoint temperature must be a positive number, got {temperature}")
+    return temperature, ood
 
 
 def _read_weights_only(path: Path) -> Any:

@@ -26,7 +26,7 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, Template, select_autoescape
 
 from batchcam.cam.overlay import jet
-from batchcam.checks.metrics import positive_class_index, roc_curve
+from batchcam.checks.metrics import positive_class_index, reliability_bins, roc_curve
 from batchcam.records import ATTENTION_THRESHOLD, Row, status_counts
 from batchcam.resources import templates_dir
 
@@ -143,6 +143,22 @@ class Roc:
 
 
 @dataclass(frozen=True)
+class ReliabilityBar:
+    x: float
+    width: float
+    accuracy_y: float                   # top of the bar: the bin's accuracy
+    confidence_y: float                 # where a perfectly calibrated bar would end
+    title: str
+
+
+@dataclass(frozen=True)
+class Reliability:
+    bars: list[ReliabilityBar]
+    ece: float | None
+    bins: int
+
+
+@dataclass(frozen=True)
 class Summary:
     total: int
     ok: int
@@ -157,6 +173,8 @@ class Summary:
     attention_flagged: int = 0          # rows whose heat lies mostly off the lungs
     skipped: int = 0                    # rows not scored (decode.selection)
     attention_measured: int = 0         # rows with lung fields (the estimate refuses non-chest images)
+    reliability: Reliability | None = None
+    ood_flagged: int | None = None      # rows unlike the training images; None: the model has no statistics
 
 
 # Plot areas of the charts, in SVG user units (the SVGs scale with their viewBox).
@@ -178,7 +196,28 @@ def summarise(rows: Sequence[Row], class_names: Sequence[str], metrics: dict | N
                    confusion=confusion_chart(metrics) if metrics and labelled else None,
                    roc=roc_chart(labelled, class_names, positive, metrics) if metrics and labelled else None,
                    attention_flagged=sum(bool(row.attention_flag) for row in ok_rows),
-                   attention_measured=sum(row.attention_outside is not None for row in ok_rows))
+                   attention_measured=sum(row.attention_outside is not None for row in ok_rows),
+                   reliability=reliability_chart(labelled, metrics) if metrics and labelled else None,
+                   ood_flagged=ood_flagged(ok_rows))
+
+
+def ood_flagged(ok_rows: Sequence[Row]) -> int | None:
+    """How many images are unlike the training images; None when no row was scored."""
+    scored = [row for row in ok_rows if row.ood_flag is not None]
+    return sum(row.ood_flag for row in scored) if scored else None
+
+
+def reliability_chart(labelled: Sequence[Row], metrics: dict) -> Reliability:
+    """The reliability diagram (Guo et al. 2017): per confidence bin, accuracy against confidence."""
+    bins = metrics.get("ece_bins", 15)
+    found = reliability_bins([row.correct for row in labelled], [row.confidence for row in labelled], bins)
+    width = ROC_SIZE / bins
+    bars = [ReliabilityBar(x=round(b["low"] * ROC_SIZE + 1, 1), width=round(width - 2, 1),
+                           accuracy_y=round((1 - b["accuracy"]) * ROC_SIZE, 1),
+                           confidence_y=round((1 - b["confidence"]) * ROC_SIZE, 1),
+                           title=f"confidence {b['low']:.2f}-{b['high']:.2f}: {b['n']} images, mean confidence "
+                                 f"{b['confidence']:.3f}, accuracy {b['accuracy']:.3f}") for b in found]
+    return Reliability(bars=bars, ece=metrics.get("ece"), bins=bins)
 
 
 def probability_histogram(rows: Sequence[Row], class_names: Sequence[str], positive: int) -> Histogram:

@@ -10,9 +10,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 STATUSES = ("ok", "error", "skipped")
-FLOATS = ("confidence", "attention_outside", "faith_drop_top", "faith_drop_random")
+FLOATS = ("confidence", "attention_outside", "faith_drop_top", "faith_drop_random", "ood_score")
 INTEGERS = ("cam_peak_x", "cam_peak_y", "width", "height")
-BOOLEANS = ("correct", "attention_flag")
+BOOLEANS = ("correct", "attention_flag", "ood_flag")
 CLASS_COLUMNS = ("prediction", "label", "cam_target")
 
 
@@ -21,7 +21,7 @@ def read_report(report: str | Path) -> pd.DataFrame:
 
     Paths, reasons, overlay names and hashes stay strings exactly as written (never parsed as
     numbers or NaN); status and the class columns are categoricals (classes in the model's order);
-    ``correct`` and ``attention_flag`` are nullable booleans; numbers are floats or nullable integers.
+    ``correct``, ``attention_flag`` and ``ood_flag`` are nullable booleans; numbers are floats or nullable integers.
     """
     import pandas as pd
 

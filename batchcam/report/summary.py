@@ -42,9 +42,21 @@ def scan_metrics(rows: Sequence[Row], class_names: Sequence[str]) -> dict | None
     metrics = classification_metrics([index[r.label] for r in labelled], [index[r.prediction] for r in labelled],
                                      np.array([r.probabilities for r in labelled]), class_names)
     metrics["attention"] = attention_summary(rows)
+    ood = ood_summary(rows)
+    if ood:
+        metrics["ood"] = ood
     if faithfulness:
         metrics["faithfulness"] = faithfulness
     return metrics
+
+
+def ood_summary(rows: Sequence[Row]) -> dict | None:
+    """How many scored images are unlike the training images, or None when the model has no statistics."""
+    scored = [row for row in rows if row.ok and row.ood_flag is not None]
+    if not scored:
+        return None
+    flagged = sum(row.ood_flag for row in scored)
+    return {"n": len(scored), "flagged": flagged, "share_flagged": round(flagged / len(scored), 6)}
 
 
 def attention_summary(rows: Sequence[Row]) -> dict:
@@ -92,8 +104,13 @@ def selection_info(selection: Selection) -> dict:
 
 
 def manifest(*, root: Path, argv: Sequence[str], loaded: LoadedModel, cam: dict, device: str, counts: dict,
-             started_at: str, finished_at: str, seconds: float, selection: Selection = Selection()) -> dict:
+             started_at: str, finished_at: str, seconds: float, selection: Selection = Selection(),
+             rows: Sequence[Row] = ()) -> dict:
+    """``rows`` (the run's) add the count of images flagged as unlike the training images."""
     spec = loaded.spec
+    calibration = loaded.calibration_summary()
+    if loaded.ood is not None:
+        calibration["ood"].update(ood_summary(rows) or {"n": 0, "flagged": 0, "share_flagged": None})
     return {
         "schema_version": SCHEMA_VERSION,
         "batchcam_version": batchcam.__version__,
@@ -103,7 +120,9 @@ def manifest(*, root: Path, argv: Sequence[str], loaded: LoadedModel, cam: dict,
         "args": list(argv),
         "model": {"path": str(loaded.path), "name": loaded.path.name, "sha256": loaded.sha256, "arch": spec.arch,
                   "class_names": list(spec.class_names), "image_size": spec.image_size, "mean": list(spec.mean),
-                  "std": list(spec.std), "dropout": spec.dropout, "demo": loaded.demo},
+                  "std": list(spec.std), "dropout": spec.dropout, "demo": loaded.demo,
+                  "temperature": calibration["temperature"]},
+        "ood": calibration["ood"],
         "cam": cam,
         "selection": selection_info(selection),
         "device": device,

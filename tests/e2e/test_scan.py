@@ -54,8 +54,9 @@ def test_csv_columns_follow_the_contract_order(xray_folder, tiny_model, tmp_path
     assert header[:17] == ["path", "status", "error", "prediction", "confidence", "p_NORMAL", "p_PNEUMONIA",
                            "label", "correct", "cam_target", "cam_peak_x", "cam_peak_y", "overlay", "width",
                            "height", "sha256", "model_sha256"]
-    # the explanation checks come after the contract's columns
-    assert header[17:] == ["attention_outside", "attention_flag", "faith_drop_top", "faith_drop_random"]
+    # the explanation checks come after the contract's columns, then the OOD columns
+    assert header[17:21] == ["attention_outside", "attention_flag", "faith_drop_top", "faith_drop_random"]
+    assert header[21:23] == ["ood_score", "ood_flag"]
 
 
 def test_bad_files_become_their_own_error_rows_and_good_rows_keep_their_predictions(tiny_model, tmp_path):

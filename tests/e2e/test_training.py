@@ -153,6 +153,18 @@ def test_test_metrics_json_has_the_classification_metrics(trained):
     assert load_checkpoint(out / "model.pt").info["metrics"]["test"] == metrics
 
 
+def test_training_ends_with_statistics_a_temperature_and_ece_before_and_after(trained):
+    _, out, stdout, _ = trained
+    loaded = load_checkpoint(out / "model.pt")
+    assert loaded.ood is not None and loaded.ood.means.shape == (2, 512)
+    assert loaded.ood.images == loaded.info["training"]["images"]["train"]
+    assert loaded.temperature > 0 and np.isfinite(loaded.ood.threshold)
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["temperature"] == pytest.approx(loaded.temperature)
+    assert 0 <= metrics["ece"] <= 1 and 0 <= metrics["ece_unscaled"] <= 1 and metrics["ece_bins"] == 15
+    assert "calibration: temperature" in stdout and "ECE before -> after scaling" in stdout
+
+
 def test_learning_curve_png_is_written(trained):
     _, out, _, _ = trained
     with Image.open(out / "learning_curve.png") as image:

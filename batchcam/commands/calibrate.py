@@ -1,0 +1,135 @@
+"""``batchcam calibrate ROOT --model M --out M2``: add OOD statistics and a temperature to a model.
+
+ROOT is a labelled ImageFolder tree (``ROOT/<CLASS>/...``, class names as the model's). Its files are
+decoded exactly as scan decodes them and run through the same engine (one forward pass each); a
+fixed, stratified share of them (chosen by a hash of the path, so a rerun picks the same ones) is
+held out: the others fit the class means and covariance, the held-out ones set the temperature and
+the flag threshold (``batchcam.model.calibration``). M2 gets M's weights unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from batchcam.cam.engine import CamEngine
+from batchcam.checks.metrics import expected_calibration_error
+from batchcam.config import CalibrateConfig
+from batchcam.decode.discover import Candidate, discover
+from batchcam.engines.job import DecodeSettings
+from batchcam.engines.stages import decode_loader, scan_dataset
+from batchcam.errors import UsageError
+from batchcam.model.calibration import Calibration, fit_calibration, scaled_probabilities
+from batchcam.model.checkpoint import LoadedModel, load_checkpoint, normalize, save_calibrated
+from batchcam.records import display_path
+from batchcam.runtime.console import Console
+from batchcam.runtime.devices import resolve_device
+
+HELD_OUT_SHARE = 0.3       # of each class: temperature and threshold; the rest fits means and covariance
+MIN_IMAGES_PER_CLASS = 10
+
+
+@dataclass(frozen=True)
+class LabelledFile:
+    relpath: str
+    path: Path
+    label: int
+    held_out: bool
+
+
+@dataclass(frozen=True)
+class CalibrateResult:
+    calibration: Calibration
+    fit_images: int
+    held_out_images: int
+    unreadable: int
+    ece_before: float | None
+    ece_after: float | None
+
+    @property
+    def summary_line(self) -> str:
+        ood = self.calibration.ood
+        return (f"calibrated on {self.fit_images} + {self.held_out_images} held-out images "
+                f"({self.unreadable} unreadable): temperature {self.calibration.temperature:.4f}, "
+                f"held-out ECE {_round(self.ece_before)} -> {_round(self.ece_after)}, "
+                f"OOD threshold {ood.threshold:.3f} (shrinkage {ood.shrinkage:.3f})")
+
+
+def calibrate(config: CalibrateConfig, console: Console) -> CalibrateResult:
+    config.validate()
+    loaded = load_checkpoint(config.model)
+    files = labelled_files(config.root, loaded.spec.class_names)
+    device = resolve_device(config.device)
+    features, logits, labels, held_out, unreadable = forward_all(files, loaded, config, device, console)
+    fit, held = ~held_out, held_out
+    if int(held.sum()) < 2 or int(fit.sum()) < 2:
+        raise UsageError(f"{config.root}: too few readable images to calibrate on")
+    calibration = fit_calibration(features[fit], labels[fit], features[held], logits[held], labels[held],
+                                  len(loaded.spec.class_names))
+    save_calibrated(config.model, config.out, calibration.temperature, calibration.ood)
+    return CalibrateResult(calibration=calibration, fit_images=int(fit.sum()), held_out_images=int(held.sum()),
+                           unreadable=unreadable,
+                           ece_before=_ece(logits[held], labels[held], 1.0),
+                           ece_after=_ece(logits[held], labels[held], calibration.temperature))
+
+
+def labelled_files(root: Path, class_names: tuple[str, ...]) -> list[LabelledFile]:
+    """Every image under ``root/<CLASS>/`` (any depth), labelled by that folder; a stratified held-out share."""
+    index = {name.lower(): i for i, name in enumerate(class_names)}
+    by_class: dict[int, list[Candidate]] = {i: [] for i in range(len(class_names))}
+    for candidate in discover(root).candidates:
+        label = index.get(candidate.relpath.split("/", 1)[0].lower()) if "/" in candidate.relpath else None
+        if label is not None:
+            by_class[label].append(candidate)
+    short = [class_names[i] for i, found in by_class.items() if len(found) < MIN_IMAGES_PER_CLASS]
+    if short:
+        raise UsageError(f"{root}: calibrate needs at least {MIN_IMAGES_PER_CLASS} images in each class folder "
+                         f"({', '.join(class_names)}); too few in {', '.join(short)}")
+    files = []
+    for label, found in by_class.items():
+        ordered = sorted(found, key=lambda c: hashlib.sha256(c.relpath.encode("utf-8", "surrogateescape")).digest())
+        cut = max(1, round(len(ordered) * HELD_OUT_SHARE))
+        files += [LabelledFile(c.relpath, c.path, label, i < cut) for i, c in enumerate(ordered)]
+    return files
+
+
+def forward_all(files: list[LabelledFile], loaded: LoadedModel, config: CalibrateConfig, device: torch.device,
+                console: Console) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Features, logits, labels and held-out marks of every readable file (decoded as scan decodes)."""
+    decode = DecodeSettings(image_size=loaded.spec.image_size, overlay_size=256,
+                            max_file_bytes=config.max_file_bytes, batch_size=config.batch_size,
+                            workers=config.workers)
+    by_relpath = {f.relpath: f for f in files}
+    features, logits, labels, held_out, unreadable = [], [], [], [], 0
+    model = loaded.model.to(device)
+    with CamEngine(model) as engine:
+        for samples, views in decode_loader(scan_dataset(files, decode), decode):
+            for sample in samples:
+                if not sample.ok:
+                    unreadable += 1
+                    console.log(f"warning: {display_path(sample.relpath)}: left out: "
+                                f"{sample.error or sample.skip_reason}")
+            if views is None:
+                continue
+            batch = engine(normalize(views.to(device), loaded.spec))
+            good = [by_relpath[s.relpath] for s in samples if s.ok]
+            features.append(batch.features)
+            logits.append(batch.logits)
+            labels += [f.label for f in good]
+            held_out += [f.held_out for f in good]
+    if not features:
+        raise UsageError(f"{config.root}: no readable image to calibrate on")
+    return (torch.cat(features), torch.cat(logits), torch.tensor(labels), torch.tensor(held_out, dtype=torch.bool),
+            unreadable)
+
+
+def _ece(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float | None:
+    probabilities = scaled_probabilities(logits, temperature)
+    confidence, predicted = probabilities.max(1)
+    return expected_calibration_error((predicted == labels).numpy(), confidence.numpy())
+
+
+def _round(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
