@@ -242,13 +242,15 @@ def add_calibrate_parser(commands) -> None:
     calibrate.add_argument("--workers", type=int, default=0,
                            help="DataLoader processes decoding images (default: 0, decode in this process)")
     add_file_size_option(calibrate)
+    add_selection_options(calibrate)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from batchcam.commands.calibrate import calibrate
 
     config = CalibrateConfig(root=args.root, model=args.model, out=args.out, device=args.device,
-                             batch_size=args.batch_size, workers=args.workers, max_file_mb=args.max_file_mb)
+                             batch_size=args.batch_size, workers=args.workers, max_file_mb=args.max_file_mb,
+                             selection=selection(args))
     result = calibrate(config, Console())
     print(f"batchcam: {result.summary_line} -> {config.out}", flush=True)
     return EXIT_OK

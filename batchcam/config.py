@@ -236,6 +236,7 @@ class CalibrateConfig:
     batch_size: int = 32
     workers: int = 0
     max_file_mb: float = DEFAULT_MAX_FILE_MB
+    selection: Selection = Selection()  # the films the statistics describe: those scan would score
 
     @property
     def max_file_bytes(self) -> int:

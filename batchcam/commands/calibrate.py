@@ -100,7 +100,7 @@ def forward_all(files: list[LabelledFile], loaded: LoadedModel, config: Calibrat
     """Features, logits, labels and held-out marks of every readable file (decoded as scan decodes)."""
     decode = DecodeSettings(image_size=loaded.spec.image_size, overlay_size=256,
                             max_file_bytes=config.max_file_bytes, batch_size=config.batch_size,
-                            workers=config.workers)
+                            workers=config.workers, selection=config.selection)
     by_relpath = {f.relpath: f for f in files}
     features, logits, labels, held_out, unreadable = [], [], [], [], 0
     model = loaded.model.to(device)
