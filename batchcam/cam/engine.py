@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from batchcam.cam.backends import EagerForward, OnnxForward
 from batchcam.config import CAM_METHODS
 
 # Method name -> pytorch-grad-cam class name. The library is imported only when one is used: it
@@ -53,10 +54,13 @@ class CamEngine:
     used for ``gradcam`` whenever the head allows it (``exact`` tells which path is in use).
     ``autocast`` (CUDA only: ``torch.bfloat16`` or ``torch.float16``) runs the exact path's forward
     pass in that precision; the map itself is always computed in float32 from the activations.
+    ``forward`` is the exact path's model step (``batchcam.cam.backends``; default: eager PyTorch):
+    whatever computes it, probabilities and maps are read off its logits and activations here.
     """
 
     def __init__(self, model: nn.Module, method: str = "gradcam", target: int | None = None,
-                 allow_exact: bool = True, autocast: torch.dtype | None = None):
+                 allow_exact: bool = True, autocast: torch.dtype | None = None,
+                 forward: EagerForward | OnnxForward | None = None):
         if method not in LIBRARY_METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
         self.model, self.method, self.target = model, method, target
@@ -64,25 +68,24 @@ class CamEngine:
         self.head = linear_head(model)
         self.exact = allow_exact and method == "gradcam" and self.head is not None
         self.autocast = autocast
-        self._activations: torch.Tensor | None = None
-        self._hook = None
+        self.forward = forward if forward is not None else EagerForward(model, self.layer, autocast)
+
+    @property
+    def backend(self) -> str:
+        """The exact path's model step (``eager``, ``onnx``); the library path always runs eager."""
+        return self.forward.name if self.exact else "eager"
 
     def __enter__(self) -> "CamEngine":
         if self.exact:
-            self._hook = self.layer.register_forward_hook(self._keep_activations)
+            self.forward.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self._activations = None
+        if self.exact:
+            self.forward.__exit__(*exc)
 
     def __call__(self, x: torch.Tensor) -> CamBatch:
         return self._exact(x) if self.exact else self._library(x)
-
-    def _keep_activations(self, module, inputs, output) -> None:
-        self._activations = output
 
     def _targets(self, logits: torch.Tensor) -> torch.Tensor:
         if self.target is None:
@@ -90,17 +93,13 @@ class CamEngine:
         return torch.full((logits.shape[0],), self.target, dtype=torch.long, device=logits.device)
 
     def _exact(self, x: torch.Tensor) -> CamBatch:
-        if self._hook is None:
-            raise RuntimeError("CamEngine must be used inside a 'with' block")
+        logits, activations = self.forward(x)
         with torch.inference_mode():
-            with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                logits = self.model(x).float()
-            activations = self._activations.float()
+            logits, activations = logits.to(x.device), activations.to(x.device)
             targets = self._targets(logits)
             weights = self.head.weight.float()[targets]                      # (B, K)
             height, width = activations.shape[-2:]
             cams = torch.einsum("bk,bkhw->bhw", weights, activations).clamp_(min=0) / (height * width)
-        self._activations = None
         return CamBatch(torch.softmax(logits, 1).cpu(), targets.cpu(), cams.cpu())
 
     def _library(self, x: torch.Tensor) -> CamBatch:
