@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from batchcam.config import BACKEND_AUTO_MIN_IMAGES as AUTO_MIN_IMAGES
 from batchcam.errors import UsageError
 
-AUTO_MIN_IMAGES = 128        # --backend auto: fewer images to process run eager (no start-up cost)
 FORMAT = "batchcam-onnx-1"   # bump when the export changes: older cache files are then never read
 OPSET = 17
 PROBE_IMAGES = 2
@@ -102,7 +102,8 @@ class WithActivations(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         caught = []
-        hook = getattr(self.model, self.layer_name).register_forward_hook(lambda module, inputs, output: caught.append(output))
+        layer = getattr(self.model, self.layer_name)
+        hook = layer.register_forward_hook(lambda module, inputs, output: caught.append(output))
         try:
             logits = self.model(x)
         finally:

@@ -6,7 +6,13 @@ import torch
 
 from batchcam.cam import backends
 from batchcam.cam.backends import (
-    AUTO_MIN_IMAGES, EagerForward, OnnxForward, cache_key, choose_backend, make_forward, model_cache,
+    AUTO_MIN_IMAGES,
+    EagerForward,
+    OnnxForward,
+    cache_key,
+    choose_backend,
+    make_forward,
+    model_cache,
 )
 from batchcam.cam.engine import TARGET_LAYER, CamEngine
 from batchcam.errors import UsageError
