@@ -288,12 +288,17 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="Markdown file to write")
     parser.add_argument("--rss", type=lambda text: [int(n) for n in text.split(",")], default=None,
                         metavar="N,N", help="instead: peak RSS of scans of these many images (e.g. 200,5000)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="instead: the CUDA section (benchmarks/gpu_check.sh): ceiling with autocast, scan with "
+                        "CPU and with GPU decoding, host capacity")
     args = parser.parse_args(argv)
     keep_freed_memory()  # as every batchcam command does: the ceiling and the baselines get it too
 
     work = Path(tempfile.mkdtemp(prefix="batchcam-bench-"))
     if args.rss:
         return report_rss(args, work)
+    if args.gpu:
+        return report_gpu(args, work)
     root = work / "images"
     print(f"generating {args.images} {args.format} images in {root} ...", flush=True)
     paths = make_images(root, args.images, args.format)
@@ -388,6 +393,77 @@ def report_rss(args: argparse.Namespace, work: Path) -> int:
               f"Machine: {machine()}\n")
     print("\n" + header + "\n" + "\n".join(lines))
     write_section(args.results, "scan-rss", header + "\n" + "\n".join(lines) + "\n")
+    return 0
+
+
+def forward_on_cuda(loaded, tensors: list[torch.Tensor]) -> None:
+    """The ceiling on the GPU: bf16 autocast (fp16 where bf16 is unsupported), as scan's --precision auto."""
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
+        for batch in tensors:
+            loaded.model(batch)
+    torch.cuda.synchronize()
+
+
+def rows_agree(first: Path, second: Path) -> tuple[int, int, float]:
+    """(rows, same class, largest difference in P(PNEUMONIA)) between two reports of the same images."""
+    a = {row["path"]: row for row in csv.DictReader(open(first / "predictions.csv", newline=""))}
+    b = {row["path"]: row for row in csv.DictReader(open(second / "predictions.csv", newline=""))}
+    same = sum(a[path]["prediction"] == b[path]["prediction"] for path in a)
+    largest = max(abs(float(a[path]["p_PNEUMONIA"]) - float(b[path]["p_PNEUMONIA"])) for path in a)
+    return len(a), same, largest
+
+
+def report_gpu(args: argparse.Namespace, work: Path) -> int:
+    """Ceiling with autocast, scan with CPU and with GPU decoding, host capacity: a GPU box's table."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA GPU")
+    root = work / "images"
+    print(f"generating {args.images} {args.format} images in {root} ...", flush=True)
+    paths = make_images(root, args.images, args.format)
+    loaded = load_checkpoint(DEMO_MODEL, demo=True)
+    loaded.model.to("cuda", memory_format=torch.channels_last)
+    spec = loaded.spec
+    tensors = [normalize(torch.from_numpy(np.stack([resize_square(decode_grayscale(p.read_bytes()).gray,
+                                                                  spec.image_size) for p in paths[i:i + BATCH]])),
+                         spec).to("cuda").contiguous(memory_format=torch.channels_last)
+               for i in range(0, len(paths), BATCH)]
+    forward_on_cuda(loaded, tensors[:1])
+    cores = os.cpu_count() or 1
+    rates: dict[str, list[float]] = {key: [] for key in ("forward", "scan_cpu_decode", "scan_gpu_decode",
+                                                          "host_1", f"host_{args.workers}", "pure")}
+    cuda = ("--device", "cuda")
+    for repeat in range(args.repeats):
+        rates["forward"].append(len(paths) / timed(lambda: forward_on_cuda(loaded, tensors)))
+        rates["scan_cpu_decode"].append(len(paths) / scan_process(root, work / "cpu-decode", args.workers, cuda)[0])
+        rates["scan_gpu_decode"].append(len(paths) / scan_process(root, work / "gpu-decode", args.workers,
+                                                                  (*cuda, "--decode", "gpu"))[0])
+        for workers in sorted({1, args.workers}):
+            seconds, _ = scan_process(root, work / "host", workers, cuda, zero_cost_model=True)
+            rates[f"host_{workers}"].append(len(paths) / seconds)
+        rates["pure"].append(len(paths) / timed(lambda: pure_decoding(paths)))
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.1f}/s" for k, v in rates.items()), flush=True)
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    host = median[f"host_{args.workers}"] / min(cores, args.workers + 1)
+    rows, same, largest = rows_agree(work / "cpu-decode", work / "gpu-decode")
+    lines = [
+        "| method | images/s (median) |", "|---|---|",
+        f"| forward pass alone, autocast (ceiling) | {median['forward']:.1f} |",
+        f"| scan end to end, CPU decoding ({args.workers} workers) | {median['scan_cpu_decode']:.1f} |",
+        f"| scan end to end, --decode gpu ({args.workers} workers) | {median['scan_gpu_decode']:.1f} |",
+        f"| scan with a zero-cost model, 1 worker | {median['host_1']:.1f} |",
+        f"| scan with a zero-cost model, {args.workers} workers | {median[f'host_{args.workers}']:.1f} |",
+        f"| pure decoding, one core | {median['pure']:.1f} |",
+        "", f"Host capacity per core (the {args.workers}-worker rate over {min(cores, args.workers + 1)} busy "
+        f"processes) vs pure decoding per core: {host / median['pure']:.2f}.",
+        f"--decode gpu against CPU decoding: {same}/{rows} same class, largest difference in P(PNEUMONIA) "
+        f"{largest:.1e}.",
+        "Per repeat: " + "; ".join(f"{k} " + "/".join(f"{v:.1f}" for v in values) for k, values in rates.items()),
+    ]
+    header = (f"## scan on a GPU: {args.images} {args.format.upper()} images of 1024-2048 px, batch {BATCH}, "
+              f"{args.repeats} repeat(s)\n\nMachine: {machine()}\n")
+    print("\n" + header + "\n" + "\n".join(lines))
+    write_section(args.results, "scan-gpu", header + "\n" + "\n".join(lines) + "\n")
     return 0
 
 

@@ -236,8 +236,12 @@ def write_cached(cache: Path, key: str, data: bytes) -> Path:
 
 def export_onnx(model: nn.Module, layer_name: str, probe: torch.Tensor) -> bytes:
     """The model (float32, eval) exported with both outputs and a dynamic batch size, traced on ``probe``."""
+    import importlib.util
     import warnings
 
+    if importlib.util.find_spec("onnx") is None:
+        raise BackendUnavailable("the onnx package (torch's exporter needs it) is not installed: "
+                                 "pip install 'batchcam[onnx]'")
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():
