@@ -12,8 +12,8 @@ produced them:
   corrupt cache is rebuilt, never trusted.
 
 ``choose_backend`` picks one from ``--backend``: ``auto`` takes ONNX Runtime for CPU runs of at
-least ``AUTO_MIN_IMAGES`` images when it is installed (its start-up, a cache read or a 2 s export,
-is paid back by then), eager otherwise.
+least ``AUTO_MIN_IMAGES`` images (its start-up, a cache read or a 2 s export, is paid back by then),
+eager otherwise; ``make_forward`` falls back to eager with a log line when ONNX Runtime is missing.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def choose_backend(requested: str, device: torch.device, exact: bool, autocast: 
             raise UsageError("--backend onnx runs the exact gradcam path on the CPU in fp32 only "
                              "(use --backend eager, or --device cpu --cam gradcam --precision fp32)")
         return "onnx"
-    return "onnx" if fits and images >= AUTO_MIN_IMAGES and onnxruntime_version() else "eager"
+    return "onnx" if fits and images >= AUTO_MIN_IMAGES else "eager"  # make_forward falls back if it must
 
 
 def onnxruntime_version() -> str | None:
