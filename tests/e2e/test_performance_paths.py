@@ -186,6 +186,26 @@ def test_the_onnx_backend_gives_the_eager_rows_and_the_manifest_says_which_ran(t
     assert json.loads((tmp_path / "onnx" / "manifest.json").read_text())["cam"]["backend"] == "onnx"
 
 
+def test_overlays_drawn_as_tensors_match_pillows_rows_and_pixels(tiny_model, tmp_path, monkeypatch):
+    """The tensor renderer a CUDA scan uses, run on the CPU through the whole scan."""
+    from batchcam.engines import local
+
+    root = tmp_path / "xrays"
+    write_xrays(root, count=5, size=(700, 560))
+    common = ["--model", str(tiny_model), "--workers", "0", "--quiet"]
+    assert main(["scan", str(root), "--out", str(tmp_path / "pillow"), *common]) == 0
+    monkeypatch.setattr(local, "render_device", lambda job: torch.device("cpu"))
+    assert main(["scan", str(root), "--out", str(tmp_path / "tensor"), *common]) == 0
+    pillow, tensor = read_rows(tmp_path / "pillow"), read_rows(tmp_path / "tensor")
+    assert pillow == tensor
+    for row in pillow.values():
+        for name in (row["overlay"], row["overlay"].replace(".jpg", ".thumb.jpg")):
+            a = np.asarray(Image.open(tmp_path / "pillow" / name).convert("RGB"), dtype=np.int32)
+            b = np.asarray(Image.open(tmp_path / "tensor" / name).convert("RGB"), dtype=np.int32)
+            assert a.shape == b.shape
+            assert np.abs(a - b).mean() < 1.5
+
+
 def test_a_small_scan_stays_eager_by_default(tiny_model, xray_folder, tmp_path):
     assert main(["scan", str(xray_folder), "--out", str(tmp_path / "r"), "--model", str(tiny_model),
                  "--workers", "0", "--quiet"]) == 0
