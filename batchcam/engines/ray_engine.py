@@ -71,11 +71,11 @@ class WorkerSpec:
     target: int | None
     autocast: torch.dtype | None
     compile: bool
-    backend: str
     faithfulness: bool
     keeps_cams: bool
     settings_key: str
     gpus: float
+    backend: str = "eager"            # the exact path's model step on CPU actors (batchcam.cam.backends)
 
 
 @dataclass
