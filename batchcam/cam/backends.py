@@ -170,6 +170,7 @@ def onnx_forward(model: nn.Module, layer_name: str, checkpoint_sha256: str, imag
             return forward
         log("backend: the cached ONNX model disagrees with the checkpoint; exporting it again")
         path.unlink(missing_ok=True)
+    log(f"backend: exporting the model for ONNX Runtime (once per checkpoint and library versions) into {cache}")
     exported = export_onnx(model, layer_name, probe)
     forward = checked_session(exported, probe, eager)
     if forward is None:
