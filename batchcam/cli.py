@@ -13,6 +13,8 @@ from pathlib import Path
 
 from batchcam import __version__
 from batchcam.config import (
+    BACKEND_AUTO_MIN_IMAGES,
+    BACKENDS,
     CAM_METHODS,
     CHEST_MODALITIES,
     DECODERS,
@@ -139,6 +141,10 @@ def add_performance_options(scan: argparse.ArgumentParser) -> None:
     scan.add_argument("--decode", default="cpu", choices=DECODERS,
                       help="gpu: decode JPEGs in batches on the GPU (nvJPEG) when CPU decoding is the bottleneck; "
                       "other formats are still decoded on the CPU")
+    scan.add_argument("--backend", default="auto", choices=BACKENDS,
+                      help="the exact gradcam path's model step: onnx runs it in ONNX Runtime (CPU, fp32; "
+                      "pip install 'batchcam[onnx]'), eager in PyTorch; auto (default) is onnx for CPU runs of "
+                      f"{BACKEND_AUTO_MIN_IMAGES} images or more when onnxruntime is installed, else eager")
 
 
 def add_model_options(command: argparse.ArgumentParser) -> None:
@@ -290,7 +296,7 @@ def scan_config(args: argparse.Namespace, argv: list[str]) -> ScanConfig:
                       faithfulness=args.faithfulness, heat_scale=args.heat_scale, engine=args.engine,
                       ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker,
                       overlay_size=args.overlay_size, precision=args.precision, compile=args.compile,
-                      decode=args.decode, max_file_mb=args.max_file_mb,
+                      decode=args.decode, backend=args.backend, max_file_mb=args.max_file_mb,
                       selection=selection(args), argv=tuple(argv))
 
 

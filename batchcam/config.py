@@ -21,6 +21,10 @@ CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eige
 HEAT_SCALES = ("image", "run")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODERS = ("cpu", "gpu")
+# The exact path's model step (batchcam.cam.backends): auto = ONNX Runtime for long CPU runs when installed.
+BACKENDS = ("auto", "eager", "onnx")
+# --backend auto: runs processing fewer images stay eager (ONNX Runtime's start-up is paid back by then).
+BACKEND_AUTO_MIN_IMAGES = 128
 ENGINES = ("local", "ray")
 RAY_EXTRA_HINT = "pip install 'batchcam[ray]'"
 HEAD_CONNECT_TIMEOUT = 10.0  # seconds; Ray itself retries an unreachable --ray-address for ever
@@ -133,6 +137,7 @@ class ScanConfig:
     precision: str = "auto"          # the forward pass: auto = bf16 (else fp16) autocast on CUDA, fp32 on the CPU
     compile: bool = False            # torch.compile the model: slow to start, faster on long GPU runs
     decode: str = "cpu"              # "gpu": JPEGs decoded in batches on the GPU (batchcam.decode.gpu_decode)
+    backend: str = "auto"            # the exact path's model step: "eager" (PyTorch), "onnx" (ONNX Runtime)
     engine: str = "local"            # "local": this process and its DataLoader; "ray": a Ray cluster
     ray_address: str | None = None   # None: the ray engine starts a local Ray cluster on this machine
     gpus_per_worker: float | None = None  # ray engine; None: 1 when the cluster has GPUs, else 0
@@ -173,6 +178,9 @@ class ScanConfig:
             raise UsageError(f"--overlay-size must be between {low} and {high} px, got {self.overlay_size}")
         check_choice("--precision", self.precision, PRECISIONS)
         check_choice("--decode", self.decode, DECODERS)
+        check_choice("--backend", self.backend, BACKENDS)
+        if self.backend == "onnx" and self.compile:
+            raise UsageError("--compile and --backend onnx both build the model step; choose one")
 
     def validate_device(self, device_type: str) -> None:
         """What can only be checked once ``--device`` is resolved (it needs torch)."""

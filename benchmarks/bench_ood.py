@@ -37,7 +37,7 @@ def milliseconds(function) -> tuple[float, object]:
 def one_batch(engine: CamEngine, loaded, batch_size: int, size: int) -> dict[str, float]:
     """Milliseconds of each step on one random batch."""
     x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
-    forward, (logits, activations) = milliseconds(lambda: engine._forward(x))
+    forward, (logits, activations) = milliseconds(lambda: engine.forward(x))
     with torch.inference_mode():
         explain, batch = milliseconds(lambda: from_forward(logits, activations, engine.head.weight, None,
                                                            loaded.temperature))
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     size = loaded.spec.image_size
     times: dict[str, list[float]] = {"forward": [], "from_forward": [], "distances": []}
     with CamEngine(model, temperature=loaded.temperature) as engine:
-        engine._forward(torch.randn(args.batch_size, 3, size, size))   # warm-up: kernel selection
+        engine.forward(torch.randn(args.batch_size, 3, size, size))   # warm-up: kernel selection
         for _ in range(args.batches):
             for name, took in one_batch(engine, loaded, args.batch_size, size).items():
                 times[name].append(took)

@@ -20,6 +20,15 @@ def tiny_checkpoint(path: Path, dropout: float = 0.0, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def private_model_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Built models (scan --backend onnx) go to a temporary cache, never the real ~/.cache/batchcam;
+    scans the tests start in subprocesses inherit it."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    monkeypatch.setenv("BATCHCAM_CACHE_DIR", str(cache))
+    return cache
+
+
 @pytest.fixture(scope="module")
 def one_cpu_thread():
     """One intra-op torch thread for a module's tests, restored afterwards."""

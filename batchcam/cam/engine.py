@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from batchcam.cam.backends import EagerForward, OnnxForward
 from batchcam.config import CAM_METHODS
 from batchcam.model.calibration import scaled_probabilities
 
@@ -87,10 +88,14 @@ class CamEngine:
     ``autocast`` (CUDA only: ``torch.bfloat16`` or ``torch.float16``) runs the exact path's forward
     pass in that precision; the map itself is always computed in float32 from the activations.
     ``temperature`` (the checkpoint's) divides the logits of every reported probability.
+    ``forward`` is the exact path's model step (``batchcam.cam.backends``; default: eager PyTorch):
+    whatever computes it, probabilities, features and maps are read off its logits and activations
+    here (``from_forward``). The library methods always run eager PyTorch.
     """
 
     def __init__(self, model: nn.Module, method: str = "gradcam", target: int | None = None,
-                 allow_exact: bool = True, autocast: torch.dtype | None = None, temperature: float = 1.0):
+                 allow_exact: bool = True, autocast: torch.dtype | None = None, temperature: float = 1.0,
+                 forward: EagerForward | OnnxForward | None = None):
         if method not in LIBRARY_METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
         self.model, self.method, self.target = model, method, target
@@ -99,42 +104,32 @@ class CamEngine:
         self.exact = allow_exact and method == "gradcam" and self.head is not None
         self.autocast = autocast
         self.temperature = temperature
-        self._activations: torch.Tensor | None = None
-        self._hook = None
+        use_given = forward is not None and self.exact
+        self.forward = forward if use_given else EagerForward(model, self.layer, autocast)
+
+    @property
+    def backend(self) -> str:
+        """The model step in use (``eager``, ``onnx``); the library path always runs eager."""
+        return self.forward.name
 
     def __enter__(self) -> "CamEngine":
-        self._hook = self.layer.register_forward_hook(self._keep_activations)
+        self.forward.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self._activations = None
+        self.forward.__exit__(*exc)
 
     def __call__(self, x: torch.Tensor) -> CamBatch:
         return self._exact(x) if self.exact else self._library(x)
 
-    def _keep_activations(self, module, inputs, output) -> None:
-        self._activations = output
-
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and ``layer4`` activations of one forward pass, without gradients."""
-        if self._hook is None:
-            raise RuntimeError("CamEngine must be used inside a 'with' block")
-        with torch.inference_mode():
-            with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                logits = self.model(x)
-        activations, self._activations = self._activations, None
-        return logits, activations
-
     def _exact(self, x: torch.Tensor) -> CamBatch:
-        logits, activations = self._forward(x)
+        logits, activations = self.forward(x)
         with torch.inference_mode():
-            return from_forward(logits, activations, self.head.weight, self.target, self.temperature)
+            return from_forward(logits.to(x.device), activations.to(x.device), self.head.weight, self.target,
+                                self.temperature)
 
     def _library(self, x: torch.Tensor) -> CamBatch:
-        logits, activations = self._forward(x)
+        logits, activations = self.forward(x)
         with torch.inference_mode():
             batch = from_forward(logits, activations, None, self.target, self.temperature)
         import pytorch_grad_cam
@@ -145,7 +140,6 @@ class CamEngine:
         wanted = [ClassifierOutputTarget(int(t)) for t in batch.targets]
         with torch.enable_grad(), method(model=self.model, target_layers=[self.layer]) as cam:
             cam(input_tensor=x.clone(), targets=wanted)
-        self._activations = None
         raw = cam.raw_map
         if raw is None or raw.shape[0] != x.shape[0]:
             raise RuntimeError(f"{self.method} produced no map for this batch")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batchcam.cam.engine import TARGET_LAYER, CamEngine
+from batchcam.cam.backends import EagerForward, OnnxForward, choose_backend, make_forward
+from batchcam.cam.engine import TARGET_LAYER, CamEngine, linear_head
 from batchcam.config import ScanConfig, resolve_target
 from batchcam.decode.discover import IMAGE_EXTENSIONS, discover
 from batchcam.engines import local
@@ -58,10 +59,14 @@ class Ready:
     autocast: torch.dtype | None
     target: int | None
     settings: Settings
+    forward: EagerForward | OnnxForward | None = None  # built here only for an explicit --backend onnx
 
 
 def prepare(config: ScanConfig, console: Console) -> Ready:
-    """Resolve the device, find the files, load the model; UsageError for anything wrong."""
+    """Resolve the device, find the files, load the model; UsageError for anything wrong.
+
+    An explicit ``--backend onnx`` is built here too, so a reason it cannot run is exit 2 before REPORT is touched.
+    """
     device = resolve_device(config.device)
     config.validate_device(device.type)
     files = discover_files(config, console)
@@ -72,7 +77,17 @@ def prepare(config: ScanConfig, console: Console) -> Ready:
                         target_layer=TARGET_LAYER, image_size=loaded.spec.image_size, mean=loaded.spec.mean,
                         std=loaded.spec.std, faithfulness=config.faithfulness, heat_scale=config.heat_scale,
                         precision=precision_name(autocast), decode=config.decode, overlay_size=config.overlay_size)
-    return Ready(files, loaded, device, autocast, target, settings)
+    forward = None
+    if config.backend == "onnx":
+        choose_backend("onnx", device, exact_path(config, loaded), autocast, len(files))
+        forward = make_forward("onnx", prepared_model(loaded, device), TARGET_LAYER, loaded.sha256,
+                               loaded.spec.image_size, explicit=True, log=console.log)
+    return Ready(files, loaded, device, autocast, target, settings, forward)
+
+
+def exact_path(config: ScanConfig, loaded: LoadedModel) -> bool:
+    """Whether the exact Grad-CAM path (the only one a backend other than eager runs) applies."""
+    return config.cam == "gradcam" and linear_head(loaded.model) is not None
 
 
 def discover_files(config: ScanConfig, console: Console) -> list[PlannedFile]:
@@ -106,7 +121,7 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
                          and (not config.keeps_cams or not row.ok or row.path in previous_cams))
         console.info(f"scanning {len(files)} images under {config.root} on {device}: "
                      f"{len(plan.process)} to process, {len(plan.reuse)} unchanged")
-        job = scan_job(config, console, ready, report, store)
+        job = scan_job(config, console, ready, report, store, images=len(plan.process))
         engine = local
         if config.engine == "ray":
             from batchcam.engines import ray_engine as engine  # Ray is imported only when asked for
@@ -116,7 +131,8 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
                   **status_counts(rows)}
         seconds = time.monotonic() - started
         cam_info = {"method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
-                    "exact_fast_path": job.engine.exact, "heat_scale": config.heat_scale}
+                    "exact_fast_path": job.engine.exact, "heat_scale": config.heat_scale,
+                    "backend": job.ray.backend if job.ray else job.engine.backend}
         if config.heat_scale == "run":
             cam_info["run_scale"] = rescale_overlays(rows, files, {**previous_cams, **new_cams}, job)
         report_manifest = manifest(root=config.root, argv=config.argv, loaded=loaded, cam=cam_info,
@@ -130,15 +146,25 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
     return ScanResult(report=config.out, rows=rows, counts=counts, seconds=seconds)
 
 
-def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportFolder, store: RowStore) -> ScanJob:
-    """The few things the engines use, with the model prepared once on its device."""
-    engine = CamEngine(prepared_model(ready.loaded, ready.device, config.compile), config.cam, ready.target,
-                       autocast=ready.autocast, temperature=ready.loaded.temperature)
+def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportFolder, store: RowStore,
+             images: int) -> ScanJob:
+    """The few things the engines use, with the model prepared once on its device and its backend chosen
+    for the ``images`` this run processes (the ray engine's actors build theirs)."""
+    model = prepared_model(ready.loaded, ready.device, config.compile)
+    backend = ready.forward.name if ready.forward else choose_backend(
+        config.backend, ready.device, exact_path(config, ready.loaded) and not config.compile, ready.autocast, images)
+    forward = ready.forward
+    if forward is None and config.engine == "local":
+        forward = make_forward(backend, model, TARGET_LAYER, ready.loaded.sha256, ready.loaded.spec.image_size,
+                               ready.autocast, log=console.log)
+    engine = CamEngine(model, config.cam, ready.target, autocast=ready.autocast,
+                       temperature=ready.loaded.temperature, forward=forward if config.engine == "local" else None)
     decode = DecodeSettings(image_size=ready.loaded.spec.image_size, overlay_size=config.overlay_size,
                             max_file_bytes=config.max_file_bytes, batch_size=config.batch_size,
                             workers=config.workers, on_gpu=config.decode == "gpu", selection=config.selection)
     ray = (RayOptions(root=config.root, address=config.ray_address, gpus_per_worker=config.gpus_per_worker,
-                      compile=config.compile) if config.engine == "ray" else None)
+                      compile=config.compile, backend=backend if config.backend == "onnx" else "eager")
+           if config.engine == "ray" else None)
     return ScanJob(loaded=ready.loaded, engine=engine, device=ready.device, report=report, store=store,
                    console=console, decode=decode, settings_key=ready.settings.key,
                    faithfulness=config.faithfulness, keeps_cams=config.keeps_cams, ray=ray)

@@ -22,6 +22,7 @@ class RayOptions:
     address: str | None = None          # None: a local cluster for the run
     gpus_per_worker: float | None = None
     compile: bool = False
+    backend: str = "eager"              # the model actors' exact-path backend (batchcam.cam.backends)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,11 @@ from batchcam.report.store import PlannedFile
 from batchcam.runtime.interrupt import Interrupted, InterruptGuard
 
 
+def render_device(job: ScanJob):
+    """Where overlays are drawn: on the GPU in a CUDA scan (as tensors, a batch at a time), else Pillow."""
+    return job.device if job.device.type == "cuda" else None
+
+
 def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str, np.ndarray]]:
     """Decode, explain and render ``files``, journaling each batch once its overlays are written.
 
@@ -32,7 +37,7 @@ def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str
         job.store.append(finished)
         rows.extend(finished)
 
-    with InterruptGuard() as guard, job.engine, OverlayStage(job.report) as stage:
+    with InterruptGuard() as guard, job.engine, OverlayStage(job.report, render_on=render_device(job)) as stage:
         for samples, views in job.console.progress(loader, len(dataset), lambda batch: len(batch[0])):
             if decode_deferred is not None:
                 samples, views = decode_deferred(samples)

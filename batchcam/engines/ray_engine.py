@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchcam.cam.engine import CamEngine
+from batchcam.cam.backends import make_forward
+from batchcam.cam.engine import TARGET_LAYER, CamEngine
 from batchcam.config import RAY_EXTRA_HINT
 from batchcam.decode.dataset import Sample, ScanDataset, collate_samples
 from batchcam.engines.job import DecodeSettings, ScanJob
@@ -74,6 +75,7 @@ class WorkerSpec:
     keeps_cams: bool
     settings_key: str
     gpus: float
+    backend: str = "eager"            # the exact path's model step on CPU actors (batchcam.cam.backends)
 
 
 @dataclass
@@ -105,7 +107,8 @@ def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str
             model = ray.put(replace(job.loaded, model=copy.deepcopy(job.loaded.model).cpu()))
             spec = WorkerSpec(report=str(folder), token=shared.token, model=model, decode=job.decode,
                               cam=job.engine.method, target=job.engine.target, autocast=job.engine.autocast,
-                              compile=options.compile, faithfulness=job.faithfulness, keeps_cams=job.keeps_cams,
+                              compile=options.compile, backend=options.backend,
+                              faithfulness=job.faithfulness, keeps_cams=job.keeps_cams,
                               settings_key=job.settings_key, gpus=gpus)
             batches = explained_batches(ray, files, spec, actors)
             try:
@@ -308,8 +311,12 @@ class CamWorker:
         self.spec = spec
         self.device = torch.device("cuda" if spec.gpus else "cpu")
         self.loaded: LoadedModel = ray.get(spec.model)
-        self.engine = CamEngine(prepared_model(self.loaded, self.device, spec.compile), spec.cam, spec.target,
-                                autocast=spec.autocast, temperature=self.loaded.temperature)
+        model = prepared_model(self.loaded, self.device, spec.compile)
+        backend = spec.backend if self.device.type == "cpu" else "eager"  # ONNX Runtime runs CPU actors only
+        forward = make_forward(backend, model, TARGET_LAYER, self.loaded.sha256, self.loaded.spec.image_size,
+                               spec.autocast)
+        self.engine = CamEngine(model, spec.cam, spec.target, autocast=spec.autocast,
+                                temperature=self.loaded.temperature, forward=forward)
         self.report = ReportFolder(Path(spec.report))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

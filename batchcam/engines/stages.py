@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from batchcam.cam import overlay as overlays
+from batchcam.cam import overlay_tensor
 from batchcam.cam.engine import CamBatch, CamEngine
 from batchcam.checks import attention
 from batchcam.decode.dataset import Sample, ScanDataset, collate_samples, worker_init
@@ -110,12 +111,16 @@ class OverlayStage:
     """Renders and writes overlays on worker threads, one batch behind the model.
 
     PIL's resize and JPEG encoder and torch's interpolation release the GIL, so this overlaps the
-    next batch's forward pass; keeping at most two batches in flight bounds memory.
+    next batch's forward pass; keeping at most two batches in flight bounds memory. ``render_on``
+    (a CUDA device in a CUDA scan): each batch is coloured, blended, shrunk and JPEG-encoded there as
+    tensors (``cam.overlay_tensor``) instead of image by image in Pillow on the CPU.
     """
 
-    def __init__(self, report: ReportFolder, threads: int = 2, scale: float | None = None):
+    def __init__(self, report: ReportFolder, threads: int = 2, scale: float | None = None,
+                 render_on: torch.device | None = None):
         self.report = report
         self.scale = scale  # None: each map normalised alone; else --heat-scale run's constant
+        self.render_on = render_on
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="overlay")
         self.pending: list[tuple[Row, Future | None]] = []
 
@@ -128,6 +133,11 @@ class OverlayStage:
     def submit(self, items: list[tuple[Row, Sample, torch.Tensor | None]]) -> list[Row]:
         """Queue a batch; return the rows of the batch queued before it, now complete."""
         finished = self.drain()
+        drawn = [(row, sample, cam) for row, sample, cam in items if cam is not None]
+        if self.render_on is not None and drawn:
+            future = self.pool.submit(self._render_batch, drawn)
+            self.pending += [(row, None if cam is None else future) for row, _, cam in items]
+            return finished
         for row, sample, cam in items:
             future = None if cam is None else self.pool.submit(self._render, row, sample, cam)
             self.pending.append((row, future))
@@ -143,6 +153,15 @@ class OverlayStage:
         return done
 
     def _render(self, row: Row, sample: Sample, cam: torch.Tensor) -> None:
-        rendered = overlays.render(sample.display, cam, sample.width, sample.height, self.scale)
+        self._write(row, overlays.render(sample.display, cam, sample.width, sample.height, self.scale))
+
+    def _render_batch(self, drawn: list[tuple[Row, Sample, torch.Tensor]]) -> None:
+        rendered = overlay_tensor.render_batch([sample.display for _, sample, _ in drawn], [cam for *_, cam in drawn],
+                                               [(sample.width, sample.height) for _, sample, _ in drawn],
+                                               self.render_on, self.scale)
+        for (row, _, _), one in zip(drawn, rendered):
+            self._write(row, one)
+
+    def _write(self, row: Row, rendered: overlays.RenderedOverlay) -> None:
         self.report.write_overlay(row.overlay, rendered)
         row.cam_peak_x, row.cam_peak_y = rendered.peak_x, rendered.peak_y

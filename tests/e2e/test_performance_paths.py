@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 import sys
 import textwrap
@@ -156,12 +157,70 @@ def test_overlay_size_caps_the_overlays_and_is_part_of_the_settings(tiny_model, 
 @pytest.mark.parametrize("options, message", [
     (["--overlay-size", "100"], "--overlay-size must be between"),
     (["--decode", "gpu", "--device", "cpu"], "--decode gpu needs a CUDA device"),
+    (["--backend", "onnx", "--cam", "gradcam++"], "--backend onnx runs the exact gradcam path"),
+    (["--backend", "onnx", "--compile"], "--compile and --backend onnx both build the model step"),
 ])
 def test_bad_performance_options_exit_2(tiny_model, xray_folder, tmp_path, capsys, options, message):
     assert main(["scan", str(xray_folder), "--out", str(tmp_path / "r"), "--model", str(tiny_model),
                  *options]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_onnx_backend_gives_the_eager_rows_and_the_manifest_says_which_ran(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    root = tmp_path / "xrays"
+    write_xrays(root, count=6, size=(300, 240))
+    common = ["--model", str(tiny_model), "--workers", "0", "--quiet"]
+    assert main(["scan", str(root), "--out", str(tmp_path / "eager"), "--backend", "eager", *common]) == 0
+    assert main(["scan", str(root), "--out", str(tmp_path / "onnx"), "--backend", "onnx", *common]) == 0
+    eager, onnx = read_rows(tmp_path / "eager"), read_rows(tmp_path / "onnx")
+    assert eager.keys() == onnx.keys()
+    for path, row in eager.items():
+        assert row["prediction"] == onnx[path]["prediction"]
+        assert abs(float(row["p_PNEUMONIA"]) - float(onnx[path]["p_PNEUMONIA"])) < 1e-4
+        assert (row["cam_peak_x"], row["cam_peak_y"]) == (onnx[path]["cam_peak_x"], onnx[path]["cam_peak_y"])
+        assert abs(float(row["attention_outside"]) - float(onnx[path]["attention_outside"])) < 1e-4
+        assert row["attention_flag"] == onnx[path]["attention_flag"]
+    assert json.loads((tmp_path / "eager" / "manifest.json").read_text())["cam"]["backend"] == "eager"
+    assert json.loads((tmp_path / "onnx" / "manifest.json").read_text())["cam"]["backend"] == "onnx"
+
+
+def test_overlays_drawn_as_tensors_match_pillows_rows_and_pixels(tiny_model, tmp_path, monkeypatch):
+    """The tensor renderer a CUDA scan uses, run on the CPU through the whole scan."""
+    from batchcam.engines import local
+
+    root = tmp_path / "xrays"
+    write_xrays(root, count=5, size=(700, 560))
+    common = ["--model", str(tiny_model), "--workers", "0", "--quiet"]
+    assert main(["scan", str(root), "--out", str(tmp_path / "pillow"), *common]) == 0
+    monkeypatch.setattr(local, "render_device", lambda job: torch.device("cpu"))
+    assert main(["scan", str(root), "--out", str(tmp_path / "tensor"), *common]) == 0
+    pillow, tensor = read_rows(tmp_path / "pillow"), read_rows(tmp_path / "tensor")
+    assert pillow == tensor
+    for row in pillow.values():
+        for name in (row["overlay"], row["overlay"].replace(".jpg", ".thumb.jpg")):
+            a = np.asarray(Image.open(tmp_path / "pillow" / name).convert("RGB"), dtype=np.int32)
+            b = np.asarray(Image.open(tmp_path / "tensor" / name).convert("RGB"), dtype=np.int32)
+            assert a.shape == b.shape
+            assert np.abs(a - b).mean() < 1.5
+
+
+def test_a_small_scan_stays_eager_by_default(tiny_model, xray_folder, tmp_path):
+    assert main(["scan", str(xray_folder), "--out", str(tmp_path / "r"), "--model", str(tiny_model),
+                 "--workers", "0", "--quiet"]) == 0
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["cam"]["backend"] == "eager"
+
+
+def test_an_explicit_onnx_backend_without_onnxruntime_is_exit_2_before_report_is_written(
+        tiny_model, xray_folder, tmp_path, capsys, monkeypatch):
+    from batchcam.cam import backends
+
+    monkeypatch.setattr(backends, "onnxruntime_version", lambda: None)
+    assert main(["scan", str(xray_folder), "--out", str(tmp_path / "r"), "--model", str(tiny_model),
+                 "--backend", "onnx"]) == 2
+    assert "onnxruntime is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "predictions.csv").exists()
 
 
 @pytest.mark.slow

@@ -1,0 +1,292 @@
+"""The model step of the exact Grad-CAM path: a batch ``x`` -> ``(logits, layer4 activations)``.
+
+``CamEngine`` turns those two tensors into probabilities and maps in one place, whichever backend
+produced them:
+
+- ``EagerForward``: the PyTorch model itself, the activations caught by a forward hook scoped by
+  ``with``. Every device and precision; the reference.
+- ``OnnxForward``: the same model exported once to ONNX with both outputs and run by ONNX Runtime
+  on the CPU, float32 (about 1.2-1.3 x eager's rate on the benchmark's CPU; benchmarks/RESULTS.md).
+  The export is cached per checkpoint and library versions (``model_cache``), checked against its
+  digest when read and against eager PyTorch on a probe batch before it is used, so a stale or
+  corrupt cache is rebuilt, never trusted.
+
+``choose_backend`` picks one from ``--backend``: ``auto`` takes ONNX Runtime for CPU runs of at
+least ``AUTO_MIN_IMAGES`` images (its start-up, a cache read or a 2 s export, is paid back by then),
+eager otherwise; ``make_forward`` falls back to eager with a log line when ONNX Runtime is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from batchcam.config import BACKEND_AUTO_MIN_IMAGES as AUTO_MIN_IMAGES
+from batchcam.errors import UsageError
+
+FORMAT = "batchcam-onnx-1"   # bump when the export changes: older cache files are then never read
+OPSET = 17
+PROBE_IMAGES = 2
+PROBE_TOLERANCE = 1e-4       # on probabilities, as the issue's equality target; activations relatively
+CACHE_ENV = "BATCHCAM_CACHE_DIR"
+
+
+class BackendUnavailable(Exception):
+    """The fast backend cannot run here (not installed, export failed, outputs not equal)."""
+
+
+class EagerForward:
+    """The model in PyTorch; layer4's output caught by a hook registered only inside ``with``."""
+
+    name = "eager"
+
+    def __init__(self, model: nn.Module, layer: nn.Module, autocast: torch.dtype | None = None):
+        self.model, self.layer, self.autocast = model, layer, autocast
+        self._activations: torch.Tensor | None = None
+        self._hook = None
+
+    def __enter__(self) -> "EagerForward":
+        self._hook = self.layer.register_forward_hook(self._keep_activations)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._activations = None
+
+    def _keep_activations(self, module, inputs, output) -> None:
+        if not torch.is_grad_enabled():  # not pytorch-grad-cam's own pass: that one's graph must not be kept
+            self._activations = output
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._hook is None:
+            raise RuntimeError("CamEngine must be used inside a 'with' block")
+        with torch.inference_mode():
+            with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                logits = self.model(x).float()
+            activations, self._activations = self._activations.float(), None
+        return logits, activations
+
+
+class OnnxForward:
+    """An ONNX Runtime session of the model with both outputs, on the CPU in float32."""
+
+    name = "onnx"
+
+    def __init__(self, session):
+        self.session = session
+
+    def __enter__(self) -> "OnnxForward":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, activations = self.session.run(None, {"x": x.float().contiguous().numpy()})
+        return torch.from_numpy(logits), torch.from_numpy(activations)
+
+
+class WithActivations(nn.Module):
+    """The model with the target layer's output as a second output: what gets exported."""
+
+    def __init__(self, model: nn.Module, layer_name: str):
+        super().__init__()
+        self.model, self.layer_name = model, layer_name
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        caught = []
+        layer = getattr(self.model, self.layer_name)
+        hook = layer.register_forward_hook(lambda module, inputs, output: caught.append(output))
+        try:
+            logits = self.model(x)
+        finally:
+            hook.remove()
+        return logits, caught[0]
+
+
+def choose_backend(requested: str, device: torch.device, exact: bool, autocast: torch.dtype | None,
+                   images: int) -> str:
+    """``eager`` or ``onnx`` for ``--backend requested``; UsageError when ``onnx`` cannot apply.
+
+    ONNX Runtime computes only the exact Grad-CAM path's model step, on the CPU, in float32.
+    """
+    if requested == "eager":
+        return "eager"
+    fits = device.type == "cpu" and exact and autocast is None
+    if requested == "onnx":
+        if not fits:
+            raise UsageError("--backend onnx runs the exact gradcam path on the CPU in fp32 only "
+                             "(use --backend eager, or --device cpu --cam gradcam --precision fp32)")
+        return "onnx"
+    return "onnx" if fits and images >= AUTO_MIN_IMAGES else "eager"  # make_forward falls back if it must
+
+
+def onnxruntime_version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__
+
+
+def make_forward(name: str, model: nn.Module, layer_name: str, checkpoint_sha256: str, image_size: int,
+                 autocast: torch.dtype | None = None, explicit: bool = False,
+                 log: Callable[[str], None] = lambda message: None) -> EagerForward | OnnxForward:
+    """The backend ``name`` for ``model``; ONNX falls back to eager with a log line unless ``explicit``,
+    where its failure is a UsageError saying why."""
+    eager = EagerForward(model, getattr(model, layer_name), autocast)
+    if name == "eager":
+        return eager
+    try:
+        return onnx_forward(model, layer_name, checkpoint_sha256, image_size, eager, log)
+    except BackendUnavailable as e:
+        if explicit:
+            raise UsageError(f"--backend onnx: {e}") from None
+        log(f"backend: ONNX Runtime not used ({e}); running the model in PyTorch (eager)")
+        return eager
+
+
+def onnx_forward(model: nn.Module, layer_name: str, checkpoint_sha256: str, image_size: int,
+                 eager: EagerForward, log: Callable[[str], None]) -> OnnxForward:
+    """A checked ONNX Runtime session: from the cache when it holds a sound export, else exported now."""
+    version = onnxruntime_version()
+    if version is None:
+        raise BackendUnavailable("onnxruntime is not installed: pip install 'batchcam[onnx]'")
+    cache = model_cache()
+    key = cache_key(checkpoint_sha256, layer_name, image_size, version)
+    probe = probe_batch(model, image_size)
+    cached = read_cached(cache, key)
+    if cached is not None:
+        path, data = cached
+        forward = checked_session(data, probe, eager)
+        if forward is not None:
+            return forward
+        log("backend: the cached ONNX model disagrees with the checkpoint; exporting it again")
+        path.unlink(missing_ok=True)
+    log(f"backend: exporting the model for ONNX Runtime (once per checkpoint and library versions) into {cache}")
+    exported = export_onnx(model, layer_name, probe)
+    forward = checked_session(exported, probe, eager)
+    if forward is None:
+        raise BackendUnavailable("the exported model's outputs differ from PyTorch's")
+    try:
+        write_cached(cache, key, exported)
+    except OSError as e:
+        log(f"backend: cannot cache the ONNX model in {cache} ({e.strerror or e}); it is exported again next run")
+    return forward
+
+
+def model_cache() -> Path:
+    """``$BATCHCAM_CACHE_DIR``, else ``$XDG_CACHE_HOME/batchcam``, else ``~/.cache/batchcam``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "batchcam"
+
+
+def cache_key(checkpoint_sha256: str, layer_name: str, image_size: int, onnxruntime_version: str) -> str:
+    """What the export depends on: the weights and input size, the exporter (torch), the runtime that reads it."""
+    parts = (FORMAT, checkpoint_sha256, layer_name, str(image_size), torch.__version__, onnxruntime_version,
+             str(OPSET))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def read_cached(cache: Path, key: str) -> tuple[Path, bytes] | None:
+    """The cached export for ``key`` (path, bytes) if its bytes match the digest in its name; others are removed.
+
+    Files are named ``KEY-DIGEST.onnx``: a truncated or altered file fails the digest and is
+    deleted (then rebuilt), never loaded.
+    """
+    for path in sorted(cache.glob(f"{key}-*.onnx")):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if path.name == cached_name(key, data):
+            return path, data
+        path.unlink(missing_ok=True)
+    return None
+
+
+def cached_name(key: str, data: bytes) -> str:
+    return f"{key}-{hashlib.sha256(data).hexdigest()[:16]}.onnx"
+
+
+def write_cached(cache: Path, key: str, data: bytes) -> Path:
+    """Write the export atomically (a temporary file in the folder, fsynced, then renamed)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / cached_name(key, data)
+    handle, temporary = tempfile.mkstemp(dir=cache, prefix=".tmp-", suffix=".onnx")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def export_onnx(model: nn.Module, layer_name: str, probe: torch.Tensor) -> bytes:
+    """The model (float32, eval) exported with both outputs and a dynamic batch size, traced on ``probe``."""
+    import importlib.util
+    import warnings
+
+    if importlib.util.find_spec("onnx") is None:
+        raise BackendUnavailable("the onnx package (torch's exporter needs it) is not installed: "
+                                 "pip install 'batchcam[onnx]'")
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
+            torch.onnx.export(WithActivations(model, layer_name).eval(), (probe,), buffer, input_names=["x"],
+                              output_names=["logits", "activations"], opset_version=OPSET, dynamo=False,
+                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}, "activations": {0: "batch"}})
+    except Exception as e:  # an exporter that cannot handle this model: the eager path still can
+        raise BackendUnavailable(f"export failed: {type(e).__name__}: {e}"[:300]) from None
+    return buffer.getvalue()
+
+
+def probe_batch(model: nn.Module, image_size: int) -> torch.Tensor:
+    """A fixed batch at the model's input size (its first convolution's channels), on the CPU."""
+    channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    return torch.randn(PROBE_IMAGES, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+
+
+def checked_session(data: bytes, probe: torch.Tensor, eager: EagerForward) -> OnnxForward | None:
+    """An ONNX Runtime session of ``data`` if its outputs equal eager PyTorch's on the probe batch, else None."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    # Idle threads sleep, as OMP_WAIT_POLICY=PASSIVE makes torch's: spinning would starve the decoders.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        forward = OnnxForward(onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"]))
+        logits, activations = forward(probe)
+    except Exception:  # a corrupt or foreign file the digest did not catch
+        return None
+    with eager:
+        expected_logits, expected_activations = eager(probe)
+    return forward if outputs_equal(logits, activations, expected_logits.cpu(), expected_activations.cpu()) else None
+
+
+def outputs_equal(logits: torch.Tensor, activations: torch.Tensor, expected_logits: torch.Tensor,
+                  expected_activations: torch.Tensor) -> bool:
+    """Probabilities within ``PROBE_TOLERANCE``; activations within it relative to their largest value."""
+    if logits.shape != expected_logits.shape or activations.shape != expected_activations.shape:
+        return False
+    probabilities = (torch.softmax(logits, 1) - torch.softmax(expected_logits, 1)).abs().max()
+    scale = expected_activations.abs().max().clamp_min(1e-6)
+    return bool(probabilities <= PROBE_TOLERANCE
+                and (activations - expected_activations).abs().max() <= PROBE_TOLERANCE * scale)
