@@ -14,6 +14,10 @@ TAIL_COLUMNS = ("label", "correct", "cam_target", "cam_peak_x", "cam_peak_y", "o
                 "height", "sha256", "model_sha256")
 # Beyond the contract, after its columns: the explanation checks (batchcam.checks.attention).
 CHECK_COLUMNS = ("attention_outside", "attention_flag", "faith_drop_top", "faith_drop_random")
+# What changed since the last completed run (report.changes). OOD_COLUMNS = ("ood_score", "ood_flag") is
+# agreed to come between CHECK_COLUMNS and these; it is not on this branch yet.
+CHANGE_COLUMNS = ("first_seen", "change")
+CHANGES = ("new", "changed", "prediction changed")  # "": same file, same prediction as the last run
 ATTENTION_THRESHOLD = 0.55    # attention_flag when more than this share of the heat is off the lungs
 
 
@@ -42,6 +46,8 @@ class Row:
     attention_outside: float | None = None   # share of the heat off the lungs (attention.py)
     faith_drop_top: float | None = None      # only with --faithfulness
     faith_drop_random: float | None = None
+    first_seen: str = ""     # start of the run that first saw this path (ISO 8601, UTC)
+    change: str = ""         # one of CHANGES, or "" (report.changes)
     # Not CSV columns: what the incremental store needs to decide whether the row can be reused.
     relpath: str = ""        # the file's own relative path (``path`` may be an escaped form of it)
     size: int = -1           # bytes, as read
@@ -74,7 +80,7 @@ class Row:
 
 def columns(class_names: Sequence[str]) -> list[str]:
     """The contract's columns in order, with one p_<CLASS> column per class after confidence."""
-    return [*BASE_COLUMNS, *(f"p_{name}" for name in class_names), *TAIL_COLUMNS, *CHECK_COLUMNS]
+    return [*BASE_COLUMNS, *(f"p_{name}" for name in class_names), *TAIL_COLUMNS, *CHECK_COLUMNS, *CHANGE_COLUMNS]
 
 
 def to_csv_dict(row: Row, class_names: Sequence[str]) -> dict[str, str]:
@@ -86,7 +92,8 @@ def to_csv_dict(row: Row, class_names: Sequence[str]) -> dict[str, str]:
               "sha256": row.sha256, "model_sha256": row.model_sha256,
               "attention_outside": _number(row.attention_outside),
               "attention_flag": "" if row.attention_flag is None else str(row.attention_flag).lower(),
-              "faith_drop_top": _number(row.faith_drop_top), "faith_drop_random": _number(row.faith_drop_random)}
+              "faith_drop_top": _number(row.faith_drop_top), "faith_drop_random": _number(row.faith_drop_random),
+              "first_seen": row.first_seen, "change": row.change}
     for name, p in zip(class_names, row.probabilities or [None] * len(class_names)):
         values[f"p_{name}"] = _number(p)
     return values
@@ -102,7 +109,8 @@ def from_csv_dict(values: dict[str, str], class_names: Sequence[str]) -> Row:
                sha256=values.get("sha256", ""), model_sha256=values.get("model_sha256", ""),
                attention_outside=_float(values.get("attention_outside")),
                faith_drop_top=_float(values.get("faith_drop_top")),
-               faith_drop_random=_float(values.get("faith_drop_random")))
+               faith_drop_random=_float(values.get("faith_drop_random")),
+               first_seen=values.get("first_seen") or "", change=values.get("change") or "")
 
 
 def write_csv(stream: io.TextIOBase, rows: Iterable[Row], class_names: Sequence[str]) -> None:
