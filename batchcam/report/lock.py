@@ -13,8 +13,8 @@ in a folder it does not own those could be anybody's files.
 from __future__ import annotations
 
 import errno
-import hashlib
 import fcntl
+import hashlib
 import json
 import os
 import uuid
