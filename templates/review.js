@@ -191,8 +191,8 @@ window.BatchcamReview = (function () {
     } catch (error) { /* the notice below still holds */ }
     const shared = Object.keys(visits).length > 1;
     if (window.origin === "null" && !shared) {
-      setNotice("This browser may keep decisions separately for each page opened from a file: those made here " +
-                `may not show on the report's other pages; ${share}.`);
+      setNotice("Decisions are kept in this browser, which may keep each page opened from a file apart: if the " +
+                `report's other pages do not show those made here, ${share}.`);
     } else {
       setNotice(`Decisions are kept in this browser${shared ? ", shared by the report's pages" : ""}; ${share}.`);
     }
