@@ -60,7 +60,7 @@ window.BatchcamReview = (function () {
   /** Keep a decision ("" clears it) for the item's bytes; returns what now shows. */
   function record(item, decision, note) {
     if (!item.sha) return decisionOf(item);
-    local = readJson(storeKey);          // another page of the report may have written meanwhile
+    if (storage) local = readJson(storeKey);   // another page of the report may have written meanwhile
     local[item.sha] = {
       decision: DECISIONS.includes(decision) ? decision : "",
       note: String(note || "").replace(/\s+/g, " ").trim().slice(0, MAX_NOTE),

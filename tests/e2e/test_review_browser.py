@@ -197,6 +197,32 @@ def test_review_filter_and_summary_counts(browser, report):
     assert sum(int(values[1]) for values in per_class.values()) == 1
 
 
+def test_in_this_run_filter_and_new_first_sort_after_a_second_run(tmp_path, tiny_model):
+    root, out = tmp_path / "xrays", tmp_path / "report"
+    write_xrays(root, count=4)
+    scan = ["--out", str(out), "--model", str(tiny_model), "--workers", "0", "--page-size", "3", "--quiet"]
+    assert main(["scan", str(root), *scan]) == 0
+    time.sleep(1.1)                                     # the second run starts in a later second
+    write_xrays(root / "late", count=1, start_seed=9)   # late/NORMAL/img00.png
+    assert main(["scan", str(root), *scan]) == 0
+    driver = chromium(tmp_path / "profile")
+    try:
+        open_page(driver, out / "index.html")
+        assert "1 new image since the run of " in driver.find_element(By.ID, "changes-sentence").text
+        choose(driver, "f-scope", "run")
+        WebDriverWait(driver, 10).until(lambda d: not d.find_element(By.ID, "run-view").get_attribute("hidden"))
+        choose(driver, "f-change", "new")
+        assert [c["path"] for c in visible_cards(driver)] == ["late/NORMAL/img00.png"]
+        assert driver.find_element(By.CSS_SELECTOR, "#run-cards .change-mark").text == "new in this run"
+        choose(driver, "f-change", "")
+        choose(driver, "f-sort", "new-first")
+        assert visible_cards(driver)[0]["path"] == "late/NORMAL/img00.png"
+        choose(driver, "f-scope", "page")
+        assert visible_cards(driver)[0]["path"] != "late/NORMAL/img00.png"   # page 1 holds NORMAL/... only
+    finally:
+        driver.quit()
+
+
 def test_the_content_security_policy_still_refuses_inline_script(browser, report):
     open_page(browser, report / "index.html")
     assert not browser.find_elements(By.XPATH, "//script[not(@src)]")

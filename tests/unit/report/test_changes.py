@@ -32,3 +32,24 @@ def test_since_text_and_runs_skip_torn_lines():
     assert since_text(runs, changes) == "12 new images since the run of 2026-12-01 02:15, 1 prediction changed"
     assert since_text([], {"new": 1, "changed": 0, "prediction_changed": 0}) == (
         "1 new image: the first run recorded for this report")
+
+
+def test_runs_and_reviews_are_never_written_through_a_planted_link(tmp_path):
+    from batchcam.report.folder import ReportFolder
+    from batchcam.report.review import Review
+
+    report, victim = tmp_path / "report", tmp_path / "victim.txt"
+    report.mkdir()
+    victim.write_text("keep me")
+    (report / "runs.jsonl").symlink_to(victim)
+    (report / "reviews.csv").symlink_to(victim)
+    folder = ReportFolder(report)
+    try:
+        folder.append_run({"started_at": "2026-12-02T02:00:00+00:00"})
+        folder.write_reviews([Review("a.png", "0" * 64, "NORMAL", "0.9", "agree", "", "2026-12-02T08:00:00.000+00:00")])
+        assert [run["started_at"] for run in folder.read_runs()] == ["2026-12-02T02:00:00+00:00"]
+        assert [review.path for review in folder.read_reviews()] == ["a.png"]
+    finally:
+        folder.close()
+    assert victim.read_text() == "keep me"
+    assert not (report / "runs.jsonl").is_symlink() and not (report / "reviews.csv").is_symlink()
