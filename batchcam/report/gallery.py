@@ -321,15 +321,13 @@ def review_table(rows: Sequence[Row], reviews: dict[str, Review], class_names: S
 @dataclass(frozen=True)
 class ChangesView:
     sentence: str
-    counts: dict
     runs: list[dict]     # newest first, at most RECENT_RUNS
 
 
 def changes_view(rows: Sequence[Row], runs: Sequence[dict]) -> ChangesView:
-    counts = change_counts(rows)
     recent = [{**run, "started": short_time(run["started_at"]), "finished": short_time(run["finished_at"])}
               for run in list(runs)[::-1][:RECENT_RUNS]]
-    return ChangesView(since_text(list(runs)[:-1], counts), counts, recent)
+    return ChangesView(since_text(list(runs)[:-1], change_counts(rows)), recent)
 
 
 # ---- pages --------------------------------------------------------------------------------------
@@ -378,12 +376,11 @@ def render_gallery(rows: Sequence[Row], class_names: Sequence[str], manifest: di
     files[ROWS_SCRIPT] = rows_script(rows, pages, page_size, boxes, reviews)
     index, other = env.get_template("index.html"), env.get_template("gallery_page.html")
     summary = summarise(rows, class_names, metrics)
+    review, changes = review_table(rows, reviews, class_names), changes_view(rows, runs)
     for page in pages:
         template: Template = index if page.number == 1 else other
         files[page.name] = template.render(shared, page=page, rows=rows[page.start:page.stop], base=page.base,
                                            page_url=page_linker(page),
                                            nearby=page_numbers_near(page.number, len(pages)),
-                                           summary=summary, metrics=metrics,
-                                           review=review_table(rows, reviews, class_names),
-                                           changes=changes_view(rows, runs))
+                                           summary=summary, metrics=metrics, review=review, changes=changes)
     return files
