@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sanity_parser(commands)
     add_serve_parser(commands)
     add_calibrate_parser(commands)
+    add_review_parser(commands)
     return parser
 
 
@@ -200,6 +201,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"batchcam: {results['n']} images with boxes, pointing game "
           f"{'n/a' if rate is None else f'{rate:.3f}'}, heat inside boxes "
           f"{'n/a' if energy is None else f'{energy:.3f}'} -> {args.report / 'metrics.json'}", flush=True)
+    return EXIT_OK
+
+
+def add_review_parser(commands) -> None:
+    review = commands.add_parser("review", help="merge reviewers' decisions (the gallery's exported review.csv) "
+                                 "into REPORT/reviews.csv and update the gallery")
+    review.add_argument("report", type=Path, metavar="REPORT", help="a report folder written by scan")
+    review.add_argument("--import", dest="import_csv", type=Path, required=True, metavar="REVIEW.csv",
+                        help="the file the gallery's \"Export decisions\" downloaded; later decisions win")
+
+
+def run_review(args: argparse.Namespace) -> int:
+    from batchcam.commands.review import import_reviews
+
+    result = import_reviews(args.report, args.import_csv)
+    marked = f", {result.marked} kept for files changed or gone" if result.marked else ""
+    print(f"batchcam: imported {result.imported} decisions; {result.stored} in reviews.csv, {result.current} on "
+          f"images as they are now{marked} -> {args.report / 'reviews.csv'}", flush=True)
     return EXIT_OK
 
 
@@ -330,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_sanity(args)
         if args.command == "calibrate":
             return run_calibrate(args)
+        if args.command == "review":
+            return run_review(args)
     except UsageError as e:  # CheckpointError and NotOurFolder too
         print(f"batchcam: error: {e}", file=sys.stderr)
         return EXIT_USAGE

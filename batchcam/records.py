@@ -18,6 +18,9 @@ STATUSES = ("ok", "error", "skipped")   # skipped: read, but not what the model 
 # Then how far the image lies from the training images (batchcam.model.calibration); empty when the
 # checkpoint has no statistics.
 OOD_COLUMNS = ("ood_score", "ood_flag")
+# What changed since the last completed run (report.changes).
+CHANGE_COLUMNS = ("first_seen", "change")
+CHANGES = ("new", "changed", "prediction changed")  # "": same file, same prediction as the last run
 ATTENTION_THRESHOLD = 0.55    # attention_flag when more than this share of the heat is off the lungs
 
 
@@ -48,6 +51,8 @@ class Row:
     faith_drop_random: float | None = None
     ood_score: float | None = None           # Mahalanobis distance to the nearest class mean
     ood_flag: bool | None = None             # beyond the checkpoint's threshold: unlike the training images
+    first_seen: str = ""     # start of the run that first saw this path (ISO 8601, UTC)
+    change: str = ""         # one of CHANGES, or "" (report.changes)
     # Not CSV columns: what the incremental store needs to decide whether the row can be reused.
     relpath: str = ""        # the file's own relative path (``path`` may be an escaped form of it)
     size: int = -1           # bytes, as read
@@ -89,7 +94,8 @@ def status_counts(rows: Iterable[Row]) -> dict[str, int]:
 
 def columns(class_names: Sequence[str]) -> list[str]:
     """The contract's columns in order, with one p_<CLASS> column per class after confidence."""
-    return [*BASE_COLUMNS, *(f"p_{name}" for name in class_names), *TAIL_COLUMNS, *CHECK_COLUMNS, *OOD_COLUMNS]
+    return [*BASE_COLUMNS, *(f"p_{name}" for name in class_names), *TAIL_COLUMNS, *CHECK_COLUMNS, *OOD_COLUMNS,
+            *CHANGE_COLUMNS]
 
 
 def to_csv_dict(row: Row, class_names: Sequence[str]) -> dict[str, str]:
@@ -102,7 +108,8 @@ def to_csv_dict(row: Row, class_names: Sequence[str]) -> dict[str, str]:
               "attention_outside": _number(row.attention_outside),
               "attention_flag": "" if row.attention_flag is None else str(row.attention_flag).lower(),
               "faith_drop_top": _number(row.faith_drop_top), "faith_drop_random": _number(row.faith_drop_random),
-              "ood_score": _number(row.ood_score), "ood_flag": _boolean(row.ood_flag)}
+              "ood_score": _number(row.ood_score), "ood_flag": _boolean(row.ood_flag),
+              "first_seen": row.first_seen, "change": row.change}
     for name, p in zip(class_names, row.probabilities or [None] * len(class_names)):
         values[f"p_{name}"] = _number(p)
     return values
@@ -119,7 +126,8 @@ def from_csv_dict(values: dict[str, str], class_names: Sequence[str]) -> Row:
                attention_outside=_float(values.get("attention_outside")),
                faith_drop_top=_float(values.get("faith_drop_top")),
                faith_drop_random=_float(values.get("faith_drop_random")),
-               ood_score=_float(values.get("ood_score")), ood_flag=_parse_boolean(values.get("ood_flag")))
+               ood_score=_float(values.get("ood_score")), ood_flag=_parse_boolean(values.get("ood_flag")),
+               first_seen=values.get("first_seen") or "", change=values.get("change") or "")
 
 
 def write_csv(stream: io.TextIOBase, rows: Iterable[Row], class_names: Sequence[str]) -> None:

@@ -3,7 +3,8 @@
  * A file of its own because the page's Content-Security-Policy refuses inline scripts. Every
  * view is built with createElement and textContent, never innerHTML, so no file name, class name
  * or error text can turn into markup. The whole-run view reads gallery/rows.js, loaded with a
- * <script src> on first use (fetch() of a data file fails on file://).
+ * <script src> on first use (fetch() of a data file fails on file://). Reviewers' decisions are
+ * kept by review.js (window.BatchcamReview); the blocks marked "review" wire them in.
  */
 "use strict";
 (function () {
@@ -13,7 +14,9 @@
   const controls = {
     form: byId("filters"), scope: byId("f-scope"), cls: byId("f-class"), outcome: byId("f-outcome"),
     min: byId("f-min"), max: byId("f-max"), errors: byId("f-errors"), skipped: byId("f-skipped"), sort: byId("f-sort"),
+    review: byId("f-review"), change: byId("f-change"),
   };
+  const review = window.BatchcamReview;
   const shownStatus = byId("shown");
   const pageGrid = byId("cards");
   const runView = byId("run-view");
@@ -39,6 +42,10 @@
       urls: { overlay: link ? link.getAttribute("href") : "", original: link ? link.dataset.original : "" },
       boxes: link ? parseBoxes(link.dataset.boxes) : null,
       card: card,
+      // review: the file's bytes, what changed in this run, the decision in reviews.csv
+      sha: card.dataset.sha || "", change: card.dataset.change || "", firstSeen: card.dataset.firstSeen || "",
+      review: card.dataset.review ? { decision: card.dataset.review, note: card.dataset.reviewNote || "",
+                                      reviewed_at: card.dataset.reviewedAt || "" } : null,
     };
   }
 
@@ -80,7 +87,7 @@
       scope: controls.scope.value, cls: controls.cls.value, outcome: controls.outcome ? controls.outcome.value : "",
       min: percentValue(controls.min, 0), max: percentValue(controls.max, 1), errorsOnly: controls.errors.checked,
       skippedOnly: controls.skipped.checked,
-      sort: controls.sort.value,
+      sort: controls.sort.value, review: controls.review.value, change: controls.change.value,
     };
   }
 
@@ -94,6 +101,8 @@
     const wholeRange = filter.min <= 0 && filter.max >= 1;
     if (!wholeRange && (item.confidence === null || item.confidence < filter.min - 1e-9 ||
                         item.confidence > filter.max + 1e-9)) return false;
+    if (filter.change && item.change !== filter.change) return false;         // review: in this run
+    if (!review.matches(item, filter.review)) return false;                   // review: decisions
     return true;
   }
 
@@ -112,6 +121,8 @@
     "path-desc": (a, b) => b.index - a.index,
     "conf-desc": byConfidence(-1),
     "conf-asc": byConfidence(1),
+    // review: the files first seen by the latest run first (ISO times sort as text)
+    "new-first": (a, b) => (b.firstSeen > a.firstSeen) - (b.firstSeen < a.firstSeen) || a.index - b.index,
   };
 
   function select(items, filter) {
@@ -121,6 +132,7 @@
   let shownItems = pageItems;   // what is on screen, in order: the large view walks this list
 
   function showPage(filter) {
+    for (const item of pageItems) review.decorate(item.card, item);   // review: decisions made elsewhere
     const shown = select(pageItems, filter);
     const visible = new Set(shown);
     for (const item of pageItems) item.card.hidden = !visible.has(item);
@@ -166,6 +178,8 @@
       paths: { thumb: row.thumb, overlay: row.overlay, original: row.original },
       boxes: boxesOf(row.width, row.height, row.boxes),
       page: Math.floor(index / data.pageSize) + 1, card: null,
+      sha: row.sha256 || "", change: row.change || "", firstSeen: row.first_seen || "",
+      review: row.decision ? { decision: row.decision, note: row.note || "", reviewed_at: row.reviewed_at || "" } : null,
     };
   }
 
@@ -254,6 +268,10 @@
       reason.append(element("strong", "", `${item.status}:`), " ", element("span", "reason", item.error));
       card.appendChild(reason);
     }
+    if (item.change) {                                                       // review: in this run
+      card.appendChild(element("p", `change-mark change-${item.change.replace(/ /g, "-")}`, `${item.change} in this run`));
+    }
+    review.decorate(card, item);
     const where = element("p", "where");
     const pageLink = element("a", "", `on page ${item.page}`);
     pageLink.href = reportUrl(runData.pages[item.page - 1]) + `#r${item.index}`;
@@ -309,6 +327,7 @@
     viewer.toggle.textContent = overlay ? "show original" : "show overlay";
     viewer.position.textContent = `(${viewer.at + 1} of ${viewer.items.length})`;
     drawBoxes(item);
+    showDecision(item);
   }
 
   /** The item's ground-truth boxes as outlined rectangles over the large view (overlay and original
@@ -371,7 +390,12 @@
   });
   viewer.dialog.addEventListener("keydown", (event) => {
     if (event.altKey || event.ctrlKey || event.metaKey) return;
-    if (event.key === "ArrowRight") step(1);
+    if (event.target === viewer.note) {                 // review: typing a note; Enter goes back to the keys
+      if (event.key !== "Enter") return;
+      viewer.figure.focus();
+    } else if (DECISION_KEYS[event.key] !== undefined) decide(DECISION_KEYS[event.key]);
+    else if (event.key === "n" || event.key === "N") viewer.note.focus();
+    else if (event.key === "ArrowRight") step(1);
     else if (event.key === "ArrowLeft") step(-1);
     else if (event.key === "o" || event.key === "O" || event.key === " ") toggleViewer();
     else if (event.key === "Escape") closeViewer();
@@ -385,6 +409,60 @@
   byId("viewer-next").addEventListener("click", () => step(1));
   byId("viewer-toggle").addEventListener("click", toggleViewer);
   byId("viewer-close").addEventListener("click", closeViewer);
+
+  // ---- review: decisions in the large view, export, the summary's counts ------------------------
+
+  const DECISION_KEYS = { a: "agree", A: "agree", d: "disagree", D: "disagree", u: "unsure", U: "unsure", x: "", X: "" };
+  viewer.note = byId("viewer-note");
+  viewer.decision = byId("viewer-decision");
+  let decided = false;           // a decision was made since the view opened: the filters apply again on close
+
+  function showDecision(item) {
+    const found = review.decisionOf(item);
+    viewer.note.value = found ? found.note : "";
+    viewer.decision.textContent = review.markText(item);
+    viewer.dialog.dataset.decision = found ? found.decision : "";
+  }
+
+  /** Record the decision (with the note typed) on the image shown, then show the next one. */
+  function decide(decision) {
+    const item = viewer.items[viewer.at];
+    if (!item) return;
+    review.record(item, decision, viewer.note.value);
+    decided = true;
+    if (item.card) review.decorate(item.card, item);
+    const twin = pageItems.find((candidate) => candidate.sha === item.sha && candidate !== item);
+    if (twin) review.decorate(twin.card, twin);
+    refreshSummary();
+    if (decision && viewer.items.length > 1) step(1);
+    else showDecision(item);
+  }
+
+  viewer.dialog.querySelectorAll("button[data-decision]").forEach((button) => {
+    button.addEventListener("click", () => decide(button.dataset.decision));
+  });
+  viewer.dialog.addEventListener("close", () => {
+    if (decided) apply();
+    decided = false;
+  });
+
+  function refreshSummary() {
+    if (!byId("review-counts")) return;
+    loadRunData().then((data) => review.updateSummary(data.items), () => review.updateSummary(pageItems));
+  }
+
+  byId("review-export").addEventListener("click", () => {
+    loadRunData().then((data) => data.items, () => pageItems)
+      .then((items) => review.download(review.exportCsv(items), "review.csv"));
+  });
+  review.onChange(() => {
+    for (const item of pageItems) review.decorate(item.card, item);
+    if (runData) runData.items.forEach((item) => { if (item.card) review.decorate(item.card, item); });
+    refreshSummary();
+  });
+  review.describeStorage(`page-${body.dataset.page || 1}`);
+  byId("review-tools").hidden = false;
+  refreshSummary();
 
   function onGridClick(event) {
     const link = event.target.closest("a.thumb");

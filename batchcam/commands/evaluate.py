@@ -12,6 +12,7 @@ from batchcam.records import read_csv
 from batchcam.report.folder import ReportFolder
 from batchcam.report.gallery import render_gallery
 from batchcam.report.lock import ReportLock
+from batchcam.report.review import current_decisions
 from batchcam.report.summary import scan_metrics
 
 
@@ -63,7 +64,9 @@ def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn)
     metrics["localisation"] = results
     report.write_json("metrics.json", metrics)
     drawn = {row.path: found for row in rows if (found := boxes.for_row(row))}
-    report.write_gallery(render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest), drawn))
+    decisions = current_decisions(report.read_reviews(), rows)
+    report.write_gallery(render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest), drawn,
+                                        reviews=decisions, runs=report.read_runs()))
     report.save_outputs()
     return results
 

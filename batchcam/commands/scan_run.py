@@ -25,8 +25,10 @@ from batchcam.engines.stages import prepared_model
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import LoadedModel, load_model
 from batchcam.records import Row, status_counts
+from batchcam.report.changes import mark_changes, run_record
 from batchcam.report.folder import ReportFolder, open_log
 from batchcam.report.gallery import render_gallery
+from batchcam.report.review import current_decisions, mark_states, with_review
 from batchcam.report.store import PlannedFile, RowStore, Settings, make_plan, stat_candidates
 from batchcam.report.summary import manifest, now_iso, scan_metrics
 from batchcam.runtime.console import Console
@@ -127,6 +129,8 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
             from batchcam.engines import ray_engine as engine  # Ray is imported only when asked for
         processed, new_cams = engine.process(plan.process, job)
         rows = sorted(plan.reuse + processed, key=lambda row: row.path)
+        runs_before = report.read_runs()
+        changes = mark_changes(rows, store.last_run(), started_at)
         counts = {"found": len(files), "processed": len(processed), "reused": len(plan.reuse),
                   **status_counts(rows)}
         seconds = time.monotonic() - started
@@ -138,10 +142,15 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
         report_manifest = manifest(root=config.root, argv=config.argv, loaded=loaded, cam=cam_info,
                                    device=str(device), counts=counts, started_at=started_at,
                                    finished_at=now_iso(), seconds=seconds, selection=config.selection, rows=rows)
+        report_manifest["report_id"] = report.report_id()
+        report_manifest["changes"] = {"since": runs_before[-1]["started_at"] if runs_before else None, **changes}
+        this_run = run_record(report_manifest, changes)
         write_report(report, rows, loaded, report_manifest,
-                     cams={**previous_cams, **new_cams} if config.keeps_cams else None, page_size=config.page_size)
+                     cams={**previous_cams, **new_cams} if config.keeps_cams else None, page_size=config.page_size,
+                     runs=[*runs_before, this_run])
         report.remove_unreferenced_overlays(rows, store.written_overlays())
         store.commit(rows)
+        report.append_run(this_run)  # only a completed run has a line
     report_errors(rows, processed, console)
     return ScanResult(report=config.out, rows=rows, counts=counts, seconds=seconds)
 
@@ -171,15 +180,20 @@ def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportF
 
 
 def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, report_manifest: dict,
-                 cams: dict[str, np.ndarray] | None, page_size: int) -> None:
+                 cams: dict[str, np.ndarray] | None, page_size: int, runs: list[dict]) -> None:
     """CSV and manifest (and metrics, cams), then the gallery: the order a reader can trust.
 
     The gallery is rendered before the first write, so a first report has its CSV but not yet its
     index.html only for the few writes in between, not for the rendering too.
     """
     class_names = loaded.spec.class_names
-    metrics = scan_metrics(rows, class_names)
-    pages = render_gallery(rows, class_names, report_manifest, metrics, page_size)
+    stored_reviews = report.read_reviews()
+    reviews = mark_states(stored_reviews, rows)
+    decisions = current_decisions(reviews, rows)
+    metrics = with_review(scan_metrics(rows, class_names), rows, decisions)
+    pages = render_gallery(rows, class_names, report_manifest, metrics, page_size, reviews=decisions, runs=runs)
+    if reviews != stored_reviews:
+        report.write_reviews(reviews)  # decisions on files gone or changed are kept, marked
     report.write_csv(rows, class_names)
     report.write_json("manifest.json", report_manifest)
     if metrics is not None:

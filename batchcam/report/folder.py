@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import threading
 import zipfile
@@ -20,7 +21,9 @@ import numpy as np
 from batchcam import records as rowlib
 from batchcam.cam.overlay import RenderedOverlay
 from batchcam.records import Row
-from batchcam.report.lock import STATE_DIR
+from batchcam.report import review as reviewlib
+from batchcam.report.changes import RUNS, parse_runs
+from batchcam.report.lock import MARKER, STATE_DIR, report_id
 from batchcam.runtime.fsutil import SafeDir
 
 LOG = "batchcam.log"
@@ -115,6 +118,28 @@ class ReportFolder:
             return None if text is None else json.loads(text)
         except ValueError:
             return None
+
+    def report_id(self) -> str:
+        """The identity the gallery keys its stored review decisions by (kept across runs)."""
+        return report_id(self.state().read_bytes(MARKER))
+
+    def read_reviews(self) -> list[reviewlib.Review]:
+        return reviewlib.read_stored(self._folder("").read_text(reviewlib.REVIEWS))
+
+    def write_reviews(self, reviews: Sequence[reviewlib.Review]) -> None:
+        """``reviews.csv``, replaced atomically. Not listed in outputs.json: no run ever removes it."""
+        with self._folder("").atomic_write(reviewlib.REVIEWS, "w", encoding="utf-8", newline="") as f:
+            reviewlib.write_reviews(f, reviews)
+
+    def read_runs(self) -> list[dict]:
+        return parse_runs(self._folder("").read_text(RUNS))
+
+    def append_run(self, record: dict) -> None:
+        """One line in ``runs.jsonl`` for a completed run (a link there is replaced, never followed)."""
+        with self._folder("").open_append(RUNS, encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def read_text(self, name: str) -> str | None:
         folder, base = self._split(name)

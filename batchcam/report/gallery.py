@@ -7,6 +7,7 @@ Layout inside REPORT (every link relative, so the folder opens from ``file://`` 
     gallery/page-N.html     the other pages of cards (N >= 2)
     gallery/gallery.css     styles (a CSP without 'unsafe-inline' blocks inline styles)
     gallery/gallery.js      filters, sorting, the large view (no inline scripts either)
+    gallery/review.js       reviewers' decisions: kept in localStorage, exported as review.csv
     gallery/rows.js         every row, loaded by a <script src> only when the whole-run view is asked
                             for (fetch() of a JSON file fails on file://)
 
@@ -28,18 +29,22 @@ from jinja2 import Environment, FileSystemLoader, Template, select_autoescape
 from batchcam.cam.overlay import jet
 from batchcam.checks.metrics import positive_class_index, reliability_bins, roc_curve
 from batchcam.records import ATTENTION_THRESHOLD, Row, status_counts
+from batchcam.report.changes import RECENT_RUNS, change_counts, short_time, since_text
+from batchcam.report.review import DECISIONS, Review, agreement
 from batchcam.resources import templates_dir
 
 DEFAULT_PAGE_SIZE = 100
 GALLERY_DIR = "gallery"
 ROWS_SCRIPT = f"{GALLERY_DIR}/rows.js"
-STATIC_ASSETS = ("gallery.css", "gallery.js")
+STATIC_ASSETS = ("gallery.css", "gallery.js", "review.js")
 # Only the report's own files: in Chromium 'self' on a file:// page matches file: URLs (the browser
 # tests load every image, style and script under this policy); inline scripts and styles are refused.
 CONTENT_SECURITY_POLICY = ("default-src 'none'; img-src 'self'; script-src 'self'; style-src 'self'; "
                            "base-uri 'none'; form-action 'none'")
 ROWS_COLUMNS = ("path", "status", "error", "prediction", "confidence", "label", "correct", "thumb", "overlay",
                 "original")
+# What the review tools and the "in this run" filter need (report.review, report.changes).
+REVIEW_ROWS_COLUMNS = ("sha256", "first_seen", "change", "decision", "note", "reviewed_at")
 BOX_COLUMNS = ("width", "height", "boxes")  # added to rows.js after ``evaluate --boxes``: the large view draws them
 HISTOGRAM_BINS = 20
 ROC_MAX_POINTS = 400        # enough for a smooth curve; a 50,000-row run would otherwise draw 50,000
@@ -307,21 +312,65 @@ def boxes_attribute(boxes: Boxes | None, row: Row) -> str:
                                                separators=(",", ":"))
 
 
-def row_record(row: Row, boxes: Boxes | None = None) -> list:
+def row_record(row: Row, boxes: Boxes | None = None, review: Review | None = None) -> list:
     confidence = None if row.confidence is None else round(row.confidence, 4)
     record = [row.path, row.status, row.error, row.prediction, confidence, row.label, row.correct, row.thumb,
               row.overlay, row.original]
+    record += [row.sha256, row.first_seen, row.change, *(review_fields(review))]
     if boxes:
         record += [row.width, row.height, box_list(boxes, row)]
     return record
 
 
-def rows_script(rows: Sequence[Row], pages: Sequence[Page], page_size: int, boxes: Boxes | None = None) -> str:
+def rows_script(rows: Sequence[Row], pages: Sequence[Page], page_size: int, boxes: Boxes | None = None,
+                reviews: dict[str, Review] | None = None) -> str:
     """Every row as a JavaScript assignment (ASCII only, so no charset can garble a name)."""
-    columns = list(ROWS_COLUMNS) + (list(BOX_COLUMNS) if boxes else [])
+    columns = list(ROWS_COLUMNS) + list(REVIEW_ROWS_COLUMNS) + (list(BOX_COLUMNS) if boxes else [])
+    reviews = reviews or {}
     data = {"pageSize": page_size, "pages": [page.name for page in pages], "columns": columns,
-            "rows": [row_record(row, boxes) for row in rows]}
+            "rows": [row_record(row, boxes, reviews.get(row.path)) for row in rows]}
     return "window.BATCHCAM_ROWS = " + json.dumps(data, ensure_ascii=True, separators=(",", ":")) + ";\n"
+
+
+# ---- review decisions and what changed since the last run ----------------------------------------
+
+def review_fields(review: Review | None) -> list[str]:
+    return [review.decision, review.note, review.reviewed_at] if review else ["", "", ""]
+
+
+@dataclass(frozen=True)
+class ReviewLine:
+    name: str            # a predicted class, or "all images"
+    counts: dict[str, int]
+    not_reviewed: int
+
+    @property
+    def disagreement(self) -> float | None:
+        """disagree / (agree + disagree): an unsure decision is no verdict either way."""
+        rate = agreement(self.counts)
+        return None if rate is None else 1 - rate
+
+
+def review_table(rows: Sequence[Row], reviews: dict[str, Review], class_names: Sequence[str]) -> list[ReviewLine]:
+    """The summary's review counts by predicted class, then for all images (the page script
+    recounts them with the decisions kept in the browser)."""
+    def line(name: str, group: Sequence[Row]) -> ReviewLine:
+        decided = [reviews[row.path].decision for row in group if row.path in reviews]
+        return ReviewLine(name, {d: decided.count(d) for d in DECISIONS}, len(group) - len(decided))
+    return [*(line(name, [row for row in rows if row.ok and row.prediction == name]) for name in class_names),
+            line("all images", rows)]
+
+
+@dataclass(frozen=True)
+class ChangesView:
+    sentence: str
+    runs: list[dict]     # newest first, at most RECENT_RUNS
+
+
+def changes_view(rows: Sequence[Row], runs: Sequence[dict]) -> ChangesView:
+    recent = [{**run, "started": short_time(run["started_at"]), "finished": short_time(run["finished_at"])}
+              for run in list(runs)[::-1][:RECENT_RUNS]]
+    return ChangesView(since_text(list(runs)[:-1], change_counts(rows)), recent)
 
 
 # ---- pages --------------------------------------------------------------------------------------
@@ -346,12 +395,16 @@ def static_asset(name: str) -> str:
 
 
 def render_gallery(rows: Sequence[Row], class_names: Sequence[str], manifest: dict, metrics: dict | None,
-                   page_size: int = DEFAULT_PAGE_SIZE, boxes: Boxes | None = None) -> dict[str, str]:
+                   page_size: int = DEFAULT_PAGE_SIZE, boxes: Boxes | None = None,
+                   reviews: dict[str, Review] | None = None, runs: Sequence[dict] = ()) -> dict[str, str]:
     """The gallery's files, relative to REPORT, name -> text; ``index.html`` is the entry page.
 
     ``rows`` must be in the order the gallery shows them (the CSV's, by path). ``boxes`` (from
-    ``evaluate --boxes``: path -> boxes in original pixels) are drawn over the large view.
+    ``evaluate --boxes``: path -> boxes in original pixels) are drawn over the large view. ``reviews``
+    (row path -> the current decision from reviews.csv) and ``runs`` (runs.jsonl, this run last) feed
+    the review tools and the "what changed" summary.
     """
+    reviews = reviews or {}
     pages = paginate(len(rows), page_size)
     env = environment()
     shared = {"manifest": manifest, "class_names": list(class_names), "pages": pages, "page_size": page_size,
@@ -360,15 +413,17 @@ def render_gallery(rows: Sequence[Row], class_names: Sequence[str], manifest: di
               "heat_scale": heat_scale_text(manifest.get("cam", {})), "legend_stops": heatmap_legend_stops(),
               "page_first_paths": [rows[p.start].path if p.stop > p.start else "" for p in pages],
               "page_last_paths": [rows[p.stop - 1].path if p.stop > p.start else "" for p in pages],
-              "boxes_of": lambda row: boxes_attribute(boxes, row)}
+              "boxes_of": lambda row: boxes_attribute(boxes, row),
+              "report_id": manifest.get("report_id", ""), "review_of": reviews.get}
     files = {f"{GALLERY_DIR}/{name}": static_asset(name) for name in STATIC_ASSETS}
-    files[ROWS_SCRIPT] = rows_script(rows, pages, page_size, boxes)
+    files[ROWS_SCRIPT] = rows_script(rows, pages, page_size, boxes, reviews)
     index, other = env.get_template("index.html"), env.get_template("gallery_page.html")
     summary = summarise(rows, class_names, metrics)
+    review, changes = review_table(rows, reviews, class_names), changes_view(rows, runs)
     for page in pages:
         template: Template = index if page.number == 1 else other
         files[page.name] = template.render(shared, page=page, rows=rows[page.start:page.stop], base=page.base,
                                            page_url=page_linker(page),
                                            nearby=page_numbers_near(page.number, len(pages)),
-                                           summary=summary, metrics=metrics)
+                                           summary=summary, metrics=metrics, review=review, changes=changes)
     return files

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,6 +55,18 @@ def claim_problem(report: Path, root: Path | None = None) -> str | None:
         return None
     return (f"--out {report} is a folder with other files in it and not a batchcam report (no "
             f"{STATE_DIR}/{MARKER}); batchcam writes only into a new or empty folder or a report of its own")
+
+
+def report_id(marker: bytes | None) -> str:
+    """The report's identity, kept across runs (the gallery keys its review decisions by it): the
+    marker's ``id``, or for a marker written before ids existed, a digest of the marker itself."""
+    try:
+        found = json.loads(marker or b"{}").get("id")
+    except (ValueError, AttributeError):
+        found = None
+    if isinstance(found, str) and found.isalnum():
+        return found
+    return hashlib.sha256(marker or b"").hexdigest()[:16]
 
 
 def is_report(report: Path) -> bool:
@@ -106,7 +120,7 @@ class ReportLock:
         if self.state.is_file(MARKER):
             return
         claimed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        marker = {"tool": "batchcam", "format": 1, "claimed_at": claimed_at}
+        marker = {"tool": "batchcam", "format": 1, "claimed_at": claimed_at, "id": uuid.uuid4().hex[:16]}
         self.state.write_bytes(MARKER, (json.dumps(marker) + "\n").encode())
         self.marked = True
 

@@ -117,6 +117,15 @@ class RowStore:
                     rows[row.relpath] = row
         return rows
 
+    def last_run(self) -> dict[str, Row]:
+        """Rows of the last complete run, whatever their settings: what ``report.changes`` compares with."""
+        rows: dict[str, Row] = {}
+        for record in self._records(ROWS):
+            row = self._any_row(record)
+            if row is not None:
+                rows[row.relpath] = row
+        return rows
+
     def written_overlays(self) -> set[str]:
         """Every overlay file batchcam wrote that the store or the journal knows of, whatever the settings."""
         names: set[str] = set()
@@ -169,6 +178,10 @@ class RowStore:
     def _row(self, record: dict) -> Row | None:
         if record.get("settings") != self.settings_key:
             return None
+        return self._any_row(record)
+
+    @staticmethod
+    def _any_row(record: dict) -> Row | None:
         try:
             return Row(**{k: v for k, v in record["row"].items() if k in ROW_FIELDS})
         except (TypeError, KeyError, AttributeError):

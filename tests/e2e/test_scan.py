@@ -54,9 +54,10 @@ def test_csv_columns_follow_the_contract_order(xray_folder, tiny_model, tmp_path
     assert header[:17] == ["path", "status", "error", "prediction", "confidence", "p_NORMAL", "p_PNEUMONIA",
                            "label", "correct", "cam_target", "cam_peak_x", "cam_peak_y", "overlay", "width",
                            "height", "sha256", "model_sha256"]
-    # the explanation checks come after the contract's columns, then the OOD columns
+    # the explanation checks come after the contract's columns, then the OOD columns, what changed last
     assert header[17:21] == ["attention_outside", "attention_flag", "faith_drop_top", "faith_drop_random"]
     assert header[21:23] == ["ood_score", "ood_flag"]
+    assert header[-2:] == ["first_seen", "change"]
 
 
 def test_bad_files_become_their_own_error_rows_and_good_rows_keep_their_predictions(tiny_model, tmp_path):
@@ -252,4 +253,6 @@ def test_decoding_in_worker_processes_gives_the_same_rows(xray_folder, tiny_mode
     scan(xray_folder, tmp_path / "a", tiny_model)
     assert main(["scan", str(xray_folder), "--out", str(tmp_path / "b"), "--model", str(tiny_model),
                  "--workers", "2", "--batch-size", "3"]) == 0
-    assert read_rows(tmp_path / "a") == read_rows(tmp_path / "b")
+    def without_first_seen(rows):  # two reports, two first runs: only their start times differ
+        return [{k: v for k, v in row.items() if k != "first_seen"} for row in rows]
+    assert without_first_seen(read_rows(tmp_path / "a")) == without_first_seen(read_rows(tmp_path / "b"))

@@ -1,0 +1,94 @@
+"""``batchcam review REPORT --import review.csv``: merge a reviewer's exported decisions into
+``REPORT/reviews.csv`` under the report's lock, then update metrics.json and the gallery, so
+everyone who opens the report sees them, in any browser.
+
+Everything is read and checked before the first write: a CSV of another report, wrong columns or a
+path not in the report is refused with its reason, and REPORT is left exactly as it was.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchcam.commands.evaluate import page_size_of
+from batchcam.errors import NotOurFolder, ReportWriteError, UsageError
+from batchcam.records import Row, read_csv
+from batchcam.report import review as reviewlib
+from batchcam.report.folder import ReportFolder
+from batchcam.report.gallery import render_gallery
+from batchcam.report.lock import MARKER, STATE_DIR, ReportLock, is_report
+from batchcam.report.summary import scan_metrics
+
+MAX_IMPORT_BYTES = 64 * 2**20   # a review of 150,000 images with full notes is far below this
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    imported: int
+    stored: int          # decisions in reviews.csv after the merge
+    current: int         # of those, about files as they are now
+    marked: int          # kept, but their file changed or is gone
+
+
+def import_reviews(report_path: Path, csv_path: Path) -> ImportResult:
+    """Merge ``csv_path`` into ``report_path``'s reviews.csv; UsageError (exit 2) for bad input,
+    NotOurFolder for a folder that is not a batchcam report, ReportLocked (exit 75) while a scan runs."""
+    report_path = Path(report_path)
+    if not is_report(report_path):
+        raise NotOurFolder(f"{report_path} is not a batchcam report (no {STATE_DIR}/{MARKER}): "
+                           "nothing was imported")
+    text = read_export(Path(csv_path))
+    try:
+        with ReportLock(report_path):
+            report = ReportFolder(report_path)
+            try:
+                return _import_locked(report, text, str(csv_path))
+            finally:
+                report.close()
+    except OSError as e:
+        raise ReportWriteError(f"cannot write the report in {report_path}: {e.strerror or e}"
+                               f"{f' ({e.filename})' if e.filename else ''}") from None
+
+
+def read_export(path: Path) -> str:
+    try:
+        if path.stat().st_size > MAX_IMPORT_BYTES:
+            raise UsageError(f"{path} is larger than {MAX_IMPORT_BYTES // 2**20} MB: not a gallery's review.csv")
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text: not a gallery's review.csv") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _import_locked(report: ReportFolder, text: str, source: str) -> ImportResult:
+    manifest, rows, class_names = read_scan(report)
+    imported = reviewlib.parse_export(text, source, class_names)
+    reviewlib.check_belongs(imported, rows, source)
+    merged = reviewlib.mark_states(reviewlib.merge(report.read_reviews(), imported), rows)
+    decisions = reviewlib.current_decisions(merged, rows)
+    metrics = report.read_json("metrics.json")
+    if not isinstance(metrics, dict):
+        metrics = scan_metrics(rows, class_names)
+    metrics = reviewlib.with_review(metrics, rows, decisions)
+    report.write_reviews(merged)
+    report.write_json("metrics.json", metrics)
+    report.write_gallery(render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest),
+                                        reviews=decisions, runs=report.read_runs()))
+    report.save_outputs()
+    return ImportResult(imported=len(imported), stored=len(merged), current=len(decisions),
+                        marked=sum(bool(review.state) for review in merged))
+
+
+def read_scan(report: ReportFolder) -> tuple[dict, list[Row], list[str]]:
+    manifest = report.read_json("manifest.json")
+    text = report.read_text("predictions.csv")
+    if manifest is None or text is None:
+        raise UsageError(f"REPORT {report.path} holds no complete scan (manifest.json and predictions.csv)")
+    try:
+        class_names = [str(name) for name in manifest["model"]["class_names"]]
+        return manifest, read_csv(io.StringIO(text, newline=""), class_names), class_names
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UsageError(f"REPORT {report.path}: manifest.json or predictions.csv is not a scan's "
+                         f"({type(e).__name__}: {e})") from None
