@@ -47,6 +47,21 @@ def results(out: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in ("first_seen", "change")} for row in rows(out)]
 
 
+def assert_same_results(out: Path, reference: Path) -> None:
+    """Equal rows, measured numbers within 2e-6: a CPU convolution is not bitwise the same for an
+    image in batches of other sizes or company (after kills, files are batched differently), so the
+    sixth decimal of a probability or a heat share may differ; everything else, the prediction and
+    the heatmap's peak included, must not."""
+    found, expected = results(out), results(reference)
+    assert [row["path"] for row in found] == [row["path"] for row in expected]
+    measured = ("confidence", "attention_outside", "faith_drop_top", "faith_drop_random", "ood_score")
+    for got, want in zip(found, expected):
+        numbers = [k for k in want if want[k] and (k in measured or k.startswith("p_"))]
+        assert {k: v for k, v in got.items() if k not in numbers} == {k: v for k, v in want.items() if k not in numbers}
+        for k in numbers:
+            assert float(got[k]) == pytest.approx(float(want[k]), abs=2e-6), (got["path"], k)
+
+
 def snapshot(out: Path) -> dict[str, bytes]:
     """Every file a reader of the report sees (the log and the hidden state folder aside)."""
     return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*")
@@ -357,5 +372,5 @@ def test_sigkill_at_random_moments_never_breaks_the_report_and_the_final_csv_mat
         run.wait()
         assert report_is_complete(out), f"report broken after kill {kill}"
     assert scan(root, out, tiny_model, "--batch-size", "8") == 0
-    assert results(out) == results(reference)
+    assert_same_results(out, reference)
     assert report_is_complete(out)

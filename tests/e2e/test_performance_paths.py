@@ -44,8 +44,10 @@ def demo():
 
 
 def read_rows(report):
+    """The rows by path, without ``first_seen`` (when this report first saw the file), which differs
+    between two reports of the same files made a second apart."""
     with open(report / "predictions.csv", newline="") as f:
-        return {row["path"]: row for row in csv.DictReader(f)}
+        return {row["path"]: {k: v for k, v in row.items() if k != "first_seen"} for row in csv.DictReader(f)}
 
 
 PAGE_FAULTS_OF_A_FORWARD_PASS = textwrap.dedent("""
