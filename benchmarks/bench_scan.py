@@ -50,6 +50,7 @@ from batchcam.config import OVERLAY_LONG_SIDE
 from batchcam.decode.dataset import ScanDataset, collate_samples
 from batchcam.decode.discover import discover
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, resize_square
+from batchcam.model.calibration import scaled_probabilities
 from batchcam.model.checkpoint import load_checkpoint, normalize
 from batchcam.resources import DEMO_MODEL
 from batchcam.runtime.allocator import keep_freed_memory
@@ -152,7 +153,8 @@ class Decoded(Dataset):
 def library_batches(loaded, paths: list[Path], out: Path, workers: int) -> dict[str, tuple[int, int, int, float]]:
     """pytorch-grad-cam on DataLoader batches, overlays at 224 written per image.
 
-    Returns, per path: predicted class, CAM peak (x, y) at 224 px, and P(class 1): the plain
+    Returns, per path: predicted class, CAM peak (x, y) at 224 px, and P(class 1) at the checkpoint's
+    temperature: the plain
     path's results (full decode, float32, backward-pass Grad-CAM) that scan must agree with.
     """
     from pytorch_grad_cam import GradCAM
@@ -167,7 +169,8 @@ def library_batches(loaded, paths: list[Path], out: Path, workers: int) -> dict[
         with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
             heats = cam(input_tensor=x, targets=None)
             predictions = cam.outputs.argmax(1).tolist()
-            positives = torch.softmax(cam.outputs.float(), 1)[:, 1].tolist()
+            # what batchcam reports: the softmax of the logits over the checkpoint's temperature
+            positives = scaled_probabilities(cam.outputs.float(), loaded.temperature)[:, 1].tolist()
         for heat, g, i, p, positive in zip(heats, gray.numpy(), indices.tolist(), predictions, positives):
             rgb = np.repeat(g[..., None], 3, axis=2).astype(np.float32) / 255
             Image.fromarray(show_cam_on_image(rgb, heat, use_rgb=True)).save(out / f"{paths[i].stem}.jpg")
