@@ -2,13 +2,11 @@
 ground-truth boxes, then update its metrics.json and gallery (under the report's lock)."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from batchcam.checks.localisation import Boxes, localisation, read_boxes
 from batchcam.config import DEFAULT_PAGE_SIZE
 from batchcam.errors import ReportWriteError, UsageError
-from batchcam.records import read_csv
 from batchcam.report.folder import ReportFolder
 from batchcam.report.gallery import render_gallery
 from batchcam.report.lock import ReportLock
@@ -40,16 +38,7 @@ def evaluate(report_path: Path, boxes_path: Path, warn=print) -> dict:
 
 def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn) -> dict:
     report_path = report.path
-    manifest = report.read_json("manifest.json")
-    text = report.read_text("predictions.csv")
-    if manifest is None or text is None:
-        raise UsageError(f"REPORT {report_path}: manifest.json or predictions.csv is unreadable")
-    try:
-        class_names = [str(name) for name in manifest["model"]["class_names"]]
-        rows = read_csv(io.StringIO(text, newline=""), class_names)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise UsageError(f"REPORT {report_path}: manifest.json or predictions.csv is not a scan's "
-                         f"({type(e).__name__}: {e})") from None
+    manifest, rows, class_names = report.read_scan()
     cams = report.read_cams() if report.exists("cams.npz") else None
     if cams is None:
         warn(f"{report_path}/cams.npz is missing (scan with --save-cams): reporting the pointing game only")

@@ -7,13 +7,11 @@ path not in the report is refused with its reason, and REPORT is left exactly as
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchcam.commands.evaluate import page_size_of
 from batchcam.errors import NotOurFolder, ReportWriteError, UsageError
-from batchcam.records import Row, read_csv
 from batchcam.report import review as reviewlib
 from batchcam.report.folder import ReportFolder
 from batchcam.report.gallery import render_gallery
@@ -63,7 +61,7 @@ def read_export(path: Path) -> str:
 
 
 def _import_locked(report: ReportFolder, text: str, source: str) -> ImportResult:
-    manifest, rows, class_names = read_scan(report)
+    manifest, rows, class_names = report.read_scan()
     imported = reviewlib.parse_export(text, source, class_names)
     reviewlib.check_belongs(imported, rows, source)
     merged = reviewlib.mark_states(reviewlib.merge(report.read_reviews(), imported), rows)
@@ -80,15 +78,3 @@ def _import_locked(report: ReportFolder, text: str, source: str) -> ImportResult
     return ImportResult(imported=len(imported), stored=len(merged), current=len(decisions),
                         marked=sum(bool(review.state) for review in merged))
 
-
-def read_scan(report: ReportFolder) -> tuple[dict, list[Row], list[str]]:
-    manifest = report.read_json("manifest.json")
-    text = report.read_text("predictions.csv")
-    if manifest is None or text is None:
-        raise UsageError(f"REPORT {report.path} holds no complete scan (manifest.json and predictions.csv)")
-    try:
-        class_names = [str(name) for name in manifest["model"]["class_names"]]
-        return manifest, read_csv(io.StringIO(text, newline=""), class_names), class_names
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise UsageError(f"REPORT {report.path}: manifest.json or predictions.csv is not a scan's "
-                         f"({type(e).__name__}: {e})") from None

@@ -20,6 +20,7 @@ import numpy as np
 
 from batchcam import records as rowlib
 from batchcam.cam.overlay import RenderedOverlay
+from batchcam.errors import UsageError
 from batchcam.records import Row
 from batchcam.report import review as reviewlib
 from batchcam.report.changes import RUNS, parse_runs
@@ -144,6 +145,20 @@ class ReportFolder:
     def read_text(self, name: str) -> str | None:
         folder, base = self._split(name)
         return folder.read_text(base)
+
+    def read_scan(self) -> tuple[dict, list[Row], list[str]]:
+        """The last scan's manifest, rows and class names, for the commands that work on a finished
+        report (evaluate, review); UsageError (exit 2) when they are missing or not a scan's."""
+        manifest = self.read_json("manifest.json")
+        text = self.read_text("predictions.csv")
+        if manifest is None or text is None:
+            raise UsageError(f"REPORT {self.path} holds no complete scan (manifest.json and predictions.csv)")
+        try:
+            class_names = [str(name) for name in manifest["model"]["class_names"]]
+            return manifest, rowlib.read_csv(io.StringIO(text, newline=""), class_names), class_names
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise UsageError(f"REPORT {self.path}: manifest.json or predictions.csv is not a scan's "
+                             f"({type(e).__name__}: {e})") from None
 
     def remove_stale(self, name: str) -> None:
         """Remove a report file the previous run wrote and this one did not (metrics.json without labels)."""
