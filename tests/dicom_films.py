@@ -1,4 +1,4 @@
-"""Small DICOM films with chosen tags, for the tests of what scan and training select (pydicom needed)."""
+"""Small DICOM films with chosen tags and elements, for the DICOM tests (pydicom needed)."""
 from __future__ import annotations
 
 import io
@@ -6,8 +6,8 @@ import io
 import numpy as np
 
 
-def dicom_film(**tags) -> bytes:
-    """A small 12-bit MONOCHROME2 film with the given tags (Modality, BodyPartExamined, ViewPosition)."""
+def dx_dataset():
+    """An empty DX (for presentation) data set with its file meta, explicit VR little endian."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
@@ -18,6 +18,12 @@ def dicom_film(**tags) -> bytes:
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def dicom_film(**tags) -> bytes:
+    """A small 12-bit MONOCHROME2 film with the given tags (Modality, BodyPartExamined, ViewPosition)."""
+    ds = dx_dataset()
     for keyword, value in tags.items():
         setattr(ds, keyword, value)
     y, x = np.mgrid[0:96, 0:80]

@@ -31,6 +31,7 @@ from batchcam.decode.pixels import DecodeError
 from batchcam.records import display_path
 from batchcam.synthetic import generate
 from conftest import tiny_checkpoint
+from tests.dicom_films import dx_dataset
 
 HAVE_PYDICOM = importlib.util.find_spec("pydicom") is not None
 needs_pydicom = pytest.mark.skipif(not HAVE_PYDICOM, reason="pydicom is not installed (pip install -e '.[test]')")
@@ -106,16 +107,9 @@ def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", syntax: st
                 bits_stored: int = 12, preamble: bool = True, **elements) -> bytes:
     """A DX DICOM file with the patient markers set, written with pydicom."""
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+    from pydicom.dataset import FileMetaDataset
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds = dx_dataset()
     ds.PatientName, ds.PatientID, ds.OtherPatientIDs = PHI_NAME, PHI_ID, PHI_ID
     ds.PatientBirthDate, ds.InstitutionName, ds.StudyDescription = "19700101", PHI_NAME, PHI_NAME
     ds.Modality = "DX"
