@@ -36,6 +36,7 @@ from functools import cached_property
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 LUNG_GRID = 48                  # the estimate's resolution, cells per side
 LEVELS = (0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15)  # shares of the image counted dark
@@ -234,44 +235,20 @@ def _middle_half(gap: np.ndarray) -> np.ndarray:
 
 def _edge_labels(labels: np.ndarray) -> np.ndarray:
     edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    return np.unique(edge[edge >= 0])
+    return np.unique(edge[edge > 0])
 
 
 def _inner_labels(labels: np.ndarray, min_share: float) -> np.ndarray:
     """Labels of the regions of at least ``min_share`` of the image that do not touch its edge."""
-    flat = labels.ravel()
-    counts = np.bincount(flat[flat >= 0], minlength=flat.size)
-    return np.setdiff1d(np.flatnonzero(counts >= max(1, min_share * flat.size)), _edge_labels(labels))
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0  # the background
+    return np.setdiff1d(np.flatnonzero(counts >= max(1, min_share * labels.size)), _edge_labels(labels))
 
 
 def region_labels(mask: np.ndarray) -> np.ndarray:
-    """Each pixel of ``mask`` labelled with the smallest flat index of its 4-connected region; -1 off it.
-
-    Labels spread along whole rows, then whole columns, of ``mask`` at a time (each run of
-    consecutive pixels takes its smallest label), until nothing changes: as many sweeps as a path
-    through the region has turns, not as many as it has pixels.
-    """
-    big = mask.size
-    labels = np.where(mask, np.arange(big).reshape(mask.shape), big)
-    while True:
-        before = labels
-        labels = _spread_along_runs(_spread_along_runs(labels, mask).T, mask.T).T
-        if np.array_equal(labels, before):
-            return np.where(mask, labels, -1)
-
-
-def _spread_along_runs(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Every run of consecutive mask pixels in a row takes the smallest label in it."""
-    flat_mask = mask.ravel()
-    starts = flat_mask.copy()
-    starts[1:] &= ~flat_mask[:-1]
-    starts[::mask.shape[1]] = flat_mask[::mask.shape[1]]    # a run never continues into the next row
-    run = np.cumsum(starts) - 1
-    smallest = np.full(int(starts.sum()), mask.size)
-    np.minimum.at(smallest, run[flat_mask], labels.ravel()[flat_mask])
-    spread = labels.ravel().copy()
-    spread[flat_mask] = smallest[run[flat_mask]]
-    return spread.reshape(labels.shape)
+    """Each pixel of ``mask`` labelled 1, 2, ... by its 4-connected region, in the order the
+    regions' first pixels come row by row; 0 off the mask."""
+    return ndimage.label(mask)[0]
 
 
 def convex_hull_mask(region: np.ndarray) -> np.ndarray:
@@ -285,9 +262,12 @@ def convex_hull_mask(region: np.ndarray) -> np.ndarray:
         return region.copy()
     hull = np.array(_half_hull(points) + _half_hull(points[::-1]))
     (x0, y0), (x1, y1) = hull.T[:, :, None, None], np.roll(hull, -1, axis=0).T[:, :, None, None]
-    rows, columns = np.indices(region.shape)
-    inside = ((x1 - x0) * (rows - y0) - (y1 - y0) * (columns - x0) >= 0).all(axis=0)
-    return inside | region
+    top, bottom = rows_used[0], rows_used[-1] + 1
+    first, last = int(left.min()), int(right.max()) + 1
+    rows, columns = np.ogrid[top:bottom, first:last]    # the hull stays inside the region's box
+    filled = region.copy()
+    filled[top:bottom, first:last] |= ((x1 - x0) * (rows - y0) - (y1 - y0) * (columns - x0) >= 0).all(axis=0)
+    return filled
 
 
 def _half_hull(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
