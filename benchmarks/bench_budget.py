@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_scan import BATCH, ZERO_COST_MODEL, machine, make_images, write_section  # noqa: E402
+from bench_scan import small_folder as linked  # noqa: E402
 
 from batchcam.cam import overlay  # noqa: E402
 from batchcam.cam.backends import make_forward  # noqa: E402
@@ -180,7 +181,7 @@ def whole_scan_cpu(images: list[Path], work: Path, zero_cost_model: bool) -> flo
     """Marginal CPU ms per image of a whole scan, every process counted (main and DataLoader workers):
     a scan of all ``images`` less a scan of a quarter of them, per image more, so start-up cancels
     out; the better of two rounds. ``--backend onnx`` for both (the model cache warmed first)."""
-    everything, quarter = _linked(images, work / "all"), _linked(images[: len(images) // 4], work / "quarter")
+    everything, quarter = linked(images, work / "all"), linked(images[: len(images) // 4], work / "quarter")
     env = {**os.environ, "BATCHCAM_CACHE_DIR": str(work / "model-cache")}
 
     def cpu_seconds(root: Path) -> float:
@@ -196,14 +197,6 @@ def whole_scan_cpu(images: list[Path], work: Path, zero_cost_model: bool) -> flo
     cpu_seconds(quarter)  # exports the model into the cache
     more = len(images) - len(images) // 4
     return min((cpu_seconds(everything) - cpu_seconds(quarter)) / more * 1000 for _ in range(2))
-
-
-def _linked(images: list[Path], folder: Path) -> Path:
-    for image in images:
-        target = folder / image.parent.name / image.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(image, target)
-    return folder
 
 
 def budget_table(steps: dict[str, float], model: dict[str, float], reading: float, ceiling: float,
