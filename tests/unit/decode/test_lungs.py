@@ -8,7 +8,7 @@ import torch
 
 from batchcam.decode.dataset import decode_sample
 from batchcam.decode.imaging import resize_square
-from batchcam.decode.lungs import LUNG_GRID, convex_hull_mask, estimate_lung_fields, exposed_field
+from batchcam.decode.lungs import LUNG_GRID, convex_hull_mask, estimate_lung_fields, exposed_field, region_labels
 from batchcam.synthetic import generate
 
 MODEL_VIEW = 224
@@ -139,3 +139,14 @@ def test_the_convex_hull_fills_a_bite_out_of_a_region():
     region[4:8, 6:10] = False        # a bite from the right side, as a bright consolidation makes
     hull = convex_hull_mask(region)
     assert hull[2:10, 2:10].all() and hull.sum() == 64
+
+
+def test_regions_are_four_connected_and_numbered_in_reading_order():
+    mask = np.array([[0, 0, 0, 1],
+                     [1, 1, 0, 1],
+                     [0, 0, 1, 0],    # touches the first region only at a corner: a region of its own
+                     [1, 0, 1, 1]], dtype=bool)
+    assert region_labels(mask).tolist() == [[0, 0, 0, 1],
+                                            [2, 2, 0, 1],
+                                            [0, 0, 3, 0],
+                                            [4, 0, 3, 3]]
