@@ -8,13 +8,20 @@ import numpy as np
 
 def dx_dataset():
     """An empty DX (for presentation) data set with its file meta, explicit VR little endian."""
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
+
+    return empty_dataset(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+
+
+def empty_dataset(sop_class_uid, transfer_syntax):
+    """An empty data set of ``sop_class_uid`` with its file meta, in ``transfer_syntax``."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPClassUID = sop_class_uid
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID

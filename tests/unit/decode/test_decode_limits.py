@@ -32,6 +32,7 @@ from batchcam.decode import dataset as dataset_module
 from batchcam.decode.dataset import FileInFlux, FileTooLarge, ScanDataset, read_consistently, read_file_bounded
 from batchcam.decode.imaging import decode_grayscale
 from batchcam.decode.pixels import DecodeError
+from tests.dicom_films import empty_dataset
 
 HAVE_PYDICOM = importlib.util.find_spec("pydicom") is not None
 needs_pydicom = pytest.mark.skipif(not HAVE_PYDICOM, reason="pydicom is not installed (pip install -e '.[test]')")
@@ -128,16 +129,9 @@ def dicom_file(pixels: np.ndarray | None = None, syntax: str = EXPLICIT_LE, pixe
     """
     from pydicom.datadict import dictionary_VR, tag_for_keyword
     from pydicom.dataelem import RawDataElement
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import SecondaryCaptureImageStorage
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds = empty_dataset(SecondaryCaptureImageStorage, syntax)
     ds.Modality = "OT"
     shape = pixels.shape if pixels is not None else (rows, columns)
     ds.Rows, ds.Columns = rows or shape[0], columns or shape[1]
