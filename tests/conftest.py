@@ -1,6 +1,10 @@
 """Shared fixtures: tiny models and tiny synthetic X-ray folders, made fresh in temporary folders."""
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,3 +100,17 @@ def public_dicom():
         return folder / name
 
     return path
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(report: Path) -> Iterator[None]:
+    """REPORT's lock held by another process (as a running scan holds it) until the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom batchcam.report.lock import ReportLock\n"
+                               "with ReportLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
+                               str(report)], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

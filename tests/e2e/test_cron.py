@@ -17,7 +17,7 @@ from PIL import Image
 
 from batchcam.cli import main
 from batchcam.report.folder import ReportFolder
-from conftest import tiny_checkpoint, write_xrays
+from conftest import lock_held_elsewhere, tiny_checkpoint, write_xrays
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -195,18 +195,11 @@ def test_second_run_on_a_locked_report_exits_75_at_once_and_changes_nothing(xray
     out = tmp_path / "out"
     scan(xray_folder, out, tiny_model)
     before = snapshot(out)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom batchcam.report.lock import ReportLock\n"
-                               "with ReportLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
-                               str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out):
         started = time.monotonic()
         assert scan(xray_folder, out, tiny_model, "--full") == 75
         assert time.monotonic() - started < 1
         assert snapshot(out) == before
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import write_xrays
+from conftest import lock_held_elsewhere, write_xrays
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "torchvision", "jinja2", "pandas", "ray", "fastapi")
@@ -17,25 +17,22 @@ HEAVY = ("torch", "torchvision", "jinja2", "pandas", "ray", "fastapi")
 def test_a_second_run_on_a_locked_report_exits_75_without_torch_while_every_core_is_busy(tmp_path, tiny_model):
     root, out = tmp_path / "root", tmp_path / "out"
     write_xrays(root, count=2)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom batchcam.report.lock import ReportLock\n"
-                               "with ReportLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
-                               str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        probe = ("import sys, runpy\nsys.argv = ['batchcam', *sys.argv[1:]]\n"
-                 "try:\n    runpy.run_module('batchcam', run_name='__main__')\n"
-                 "except SystemExit as e:\n"
-                 f"    print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
-                 "    raise")
-        started = time.monotonic()
-        run = subprocess.run([sys.executable, "-c", probe, "scan", str(root), "--out", str(out), "--model",
-                              str(tiny_model)], cwd=REPO, capture_output=True, text=True, timeout=60)
-        seconds = time.monotonic() - started
-    finally:
-        for process in (holder, *spinners):
-            process.kill()
-            process.wait()
+    with lock_held_elsewhere(out):
+        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+        try:
+            probe = ("import sys, runpy\nsys.argv = ['batchcam', *sys.argv[1:]]\n"
+                     "try:\n    runpy.run_module('batchcam', run_name='__main__')\n"
+                     "except SystemExit as e:\n"
+                     f"    print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+                     "    raise")
+            started = time.monotonic()
+            run = subprocess.run([sys.executable, "-c", probe, "scan", str(root), "--out", str(out), "--model",
+                                  str(tiny_model)], cwd=REPO, capture_output=True, text=True, timeout=60)
+            seconds = time.monotonic() - started
+        finally:
+            for spinner in spinners:
+                spinner.kill()
+                spinner.wait()
     assert run.returncode == 75, run.stderr
     assert "another batchcam run is writing" in run.stderr and "LOADED []" in run.stderr
     # Measured here: about 0.3 s with both cores busy (it took 8 s when torch loaded first). The bound

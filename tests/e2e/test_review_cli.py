@@ -16,7 +16,7 @@ import torch
 from batchcam.cli import main
 from batchcam.model.checkpoint import ModelSpec, build_model, save_checkpoint
 from batchcam.synthetic import generate
-from conftest import TINY_SIZE, write_xrays
+from conftest import TINY_SIZE, lock_held_elsewhere, write_xrays
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORT_HEADER = "path,sha256,prediction,confidence,decision,note,reviewed_at\n"
@@ -153,16 +153,9 @@ def test_import_needs_a_batchcam_report_and_waits_for_no_lock(report, tmp_path, 
     assert sorted(p.name for p in foreign.iterdir()) == ["predictions.csv"]
 
     before = report_state(report)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom batchcam.report.lock import ReportLock\n"
-                               "with ReportLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
-                               str(report)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(report):
         run = subprocess.run([sys.executable, "-m", "batchcam", "review", str(report), "--import", str(export)],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
-    finally:
-        holder.kill()
-        holder.wait()
     assert run.returncode == 75, run.stderr
     assert "another batchcam run is writing" in run.stderr
     assert report_state(report) == before
