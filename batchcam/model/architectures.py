@@ -140,8 +140,11 @@ def _backbone_matches(arch: Architecture, state: dict[str, torch.Tensor]) -> boo
     stem = state.get(f"{arch.stem}.weight")
     if not isinstance(stem, torch.Tensor) or stem.ndim != 4 or stem.shape[1] not in CHANNELS:
         return False
-    found = {k: tuple(v.shape) for k, v in state.items() if not _is_head_key(arch, k) and not _optional(k)}
-    return found == backbone_shapes(arch.name, int(stem.shape[1]))
+    channels = int(stem.shape[1])
+    found = {k: tuple(v.shape) for k, v in state.items() if not _is_head_key(arch, k)}
+    required = {k: shape for k, shape in found.items() if not _optional(k)}
+    optional = set(found) - set(required)
+    return required == backbone_shapes(arch.name, channels) and optional <= optional_keys(arch.name, channels)
 
 
 def _is_head_key(arch: Architecture, key: str) -> bool:
@@ -161,6 +164,15 @@ def backbone_shapes(name: str, channels: int) -> dict[str, tuple[int, ...]]:
         model = build_backbone(arch, channels)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()
             if not _is_head_key(arch, k) and not _optional(k)}
+
+
+@cache
+def optional_keys(name: str, channels: int) -> frozenset[str]:
+    """The backbone's BatchNorm step counters (a file may lack them, but not hold others)."""
+    arch = ARCHITECTURES[name]
+    with torch.device("meta"):
+        model = build_backbone(arch, channels)
+    return frozenset(k for k in model.state_dict() if not _is_head_key(arch, k) and _optional(k))
 
 
 @cache

@@ -240,7 +240,10 @@ def load_checkpoint(path: str | os.PathLike, *, demo: bool = False, max_bytes: i
 def loaded_from(file: ModelFile, *, demo: bool = False) -> LoadedModel:
     """The model in ``file``'s bytes (read once: digest and weights are of the same bytes)."""
     reading = read_checkpoint(file)
-    model = build_network(reading.network, reading.state)
+    try:
+        model = build_network(reading.network, reading.state)
+    except NetworkError as e:
+        raise file.refuse(str(e)) from None
     return LoadedModel(model=model, spec=reading.spec, path=file.path.resolve(), sha256=file.sha256, demo=demo,
                        info=reading.info, temperature=reading.temperature, ood=reading.ood,
                        target_layer=reading.network.target_layer, network=reading.network, source=reading.source,
@@ -272,11 +275,11 @@ def read_checkpoint(file: ModelFile) -> CheckpointReading:
     return read_found_weights(file, raw)
 
 
-def read_found_weights(file: ModelFile, raw: Any, *, head_module: nn.Module | None = None) -> CheckpointReading:
+def read_found_weights(file: ModelFile, raw: Any) -> CheckpointReading:
     """A state dict (plain or in a training container) with the defaults it needs, each listed as assumed."""
     found = find_weights(file, raw)
     state = canonical_state(found.state)
-    network, head_assumed = _network(file, state, head_module=head_module)
+    network, head_assumed = network_of(file, state)
     if network.channels != 3:
         raise file.refuse(f"{network.describe()}; a 1-channel model's normalisation is not in the file: "
                           f"{import_hint(file.label, '--channels 1 --mean M --std S')}")
@@ -288,7 +291,8 @@ def read_found_weights(file: ModelFile, raw: Any, *, head_module: nn.Module | No
     return CheckpointReading(spec, state, network, found.source, info, assumed)
 
 
-def _network(file: ModelFile, state: dict[str, torch.Tensor], **how) -> tuple[Network, tuple[str, ...]]:
+def network_of(file: ModelFile, state: dict[str, torch.Tensor], **how) -> tuple[Network, tuple[str, ...]]:
+    """``read_network`` with its refusal naming the file."""
     try:
         network, assumed, _ = read_network(state, **how)
     except NetworkError as e:
@@ -338,7 +342,7 @@ def _read_batchcam(file: ModelFile, raw: dict) -> CheckpointReading:
                          resize=str(raw.get("resize", "squash")))
     except (KeyError, TypeError, ValueError, HeadError) as e:
         raise file.refuse(f"checkpoint metadata is incomplete or invalid ({e})") from None
-    network, _ = _network(file, canonical_state(state), declared_arch=arch, recorded_head=recorded_head)
+    network, _ = network_of(file, canonical_state(state), declared_arch=arch, recorded_head=recorded_head)
     if network.channels != spec.channels:
         raise file.refuse(f"{network.describe()} takes {network.channels} channel(s), but the checkpoint records "
                           f"{spec.channels}")

@@ -8,6 +8,7 @@ weights to it, so a large backbone costs no random initialisation; a single logi
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -88,12 +89,13 @@ def canonical_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_network(state: dict[str, torch.Tensor], *, declared_arch: str | None = None,
-                 head_module: nn.Module | None = None,
+                 head_of: Callable[[str], nn.Module] | None = None,
                  recorded_head: HeadLayout | None = None) -> tuple[Network, tuple[str, ...], str | None]:
     """The network ``state`` holds, what was assumed to read it, and the head's dropped output activation.
 
-    The head comes from ``recorded_head`` (a batchcam checkpoint's), else from ``head_module`` (a
-    pickled or TorchScript model's layer types), else from the key positions. NetworkError otherwise.
+    The head comes from ``recorded_head`` (a batchcam checkpoint's), else from ``head_of(name)`` (the
+    head module of a pickled or TorchScript model, whose layer types say what it is), else from the
+    key positions. NetworkError otherwise.
     """
     try:
         backbone = recognise_backbone(state, declared_arch)
@@ -105,8 +107,8 @@ def read_network(state: dict[str, torch.Tensor], *, declared_arch: str | None = 
     try:
         if recorded_head is not None:
             layout = recorded_head
-        elif head_module is not None:
-            layout, activation = read_head_module(head_module, arch.head)
+        elif head_of is not None:
+            layout, activation = read_head_module(head_of(arch.head), arch.head)
         else:
             leading_is_known = arch.family in NONNEGATIVE_FAMILIES or native_head(arch.name).layers[0] == DROPOUT
             layout, assumed = read_head_keys(head_state, arch.head, leading_is_known)
@@ -157,7 +159,10 @@ def build_network(network: Network, state: dict[str, torch.Tensor], *, plain: bo
         model = build_backbone(arch, network.channels, arch.plain if plain else None)
         replace_module(model, arch.head, build_head(network.head, head_state, _in_features(model, arch), arch.head))
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(weights, strict=True, assign=True)
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError:  # torch's message lists every key: read_network's checks should leave nothing here
+        raise NetworkError(f"the weights do not fit {article(arch.name)} {arch.name} with this head") from None
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"{arch.name}: no weights for {', '.join(left[:3])}")

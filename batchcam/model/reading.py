@@ -43,6 +43,10 @@ PICKLE_PROTOCOL_OPCODE = 0x80
 READ_CHUNK = 8 * 2 ** 20
 
 
+class PickledObjects(CheckpointError):
+    """The file holds pickled Python objects (a whole model, say): reading them would run code."""
+
+
 def import_hint(label: str, flags: str = "") -> str:
     return f"batchcam import-model {label} --out MODEL.pt{' ' + flags if flags else ''}"
 
@@ -145,9 +149,9 @@ def load_weights_only(file: ModelFile) -> Any:
             return torch.load(io.BytesIO(file.data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = pickled_global(e)
-        raise file.refuse(f"holds pickled Python objects{f' ({found})' if found else ''}, such as a whole model saved "
-                          "with torch.save(model); loading them runs code. If you trust the file: "
-                          f"{import_hint(file.label, '--trust-pickle')}") from None
+        raise PickledObjects(f"{file.label}: holds pickled Python objects{f' ({found})' if found else ''}, such as a "
+                             "whole model saved with torch.save(model); loading them runs code. If you trust the file: "
+                             f"{import_hint(file.label, '--trust-pickle')}") from None
     except Exception:  # torch raises many types for damaged archives; all mean "unreadable"
         raise file.refuse("cannot be read as a PyTorch model (damaged or truncated?)") from None
 
