@@ -32,7 +32,7 @@ def _one_cpu_thread(one_cpu_thread):
 
 @pytest.fixture(scope="module")
 def xrays(tmp_path_factory):
-    return write_xray_pngs(tmp_path_factory.mktemp("xrays"), count=4)
+    return write_xray_pngs(tmp_path_factory.mktemp("xrays"), count=3)
 
 
 def _optimizer_state(model: nn.Module) -> dict:
@@ -73,7 +73,7 @@ def test_a_state_dict_with_a_dropout_head_and_a_shared_prefix_loads_exactly(tmp_
 
     assert loaded.network.head_description == "fc = Sequential(Dropout, Linear(512, 2))"
     assert not any("head" in a for a in loaded.assumptions)  # Dropout or not, the same on ReLU'd features
-    assert_equals_reference(loaded, user, xrays, PLAIN, exact=True)
+    assert_equals_reference(loaded, user, xrays, PLAIN, exact=True, every_class=False)
 
 
 def test_an_mlp_head_loads_and_is_explained_through_pytorch_grad_cam(tmp_path, xrays):
@@ -97,7 +97,7 @@ def test_a_training_dict_with_optimizer_state_and_class_names_loads_with_its_nam
 
     assert loaded.source == "a training checkpoint (weights under 'model_state_dict')"
     assert not any("class names" in a for a in loaded.assumptions)
-    assert_equals_reference(loaded, user, xrays, PLAIN, exact=True)
+    assert_equals_reference(loaded, user, xrays, PLAIN, exact=True, every_class=False)
 
 
 def test_a_lightning_checkpoint_loads_its_model_prefixed_state_dict(tmp_path, xrays):
@@ -119,7 +119,7 @@ def test_a_lightning_checkpoint_loads_its_model_prefixed_state_dict(tmp_path, xr
     loaded = load_checkpoint(tmp_path / "epoch=3-step=120.ckpt")
 
     assert loaded.source == "a Lightning checkpoint (weights under 'state_dict')"
-    assert_equals_reference(loaded, user, xrays, PLAIN, exact=True)
+    assert_equals_reference(loaded, user, xrays, PLAIN, exact=True, every_class=False)
 
 
 def test_a_timm_training_checkpoint_with_its_arguments_loads(tmp_path, xrays):
@@ -134,7 +134,7 @@ def test_a_timm_training_checkpoint_with_its_arguments_loads(tmp_path, xrays):
     loaded = load_checkpoint(tmp_path / "model_best.pth.tar")
 
     assert loaded.network.arch == "resnet18"
-    assert_equals_reference(loaded, user, xrays, PLAIN, exact=True)
+    assert_equals_reference(loaded, user, xrays, PLAIN, exact=True, every_class=False)
 
 
 def test_a_single_logit_is_two_probabilities_summing_to_one_and_both_classes_have_a_map(tmp_path, xrays):
