@@ -128,10 +128,10 @@ class LoadedModel:
         return f"{self.network.describe()}; {self.network.head_description}"
 
     def assumption_notice(self) -> str | None:
-        """The one stderr line saying what was assumed (None when nothing was)."""
+        """The one warning line saying what was assumed (None when nothing was); ``load_model`` gives it."""
         if not self.assumptions:
             return None
-        return (f"batchcam: {self.path.name} is {self.source} that does not say everything; assumed "
+        return (f"{self.path.name} is {self.source} that does not say everything; assumed "
                 f"{'; '.join(self.assumptions)}. If any is wrong, declare it once: {import_hint(self.path.name)} "
                 "with --classes, --input-size, --resize, --mean, --std")
 
@@ -225,11 +225,18 @@ def write_payload(path: str | os.PathLike, written: dict[str, Any] | bytes) -> N
 
 
 def load_model(path: Path | None, warn: Callable[[str], None]) -> LoadedModel:
-    """The checkpoint at ``path``, or the bundled demo model (saying so through ``warn``) when None."""
+    """The checkpoint at ``path``, or the bundled demo model (saying so through ``warn``) when None.
+
+    What batchcam had to assume to read the file is said through ``warn`` too, in one line.
+    """
     if path is None:
         warn(DEMO_NOTICE.removeprefix("batchcam: "))
         return load_checkpoint(DEMO_MODEL, demo=True)
-    return load_checkpoint(path)
+    loaded = load_checkpoint(path)
+    notice = loaded.assumption_notice()
+    if notice:
+        warn(notice)
+    return loaded
 
 
 def load_checkpoint(path: str | os.PathLike, *, demo: bool = False, max_bytes: int = MAX_MODEL_BYTES) -> LoadedModel:

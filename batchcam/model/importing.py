@@ -137,13 +137,14 @@ class ImportReport:
     notes: tuple[str, ...] = field(default=())
 
     def lines(self) -> list[str]:
-        cam = "exact Grad-CAM (no backward pass)" if self.exact_cam else "Grad-CAM through pytorch-grad-cam"
+        cam = "exact path (no backward pass)" if self.exact_cam else "through pytorch-grad-cam (an MLP head)"
+        names = self.spec.class_names
+        single = f" (a single logit: P({names[1]}) = sigmoid, P({names[0]}) = 1 - sigmoid)"
         lines = [f"read {self.source}: {self.source_kind}",
                  f"{self.network.describe()}; {self.network.head_description}",
-                 f"classes: {', '.join(self.spec.class_names)}"
-                 + (" (a single logit: P(second) = sigmoid)" if self.network.single_logit else ""),
+                 f"classes: {', '.join(names)}{single if self.network.single_logit else ''}",
                  f"preprocessing: {self.spec.describe_preprocessing()}",
-                 f"Grad-CAM target layer: {self.target_layer} ({cam})"]
+                 f"Grad-CAM target layer: {self.target_layer}, {cam}"]
         lines += [f"default: {item}" for item in self.defaults]
         lines += [f"inferred: {item}" for item in self.inferred]
         lines += [*self.notes, f"checked: {self.probe.describe()}", f"wrote {self.out} (sha256 {self.sha256[:16]})"]

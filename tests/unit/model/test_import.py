@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from batchcam.errors import CheckpointError, UsageError
-from batchcam.model.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
+from batchcam.model.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, load_model
 from batchcam.model.importing import Declaration, import_model
 from batchcam.resources import DEMO_MODEL
 from tests.unit.model.user_models import SIZE, Preprocessing, assert_equals_reference, user_model, write_xray_pngs
@@ -77,6 +77,9 @@ def test_import_with_trust_pickle_keeps_the_weights_and_structure_and_scans_like
     loaded = load_checkpoint(tmp_path / "model.pt")
 
     assert loaded.assumptions == () and loaded.assumption_notice() is None
+    said = []
+    load_model(tmp_path / "model.pt", said.append)
+    assert said == []
     assert loaded.spec.class_names == ("NORMAL", "BACTERIA", "VIRUS")
     assert_equals_reference(loaded, _logits_of(user), xrays, SMALL, exact=False)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from batchcam.errors import CheckpointError
-from batchcam.model.checkpoint import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, load_checkpoint
+from batchcam.model.checkpoint import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, load_model
 from tests.unit.model.user_models import (
     Preprocessing,
     assert_equals_reference,
@@ -59,8 +59,11 @@ def test_a_plain_state_dict_with_a_linear_head_loads_exactly_with_its_assumption
     assert any("224 px squash, ImageNet mean/std, 3 channels" in a for a in loaded.assumptions)
     assert any("NORMAL, PNEUMONIA" in a for a in loaded.assumptions)
     notice = loaded.assumption_notice()
-    assert notice.startswith("batchcam: model.pth is a plain state dict") and "\n" not in notice
+    assert notice.startswith("model.pth is a plain state dict") and "\n" not in notice
     assert "import-model" in notice
+    said = []
+    assert load_model(tmp_path / "model.pth", said.append).network == loaded.network
+    assert said == [notice]
     assert_equals_reference(loaded, user, xrays, PLAIN, exact=True)
 
 
