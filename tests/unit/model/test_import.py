@@ -15,7 +15,14 @@ from batchcam.errors import CheckpointError, UsageError
 from batchcam.model.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, load_model
 from batchcam.model.importing import Declaration, import_model
 from batchcam.resources import DEMO_MODEL
-from tests.unit.model.user_models import SIZE, Preprocessing, assert_equals_reference, user_model, write_xray_pngs
+from tests.unit.model.user_models import (
+    SIZE,
+    Preprocessing,
+    assert_equals_reference,
+    untrained_weights,
+    user_model,
+    write_xray_pngs,
+)
 
 SMALL = Preprocessing(size=SIZE)
 
@@ -215,7 +222,7 @@ def test_three_classes_declared_with_classes(tmp_path, xrays):
 
 
 def test_a_wrong_arch_is_refused_naming_the_architecture_the_weights_are(tmp_path):
-    torch.save(user_model("resnet18", pre=SMALL).state_dict(), tmp_path / "model.pth")
+    torch.save(untrained_weights(), tmp_path / "model.pth")
     with pytest.raises(CheckpointError) as refusal:
         import_model(tmp_path / "model.pth", tmp_path / "model.pt", Declaration(arch="resnet50"))
     assert str(refusal.value) == (f"{tmp_path / 'model.pth'}: the weights are a resnet18's, not a resnet50's: drop "
@@ -224,14 +231,14 @@ def test_a_wrong_arch_is_refused_naming_the_architecture_the_weights_are(tmp_pat
 
 
 def test_three_outputs_without_classes_are_refused_asking_for_them(tmp_path):
-    torch.save(user_model("resnet18", outputs=3, pre=SMALL).state_dict(), tmp_path / "three.pth")
+    torch.save(untrained_weights(outputs=3), tmp_path / "three.pth")
     with pytest.raises(CheckpointError, match="a head with 3 outputs and no class names: declare them with --classes "
                                               "A,B,C$"):
         import_model(tmp_path / "three.pth", tmp_path / "model.pt")
 
 
 def test_declared_channels_must_fit_the_first_convolution(tmp_path):
-    torch.save(user_model("resnet18", pre=SMALL).state_dict(), tmp_path / "model.pth")
+    torch.save(untrained_weights(), tmp_path / "model.pth")
     with pytest.raises(CheckpointError, match="first convolution takes 3 channel.*--channels 1 does not fit it"):
         import_model(tmp_path / "model.pth", tmp_path / "model.pt", Declaration(channels=1, mean=(0.5,), std=(0.5,)))
 

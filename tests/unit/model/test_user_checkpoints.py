@@ -17,6 +17,7 @@ from tests.unit.model.user_models import (
     assert_equals_reference,
     batchcam_inputs,
     engine_result,
+    untrained_weights,
     user_model,
     write_xray_pngs,
 )
@@ -176,14 +177,12 @@ def test_three_classes_load_with_the_names_the_file_holds(tmp_path, xrays):
     {"hyper_parameters": {"class_names": ["NORMAL", "BACTERIA", "VIRUS"]}},
 ], ids=["idx_to_class-int-keys", "idx_to_class-str-keys", "classes", "lightning-hyper_parameters"])
 def test_class_names_are_read_from_every_usual_key(tmp_path, names):
-    torch.manual_seed(0)
-    state = user_model("resnet18", outputs=3, pre=PLAIN).state_dict()
-    torch.save({"state_dict": state, **names}, tmp_path / "three.pth")
+    torch.save({"state_dict": untrained_weights(outputs=3), **names}, tmp_path / "three.pth")
     assert load_checkpoint(tmp_path / "three.pth").spec.class_names == ("NORMAL", "BACTERIA", "VIRUS")
 
 
 def test_more_outputs_without_names_are_refused_pointing_at_import_model_classes(tmp_path):
-    torch.save(user_model("resnet18", outputs=3, pre=PLAIN).state_dict(), tmp_path / "three.pth")
+    torch.save(untrained_weights(outputs=3), tmp_path / "three.pth")
 
     with pytest.raises(CheckpointError) as refusal:
         load_checkpoint(tmp_path / "three.pth")
@@ -194,7 +193,7 @@ def test_more_outputs_without_names_are_refused_pointing_at_import_model_classes
 
 
 def test_class_names_that_do_not_fit_the_head_are_refused(tmp_path):
-    torch.save({"model_state_dict": user_model("resnet18", outputs=3, pre=PLAIN).state_dict(),
+    torch.save({"model_state_dict": untrained_weights(outputs=3),
                 "class_names": ["NORMAL", "PNEUMONIA"]}, tmp_path / "three.pth")
     with pytest.raises(CheckpointError, match=r"2 class names \(NORMAL, PNEUMONIA\) for weights of a resnet18, "
                                               r"3 outputs"):
@@ -203,8 +202,7 @@ def test_class_names_that_do_not_fit_the_head_are_refused(tmp_path):
 
 def test_a_one_channel_state_dict_is_refused_asking_for_its_normalisation(tmp_path):
     """Its preprocessing cannot be guessed (the reference gave 3 of 4 NORMAL where a guess gave all PNEUMONIA)."""
-    torch.save(user_model("resnet18", channels=1, pre=Preprocessing(size=224, channels=1, mean=(0.5,), std=(0.5,)))
-               .state_dict(), tmp_path / "gray.pth")
+    torch.save(untrained_weights(channels=1), tmp_path / "gray.pth")
     with pytest.raises(CheckpointError) as refusal:
         load_checkpoint(tmp_path / "gray.pth")
     assert str(refusal.value).endswith("weights of a resnet18, 1 input channel, 2 outputs; a 1-channel model's "
@@ -214,7 +212,7 @@ def test_a_one_channel_state_dict_is_refused_asking_for_its_normalisation(tmp_pa
 
 def test_a_head_with_an_ambiguous_gap_is_refused_naming_the_way_out(tmp_path):
     head = nn.Sequential(nn.Linear(512, 64), nn.ReLU(), nn.Dropout(), nn.Dropout(), nn.Linear(64, 2))
-    torch.save(user_model("resnet18", head, pre=PLAIN).state_dict(), tmp_path / "gap.pth")
+    torch.save(untrained_weights(head), tmp_path / "gap.pth")
     with pytest.raises(CheckpointError, match="3 layers without weights between fc.0 and fc.4: which ones is "
                                               "ambiguous; import the whole model"):
         load_checkpoint(tmp_path / "gap.pth")
@@ -222,10 +220,7 @@ def test_a_head_with_an_ambiguous_gap_is_refused_naming_the_way_out(tmp_path):
 
 def test_a_head_with_batchnorm_is_refused_saying_what_batchcam_runs(tmp_path):
     head = nn.Sequential(nn.Linear(512, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 2))
-    torch.manual_seed(0)
-    model = user_model("resnet18", pre=PLAIN)
-    model.fc = head
-    torch.save(model.state_dict(), tmp_path / "bn.pth")
+    torch.save(untrained_weights(head), tmp_path / "bn.pth")
     with pytest.raises(CheckpointError, match=r"fc\.1 is a BatchNorm1d layer; batchcam runs heads of Linear, ReLU "
                                               "and Dropout layers"):
         load_checkpoint(tmp_path / "bn.pth")

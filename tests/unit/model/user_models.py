@@ -147,6 +147,16 @@ def user_model(arch: str, head: nn.Module | None = None, outputs: int = 2, chann
     return split_predictions(model, head, reference_inputs(split_on, pre) if split_on else probe_images(pre))
 
 
+def untrained_weights(head: nn.Module | None = None, outputs: int = 2, channels: int = 3) -> dict[str, torch.Tensor]:
+    """A seeded, untrained ResNet18's state dict with the given head: enough where only a refusal is checked."""
+    torch.manual_seed(0)
+    model = models.resnet18()
+    if channels == 1:
+        model.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    model.fc = head or nn.Linear(512, outputs)
+    return model.state_dict()
+
+
 def _width(model: nn.Module, attribute: str) -> int:
     head = getattr(model, attribute)
     return (head if isinstance(head, nn.Linear) else [m for m in head if isinstance(m, nn.Linear)][-1]).in_features
