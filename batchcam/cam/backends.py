@@ -1,4 +1,4 @@
-"""The model step of the exact Grad-CAM path: a batch ``x`` -> ``(logits, layer4 activations)``.
+"""The model step of the exact Grad-CAM path: a batch ``x`` -> ``(logits, target-layer activations)``.
 
 ``CamEngine`` turns those two tensors into probabilities and maps in one place, whichever backend
 produced them:
@@ -42,7 +42,7 @@ class BackendUnavailable(Exception):
 
 
 class EagerForward:
-    """The model in PyTorch; layer4's output caught by a hook registered only inside ``with``."""
+    """The model in PyTorch; the target layer's output caught by a hook registered only inside ``with``."""
 
     name = "eager"
 
@@ -103,7 +103,7 @@ class WithActivations(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         caught = []
-        layer = getattr(self.model, self.layer_name)
+        layer = self.model.get_submodule(self.layer_name)
         hook = layer.register_forward_hook(lambda module, inputs, output: caught.append(output))
         try:
             logits = self.model(x)
@@ -142,7 +142,7 @@ def make_forward(name: str, model: nn.Module, layer_name: str, checkpoint_sha256
                  log: Callable[[str], None] = lambda message: None) -> EagerForward | OnnxForward:
     """The backend ``name`` for ``model``; ONNX falls back to eager with a log line unless ``explicit``,
     where its failure is a UsageError saying why."""
-    eager = EagerForward(model, getattr(model, layer_name), autocast)
+    eager = EagerForward(model, model.get_submodule(layer_name), autocast)
     if name == "eager":
         return eager
     try:

@@ -1,16 +1,19 @@
 """Class activation maps for a batch: an exact fast Grad-CAM, and pytorch-grad-cam for the rest.
 
 Grad-CAM (Selvaraju et al., ICCV 2017) weights each channel k of the target layer's activations
-A by the spatial mean of d score_c / d A_k. When the target layer (ResNet's ``layer4``) is followed
-only by global average pooling and a linear head, that gradient is ``W[c, k] / (h * w)`` at every
-location, so the map is ``relu(sum_k W[c, k] A_k) / (h * w)``: the same numbers, read off the
-forward pass with no backward pass at all. That is the default path. pytorch-grad-cam remains the
-reference (the tests compare the two) and computes every other method.
+A by the spatial mean of d score_c / d A_k. When the target layer (each architecture's documented
+one, ``batchcam.model.architectures``: ResNet's ``layer4``, DenseNet's ``features.relu5``,
+EfficientNet's ``features.8``) is followed only by global average pooling and a linear head
+(Dropout is the identity at inference), that gradient is ``W[c, k] / (h * w)`` at every location,
+so the map is ``relu(sum_k W[c, k] A_k) / (h * w)``: the same numbers, read off the forward pass
+with no backward pass at all. That is the default path. pytorch-grad-cam remains the reference
+(the tests compare the two) and computes every other method, and Grad-CAM itself for any other
+head (an MLP), in batches.
 
 Every method returns the raw, un-normalised low-resolution map (>= 0); normalising and upsampling
 to an image's geometry is the overlay stage's job, done the same way for all methods.
 
-The same forward pass also gives the temperature-scaled probabilities and the pooled ``layer4``
+The same forward pass also gives the temperature-scaled probabilities and the pooled target-layer
 features that the out-of-distribution score reads (``batchcam.model.calibration``): no extra pass.
 """
 from __future__ import annotations
@@ -23,13 +26,14 @@ from torch import nn
 
 from batchcam.cam.backends import EagerForward, OnnxForward
 from batchcam.config import CAM_METHODS
+from batchcam.model.architectures import cam_layers, globally_pooled
 from batchcam.model.calibration import scaled_probabilities
 
 # Method name -> pytorch-grad-cam class name. The library is imported only when one is used: it
 # pulls in OpenCV, matplotlib and scikit-learn (seconds of start-up the exact path does not need).
 LIBRARY_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
                    "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM", "scorecam": "ScoreCAM"}
-TARGET_LAYER = "layer4"
+TARGET_LAYER = "layer4"   # ResNet's; every architecture's is ``target_layer_of(model)`` (LoadedModel.target_layer)
 
 
 @dataclass
@@ -50,7 +54,7 @@ def targets_for(logits: torch.Tensor, target: int | None) -> torch.Tensor:
 
 def from_forward(logits: torch.Tensor, activations: torch.Tensor, head_weight: torch.Tensor | None,
                  target: int | None, temperature: float) -> CamBatch:
-    """Everything batchcam reads off one forward pass: its logits and its ``layer4`` activations.
+    """Everything batchcam reads off one forward pass: its logits and its target layer's activations.
 
     ``head_weight`` (classes, K) gives the exact Grad-CAM maps; None leaves the maps empty for a
     library method to fill. Any backend that returns these two tensors explains the same way.
@@ -68,14 +72,17 @@ def from_forward(logits: torch.Tensor, activations: torch.Tensor, head_weight: t
                     logits.cpu())
 
 
+def target_layer_of(model: nn.Module) -> str:
+    """The documented Grad-CAM target layer of a model batchcam builds (ValueError for others)."""
+    return cam_layers(model)[0]
+
+
 def linear_head(model: nn.Module) -> nn.Linear | None:
-    """The final Linear when the head is avgpool -> [Dropout ->] Linear, else None."""
-    if not isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d):
+    """The final Linear when the target layer is followed by avgpool -> [Dropout ->] Linear, else None."""
+    if not globally_pooled(model):
         return None
-    if tuple(np.atleast_1d(model.avgpool.output_size)) not in ((1,), (1, 1)):
-        return None
-    head = getattr(model, "fc", None)
-    if isinstance(head, nn.Sequential) and all(isinstance(m, nn.Dropout) for m in head[:-1]):
+    head = model.get_submodule(cam_layers(model)[1])
+    if isinstance(head, nn.Sequential) and all(isinstance(m, (nn.Dropout, nn.Identity)) for m in head[:-1]):
         head = head[-1]
     return head if isinstance(head, nn.Linear) else None
 
@@ -88,6 +95,7 @@ class CamEngine:
     ``autocast`` (CUDA only: ``torch.bfloat16`` or ``torch.float16``) runs the exact path's forward
     pass in that precision; the map itself is always computed in float32 from the activations.
     ``temperature`` (the checkpoint's) divides the logits of every reported probability.
+    ``target_layer`` (a module path) defaults to the architecture's documented layer.
     ``forward`` is the exact path's model step (``batchcam.cam.backends``; default: eager PyTorch):
     whatever computes it, probabilities, features and maps are read off its logits and activations
     here (``from_forward``). The library methods always run eager PyTorch.
@@ -95,11 +103,12 @@ class CamEngine:
 
     def __init__(self, model: nn.Module, method: str = "gradcam", target: int | None = None,
                  allow_exact: bool = True, autocast: torch.dtype | None = None, temperature: float = 1.0,
-                 forward: EagerForward | OnnxForward | None = None):
+                 forward: EagerForward | OnnxForward | None = None, target_layer: str | None = None):
         if method not in LIBRARY_METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
         self.model, self.method, self.target = model, method, target
-        self.layer = getattr(model, TARGET_LAYER)
+        self.layer_name = target_layer or target_layer_of(model)
+        self.layer = model.get_submodule(self.layer_name)
         self.head = linear_head(model)
         self.exact = allow_exact and method == "gradcam" and self.head is not None
         self.autocast = autocast

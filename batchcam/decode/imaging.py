@@ -38,6 +38,10 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")
 # and scanning use the same value, and the model's view stays within 1e-3 in probability of a
 # full decode (measured on 2049-3200 px films; a 448 px floor moved some by 1e-2).
 DECODE_MIN_LONG_SIDE = 1024
+# How a model's view is made from an image (a checkpoint declares one): the whole image squashed to
+# a square, or torchvision's evaluation transform (shorter side to size / 0.875, then the centre crop).
+RESIZE_MODES = ("squash", "center-crop")
+CENTER_CROP_RATIO = 0.875
 # The overlay's longer side by default (scan --overlay-size): the display copy made at decode time.
 # Display copies (overlay base, thumbnail) shrink by whole factors first, down to this many times their size.
 DISPLAY_REDUCING_GAP = 1.0
@@ -109,6 +113,51 @@ def to_grayscale(image: Image.Image) -> Image.Image:
 def resize_square(gray: Image.Image, size: int) -> np.ndarray:
     """The model's view: the whole image squashed to size x size (as in training), uint8."""
     return np.asarray(gray.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def model_view(gray: Image.Image, size: int, resize: str = "squash") -> np.ndarray:
+    """The model's view of an image under a checkpoint's declared resize, uint8 (size, size).
+
+    ``squash`` is ``transforms.Resize((size, size))`` (``resize_square``); ``center-crop`` is
+    torchvision's evaluation transform, ``Resize(round(size / 0.875))`` on the shorter side then
+    ``CenterCrop(size)``, computed with the same sizes and rounding as torchvision so the pixels are
+    the ones a model trained that way saw.
+    """
+    if resize == "squash":
+        return resize_square(gray, size)
+    if resize != "center-crop":
+        raise ValueError(f"unknown resize {resize!r}; choose one of {', '.join(RESIZE_MODES)}")
+    resized = gray.resize(shorter_side_resized(gray.size, round(size / CENTER_CROP_RATIO)), Image.BILINEAR)
+    left, top = center_crop_origin(resized.size, size)
+    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def shorter_side_resized(image_size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    """(width, height) after ``transforms.Resize(shorter)``: the longer side truncated, as torchvision does."""
+    width, height = image_size
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def center_crop_origin(image_size: tuple[int, int], size: int) -> tuple[int, int]:
+    """(left, top) of ``transforms.CenterCrop(size)`` in an image at least size x size."""
+    width, height = image_size
+    return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+
+
+def view_box(width: int, height: int, size: int, resize: str = "squash") -> tuple[float, float, float, float]:
+    """The part of the original image (left, top, right, bottom, in its pixels) the model view shows.
+
+    The whole image for ``squash``; the centred crop for ``center-crop``, so a map of the view can
+    be placed back on the original image.
+    """
+    if resize == "squash":
+        return 0.0, 0.0, float(width), float(height)
+    resized_width, resized_height = shorter_side_resized((width, height), round(size / CENTER_CROP_RATIO))
+    left, top = center_crop_origin((resized_width, resized_height), size)
+    scale_x, scale_y = width / resized_width, height / resized_height
+    return left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y
 
 
 def fit_within(gray: Image.Image, max_side: int) -> Image.Image:
