@@ -5,23 +5,33 @@ descriptor with ``O_NOFOLLOW`` (and sub-folders with ``O_DIRECTORY | O_NOFOLLOW`
 link that someone put in place of ``.batchcam/``, ``overlays/``, the journal or the log is replaced
 (or, where it cannot be told apart from the user's own data, refused), and the file it points to is
 never opened for writing. Replacing files by rename from a temporary name keeps the other
-guarantee: a reader sees the old file or the new one, never a torn one.
+guarantee: a reader sees the old file or the new one, never a torn one. Temporary names are
+random and made with ``O_EXCL``: a file batchcam did not create in that very call is never replaced
+or removed, whatever its name.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_TEMPORARY_TRIES = 16  # random names that all exist already: someone is guessing, not chance
 
 
 class PlantedLink(OSError):
     """A symbolic link sits where batchcam keeps its own folder; it is refused, never followed."""
+
+
+def temporary_name(name: str) -> str:
+    """A name no one else uses: ``.NAME.<random>.tmp`` (the caller still creates it with O_EXCL)."""
+    return f".{name}.{secrets.token_hex(8)}.tmp"
 
 
 class SafeDir:
@@ -110,22 +120,28 @@ class SafeDir:
         with self._about(name), self._atomic_write(name, mode, **open_kwargs) as f:
             yield f
 
+    def create_temporary(self, name: str, access: int = os.O_WRONLY) -> tuple[str, int]:
+        """A new file at a random temporary name for ``name`` (never one that exists): (name, fd)."""
+        for _ in range(_TEMPORARY_TRIES):
+            temporary = temporary_name(name)
+            try:
+                return temporary, os.open(temporary, access | _NEW_FILE, 0o644, dir_fd=self.fd)
+            except FileExistsError:
+                continue
+        raise FileExistsError(errno.EEXIST, "no free temporary name", str(self.path / name))
+
     @contextlib.contextmanager
     def _atomic_write(self, name: str, mode: str, **open_kwargs) -> Iterator[IO]:
-        tmp = f".{name}.tmp{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=self.fd)  # a leftover of a killed run with the same pid
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                     dir_fd=self.fd)
+        temporary, fd = self.create_temporary(name)
         try:
             with open(fd, mode, **open_kwargs) as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=self.fd)
+            os.replace(temporary, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            self.unlink(temporary)  # made by this call: ours to remove
+            raise
 
     def write_bytes(self, name: str, data: bytes) -> None:
         with self.atomic_write(name, "wb") as f:
@@ -210,27 +226,24 @@ class SafeDir:
 def publish_new(folder: Path, name: str, data: bytes) -> bool:
     """Write ``folder/name`` only if nothing is there yet; True when written.
 
-    The bytes go to a temporary file first and are linked to ``name`` (link(2) never replaces), so a
-    file already there, or a link planted there, is left exactly as it was.
+    The bytes go to a new temporary file first and are linked to ``name`` (link(2) never replaces),
+    so a file already there, or a link planted there, is left exactly as it was.
     """
     with SafeDir.open(folder) as target:
-        tmp = f".{name}.tmp{os.getpid()}"
-        target.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                     dir_fd=target.fd)
+        temporary, fd = target.create_temporary(name)
         try:
             with open(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             try:
-                os.link(tmp, name, src_dir_fd=target.fd, dst_dir_fd=target.fd, follow_symlinks=False)
+                os.link(temporary, name, src_dir_fd=target.fd, dst_dir_fd=target.fd, follow_symlinks=False)
             except FileExistsError:
                 return False
             target.fsync()
             return True
         finally:
-            target.unlink(tmp)
+            target.unlink(temporary)  # made by this call
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -148,6 +148,37 @@ def test_predict_out_never_replaces_a_file_it_did_not_write(tmp_path, tiny_model
     assert tree(site) == before
 
 
+def test_predict_out_never_removes_a_file_at_its_old_temporary_name(tmp_path, tiny_model, capsys):
+    image = tmp_path / "in" / "chest.png"
+    write_xrays(tmp_path / "in", count=1)
+    next((tmp_path / "in").rglob("*.png")).rename(image)
+    site = tmp_path / "site"
+    assert main(["predict", str(image), "--model", str(tiny_model), "--out", str(site), "--json"]) == 0
+    written = Path(json.loads(capsys.readouterr().out.splitlines()[0])["overlay"])
+    written.unlink()
+    planted = site / f".{written.name}.tmp{os.getpid()}"  # the name the scan's own pid once used
+    planted.write_bytes(b"mine")
+    assert main(["predict", str(image), "--model", str(tiny_model), "--out", str(site)]) == 0
+    assert planted.read_bytes() == b"mine" and written.is_file()
+
+
+def test_files_at_the_old_temporary_names_survive_a_scan(xray_folder, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model, "--page-size", "2") == 0
+    pid = os.getpid()  # the scan below runs in this process
+    names = [f".{name}.tmp{pid}" for name in ("predictions.csv", "manifest.json", "metrics.json", "index.html",
+                                             "runs.jsonl", "reviews.csv")]
+    names += [f"gallery/.{name}.tmp{pid}" for name in ("gallery.css", "gallery.js", "review.js", "rows.js",
+                                                      "page-2.html")]
+    names += [f"{STATE_DIR}/.{name}.tmp{pid}" for name in ("rows.jsonl", "outputs.json", "journal.jsonl")]
+    names += [f"overlays/.{Path(row['overlay']).name}.tmp{pid}" for row in rows(out)]
+    for name in names:
+        (out / name).write_bytes(b"not batchcam's: " + name.encode())
+    assert scan(xray_folder, out, tiny_model, "--page-size", "2", "--full") == 0
+    assert {name: (out / name).read_bytes() for name in names} == {name: b"not batchcam's: " + name.encode()
+                                                                    for name in names}
+
+
 # ---- links planted inside REPORT ----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [f"{STATE_DIR}/journal.jsonl", f"{STATE_DIR}/rows.jsonl", f"{STATE_DIR}/lock",
