@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import threading
 import zipfile
@@ -136,11 +135,15 @@ class ReportFolder:
         return parse_runs(self._folder("").read_text(RUNS))
 
     def append_run(self, record: dict) -> None:
-        """One line in ``runs.jsonl`` for a completed run (a link there is replaced, never followed)."""
-        with self._folder("").open_append(RUNS, encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """One line more in ``runs.jsonl`` for a completed run. The small file is copied with the line
+        added and renamed over the old one, so a backup's hard link to it keeps its copy as it was,
+        and a kill leaves the old file or the new one; a link there is replaced, never followed."""
+        root = self._folder("")
+        before = root.read_text(RUNS) or ""
+        if before and not before.endswith("\n"):
+            before += "\n"  # a torn line of an older version stays on its own line
+        root.write_bytes(RUNS, (before + json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        root.fsync()
 
     def read_text(self, name: str) -> str | None:
         folder, base = self._split(name)

@@ -8,6 +8,10 @@ never opened for writing. Replacing files by rename from a temporary name keeps 
 guarantee: a reader sees the old file or the new one, never a torn one. Temporary names are
 random and made with ``O_EXCL``: a file batchcam did not create in that very call is never replaced
 or removed, whatever its name.
+
+A file with more than one name is not an attack: it is how labs back up (``cp -al``, rsnapshot,
+``rsync --link-dest``). Files are replaced by rename, so the backup keeps its copy; a file appended to
+(the log, the journal) is first copied to a file of its own when another name shares it.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,18 +153,29 @@ class SafeDir:
             f.write(data)
 
     def open_append(self, name: str, **open_kwargs) -> IO:
-        """``name`` opened for appending text; a link in its place is replaced by a new, empty file."""
-        fd = self._open_replacing_link(name, os.O_WRONLY | os.O_APPEND)
+        """``name`` opened for appending text, its lines kept. A link, FIFO or device in its place is
+        replaced by a new, empty file (never written through, never waited on). A file that shares
+        its inode with other names (a hard-link backup) is first copied to a file of its own, so the
+        backup's copy never changes."""
+        fd = self._open_own_file(name, os.O_RDWR | os.O_APPEND)
+        if os.fstat(fd).st_nlink > 1:
+            fd = self._copy_of_own(name, fd)
         return open(fd, "a", **open_kwargs)
 
-    def open_rw(self, name: str) -> int:
-        """A raw read-write descriptor of ``name`` (created when missing); a link there is replaced."""
-        return self._open_replacing_link(name, os.O_RDWR)
+    def open_lock_file(self, name: str) -> int:
+        """A read-write descriptor of ``name``, made when missing. A regular file there is opened in
+        place whatever its link count (replacing it could hand a second run a lock of its own); a
+        link, FIFO or device there is replaced by a new file."""
+        return self._open_own_file(name, os.O_RDWR)
 
-    def _open_replacing_link(self, name: str, access: int) -> int:
-        """Open ``name`` in place, unless it is not batchcam's own plain file: a symbolic link, a
-        hard link to a file elsewhere (more than one name), a FIFO or a device is removed (never
-        written through, never waited on) and a new file made in its place."""
+    def same_file(self, name: str, fd: int) -> bool:
+        """Whether ``name`` (not followed) is the file open at ``fd``."""
+        found, opened = self.lstat(name), os.fstat(fd)
+        return found is not None and (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino)
+
+    def _open_own_file(self, name: str, access: int) -> int:
+        """Open ``name`` in place when it is a regular file; anything else there (a symbolic link, a
+        FIFO, a device) is removed, never written through or waited on, and a new file made."""
         flags = access | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         with self._about(name):
             for _ in range(3):
@@ -169,8 +185,7 @@ class SafeDir:
                     if e.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO nobody reads
                         raise
                 else:
-                    found = os.fstat(fd)
-                    if stat.S_ISREG(found.st_mode) and found.st_nlink == 1:
+                    if stat.S_ISREG(os.fstat(fd).st_mode):
                         os.set_blocking(fd, True)
                         return fd
                     os.close(fd)
@@ -178,6 +193,25 @@ class SafeDir:
                     os.unlink(name, dir_fd=self.fd)
                 flags |= os.O_EXCL
             raise OSError(errno.EEXIST, "something keeps reappearing here", str(self.path / name))
+
+    def _copy_of_own(self, name: str, shared: int) -> int:
+        """Replace ``name`` (open at ``shared``, which other names share) by a copy of its bytes, and
+        return the copy open for appending; the other names keep the old file untouched."""
+        temporary, fd = self.create_temporary(name, os.O_RDWR | os.O_APPEND)
+        try:
+            os.lseek(shared, 0, os.SEEK_SET)
+            with open(os.dup(shared), "rb") as source, open(os.dup(fd), "wb") as copy:
+                shutil.copyfileobj(source, copy, 2**20)
+                copy.flush()
+                os.fsync(copy.fileno())
+            os.replace(temporary, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            os.close(fd)
+            self.unlink(temporary)
+            raise
+        finally:
+            os.close(shared)
+        return fd
 
     def read_bytes(self, name: str) -> bytes | None:
         """The file's bytes; None when it is missing, or is a link or not a regular file."""

@@ -202,6 +202,14 @@ def test_second_run_on_a_locked_report_exits_75_at_once_and_changes_nothing(xray
         assert snapshot(out) == before
 
 
+def test_a_hard_link_to_the_lock_never_lets_a_second_run_beside_the_first(xray_folder, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model) == 0
+    with lock_held_elsewhere(out):
+        os.link(out / ".batchcam" / "lock", tmp_path / "lock-in-a-backup")  # cp -al while a run holds the lock
+        assert scan(xray_folder, out, tiny_model, "--full") == 75
+
+
 @pytest.mark.slow
 def test_lock_of_a_killed_run_needs_no_cleanup_even_while_its_workers_live(tiny_model, tmp_path):
     root = tmp_path / "root"

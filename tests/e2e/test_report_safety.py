@@ -94,12 +94,31 @@ def test_an_empty_folder_becomes_a_report_and_a_refused_run_leaves_it_empty(xray
     assert (empty / STATE_DIR / MARKER).is_file()
 
 
-def test_a_report_of_batchcam_0_1_without_the_marker_is_still_a_report(xray_folder, tmp_path, tiny_model):
+def test_a_folder_holding_only_a_stray_lock_is_not_a_report_and_is_left_untouched(xray_folder, tmp_path, tiny_model,
+                                                                                   capsys):
+    site = tmp_path / "site"
+    (site / STATE_DIR).mkdir(parents=True)
+    (site / STATE_DIR / "lock").write_text("")
+    (site / "gallery").mkdir()
+    (site / "index.html").write_text("<p>home</p>")
+    (site / "metrics.json").write_text('{"mine": true}')
+    (site / "gallery" / "page-7.html").write_text("<p>seven</p>")
+    before = tree(site)
+    assert scan(xray_folder, site, tiny_model) == 2
+    assert "not a batchcam report" in capsys.readouterr().err
+    assert tree(site) == before
+
+
+def test_a_report_of_batchcam_0_1_without_the_marker_is_refused_saying_how_to_mark_it(xray_folder, tmp_path,
+                                                                                     tiny_model, capsys):
     out = tmp_path / "out"
     assert scan(xray_folder, out, tiny_model) == 0
     (out / STATE_DIR / MARKER).unlink()
-    assert scan(xray_folder, out, tiny_model) == 0
-    assert (out / STATE_DIR / MARKER).is_file()
+    before = tree(out)
+    assert scan(xray_folder, out, tiny_model) == 2
+    err = capsys.readouterr().err
+    assert "batchcam 0.1" in err and f"{STATE_DIR}/{MARKER}" in err
+    assert tree(out) == before
 
 
 def test_within_its_report_batchcam_removes_only_what_it_wrote(xray_folder, tmp_path, tiny_model):
@@ -179,10 +198,27 @@ def test_files_at_the_old_temporary_names_survive_a_scan(xray_folder, tmp_path, 
                                                                     for name in names}
 
 
+def test_a_hard_link_snapshot_keeps_its_files_and_the_report_keeps_its_history(xray_folder, tmp_path, tiny_model):
+    import subprocess
+
+    out, snap = tmp_path / "out", tmp_path / "snapshot"
+    assert scan(xray_folder, out, tiny_model) == 0
+    assert scan(xray_folder, out, tiny_model, "--full") == 0
+    subprocess.run(["cp", "-al", str(out), str(snap)], check=True)  # how rsnapshot and rsync --link-dest back up
+    backed_up = tree(snap)
+    runs, log = (out / "runs.jsonl").read_text(), (out / "batchcam.log").read_text()
+    Image.new("L", (70, 70), 10).save(xray_folder / "NORMAL" / "extra.png")
+    assert scan(xray_folder, out, tiny_model) == 0
+    assert tree(snap) == backed_up
+    assert (out / "runs.jsonl").read_text().startswith(runs) and len((out / "runs.jsonl").read_text().splitlines()) == 3
+    assert (out / "batchcam.log").read_text().startswith(log) and len((out / "batchcam.log").read_text()) > len(log)
+    assert len(rows(out)) == 5
+
+
 # ---- links planted inside REPORT ----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [f"{STATE_DIR}/journal.jsonl", f"{STATE_DIR}/rows.jsonl", f"{STATE_DIR}/lock",
-                                  f"{STATE_DIR}/outputs.json", f"{STATE_DIR}/{MARKER}", "batchcam.log",
+                                  f"{STATE_DIR}/outputs.json", "batchcam.log",
                                   "predictions.csv", "manifest.json", "index.html", "cams.npz"])
 def test_a_link_planted_in_place_of_a_report_file_is_replaced_and_its_target_unchanged(
         name, xray_folder, tmp_path, tiny_model):
@@ -197,6 +233,19 @@ def test_a_link_planted_in_place_of_a_report_file_is_replaced_and_its_target_unc
     assert target.read_bytes() == b"precious\n" * 100
     assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
     assert not (out / name).is_symlink() or name == f"{STATE_DIR}/lock"
+
+
+def test_a_link_planted_in_place_of_the_mark_makes_the_folder_no_report_and_is_never_followed(
+        xray_folder, tmp_path, tiny_model, capsys):
+    out, outside = tmp_path / "out", tmp_path / "outside.json"
+    outside.write_text('{"tool": "batchcam"}')
+    assert scan(xray_folder, out, tiny_model) == 0
+    (out / STATE_DIR / MARKER).unlink()
+    (out / STATE_DIR / MARKER).symlink_to(outside)
+    before = tree(out)
+    assert scan(xray_folder, out, tiny_model, "--full") == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert tree(out) == before and outside.read_text() == '{"tool": "batchcam"}'
 
 
 def test_a_planted_link_in_place_of_the_state_folder_is_refused_and_nothing_written_through(
@@ -345,17 +394,22 @@ def test_an_edited_outputs_list_never_removes_a_file_outside_the_report(xray_fol
 
 
 @pytest.mark.parametrize("name", [f"{STATE_DIR}/lock", f"{STATE_DIR}/journal.jsonl", "batchcam.log"])
-def test_a_hard_link_planted_at_a_file_batchcam_appends_to_is_replaced_not_written(name, xray_folder, tmp_path,
-                                                                                  tiny_model):
+def test_a_file_batchcam_appends_to_that_has_another_name_is_never_written_through_it(name, xray_folder, tmp_path,
+                                                                                      tiny_model):
     out = tmp_path / "out"
     assert scan(xray_folder, out, tiny_model) == 0
-    victim = tmp_path / "victim.txt"
-    victim.write_bytes(b"precious\n")
+    other = tmp_path / "other-name.txt"
+    other.write_bytes(b"precious\n")
     (out / name).unlink()
-    os.link(victim, out / name)
+    os.link(other, out / name)
     assert scan(xray_folder, out, tiny_model, "--full") == 0
-    assert victim.read_bytes() == b"precious\n"
-    assert (out / name).stat().st_nlink == 1
+    assert other.read_bytes() == b"precious\n"
+    if name == f"{STATE_DIR}/lock":  # locked where it is: replacing it could let a second run beside the first
+        assert (out / name).samefile(other)
+    else:                            # appended to in a copy of its own, its lines kept
+        assert (out / name).stat().st_nlink == 1 and not (out / name).samefile(other)
+    if name == "batchcam.log":
+        assert (out / name).read_bytes().startswith(b"precious\n") and b"run started" in (out / name).read_bytes()
 
 
 @pytest.mark.parametrize("name", ["batchcam.log", f"{STATE_DIR}/journal.jsonl"])

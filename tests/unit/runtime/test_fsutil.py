@@ -1,4 +1,5 @@
-"""SafeDir's writes: temporary names that never collide with anybody's file."""
+"""SafeDir's writes: temporary names that never collide with anybody's file, and appends that keep
+a file shared with a hard-link backup intact."""
 from __future__ import annotations
 
 import os
@@ -36,3 +37,14 @@ def test_publish_new_never_touches_a_file_at_the_old_temporary_name(tmp_path):
     planted.write_bytes(b"someone's file")
     assert publish_new(tmp_path, "overlay.jpg", b"jpeg")
     assert listing(tmp_path) == {planted.name: b"someone's file", "overlay.jpg": b"jpeg"}
+
+
+def test_appending_to_a_file_shared_with_a_backup_keeps_its_lines_and_leaves_the_backup_as_it_was(tmp_path):
+    log, backup = tmp_path / "batchcam.log", tmp_path / "backup.log"
+    log.write_text("line 1\nline 2\n")
+    os.link(log, backup)
+    with SafeDir.open(tmp_path) as folder, folder.open_append("batchcam.log", encoding="utf-8") as f:
+        f.write("line 3\n")
+    assert log.read_text() == "line 1\nline 2\nline 3\n"
+    assert backup.read_text() == "line 1\nline 2\n"
+    assert log.stat().st_nlink == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["backup.log", "batchcam.log"]
