@@ -15,6 +15,9 @@ first claimed, and by nothing else (a stray lock or row store is not a mark). ba
 write into an existing, non-empty folder without that mark (someone's web site, ROOT itself, a
 folder holding only a ``.batchcam/lock``): a scan replaces the report's pages and deletes overlays
 it no longer needs, and in a folder it does not own those could be anybody's files.
+
+The lock's folder descriptors (REPORT and its state folder) are opened once and shared with the
+writers (``report.folder.ReportFolder.of``), so the run writes into the folders it locked.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from batchcam.runtime.fsutil import SafeDir
 STATE_DIR = ".batchcam"
 MARKER = "report.json"
 LOCK = "lock"
+CURRENT = "current"        # the link to the published generation (report.generations)
 ROW_STORE = "rows.jsonl"   # batchcam 0.1 kept one too, but wrote no mark
 LOCK_TRIES = 5             # a lock file replaced between open and lock this often: something is racing us
 
@@ -57,7 +61,13 @@ def claim_problem(report: Path, root: Path | None = None) -> str | None:
     if state.is_symlink():
         return (f"{state} is a symbolic link; batchcam keeps its state only in a real folder and will not "
                 "write through a link: remove the link, or choose another --out")
-    if is_report(report) or not any(os.scandir(report)):
+    if is_report(report):
+        current = state / CURRENT
+        if os.path.lexists(current) and not current.is_symlink():
+            return (f"{current} is not a link: this report was copied without its links (cp -rL, say). Copy it "
+                    f"with cp -a, or remove {current} to scan into it again (its files in REPORT are kept)")
+        return None
+    if not any(os.scandir(report)):
         return None
     if (state / MARKER).is_symlink():
         return (f"{state / MARKER} is a symbolic link; batchcam reads its mark only from a regular file and will "

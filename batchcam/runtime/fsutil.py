@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -28,10 +29,16 @@ from typing import IO
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMPORARY_TRIES = 16  # random names that all exist already: someone is guessing, not chance
+_TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{16}\.tmp", re.DOTALL)
 
 
 class PlantedLink(OSError):
     """A symbolic link sits where batchcam keeps its own folder; it is refused, never followed."""
+
+
+class FolderMoved(OSError):
+    """A folder batchcam holds open was moved away or replaced while it worked: writing on would
+    write where the folder now lies, outside the report."""
 
 
 def temporary_name(name: str) -> str:
@@ -39,13 +46,25 @@ def temporary_name(name: str) -> str:
     return f".{name}.{secrets.token_hex(8)}.tmp"
 
 
+def temporary_of(entry: str) -> str | None:
+    """The name ``entry`` is a temporary for (``temporary_name``'s form), or None."""
+    found = _TEMPORARY.fullmatch(entry)
+    return found.group(1) if found else None
+
+
 class SafeDir:
     """An open folder: names inside it are created, replaced, appended to and read without
-    following links. Close it (or use ``with``) when done."""
+    following links. Close it (or use ``with``) when done.
 
-    def __init__(self, fd: int, path: Path):
+    A folder opened by ``subdir`` remembers its parent and name, so ``in_place`` can tell whether it
+    is still the folder at that name.
+    """
+
+    def __init__(self, fd: int, path: Path, parent: SafeDir | None = None, name: str = ""):
         self.fd = fd
         self.path = Path(path)
+        self.parent = parent
+        self.name = name
 
     @classmethod
     def open(cls, path: str | os.PathLike, create: bool = False) -> "SafeDir":
@@ -88,7 +107,7 @@ class SafeDir:
         """
         for _ in range(3):  # a link removed or a folder made by a concurrent process: look again
             try:
-                return SafeDir(os.open(name, _NOFOLLOW_DIR, dir_fd=self.fd), self.path / name)
+                return SafeDir(os.open(name, _NOFOLLOW_DIR, dir_fd=self.fd), self.path / name, self, name)
             except FileNotFoundError:
                 if not create:
                     raise
@@ -102,6 +121,21 @@ class SafeDir:
                                       "refusing to write through it", str(self.path / name)) from None
                 os.unlink(name, dir_fd=self.fd)
         raise OSError(errno.EAGAIN, "folder keeps changing", str(self.path / name))
+
+    def in_place(self) -> bool:
+        """Whether this folder is still the one at its name inside its parent (compared by device and
+        inode, the name not followed): False once it was moved away, or replaced by another."""
+        if self.parent is None:
+            return True
+        found = self.parent.lstat(self.name)
+        mine = os.fstat(self.fd)
+        return found is not None and (found.st_dev, found.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def check_in_place(self) -> None:
+        """Raise FolderMoved unless ``in_place``."""
+        if not self.in_place():
+            raise FolderMoved(errno.ENOENT, "moved or replaced while batchcam was writing; nothing more is "
+                              "written there", str(self.path))
 
     def is_link(self, name: str) -> bool:
         try:
@@ -147,6 +181,97 @@ class SafeDir:
         except BaseException:
             self.unlink(temporary)  # made by this call: ours to remove
             raise
+
+    def create(self, name: str) -> IO[bytes]:
+        """A new file ``name`` for writing bytes; FileExistsError when anything is there (never replaced)."""
+        with self._about(name):
+            return open(os.open(name, os.O_WRONLY | _NEW_FILE, 0o644, dir_fd=self.fd), "wb")
+
+    def open_existing(self, name: str) -> IO[bytes]:
+        """The regular file ``name`` opened for writing from empty (never a link, FIFO or device)."""
+        with self._about(name):
+            fd = os.open(name, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=self.fd)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, "not a regular file", str(self.path / name))
+            os.set_blocking(fd, True)
+            return open(fd, "wb")
+
+    def make_folder(self, name: str) -> None:
+        """A new folder ``name``; FileExistsError when anything is there."""
+        with self._about(name):
+            os.mkdir(name, 0o755, dir_fd=self.fd)
+
+    def symlink(self, name: str, target: str) -> None:
+        """A new symbolic link ``name`` -> ``target``; FileExistsError when anything is there."""
+        with self._about(name):
+            os.symlink(target, name, dir_fd=self.fd)
+
+    def replace_with_link(self, name: str, target: str) -> None:
+        """Make ``name`` a symbolic link to ``target`` in one rename (a reader finds the old entry or
+        the new link, never nothing); a folder at ``name`` is an error, never removed."""
+        with self._about(name):
+            for _ in range(_TEMPORARY_TRIES):
+                temporary = temporary_name(name)
+                try:
+                    os.symlink(target, temporary, dir_fd=self.fd)
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise FileExistsError(errno.EEXIST, "no free temporary name", str(self.path / name))
+            try:
+                os.replace(temporary, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            except BaseException:
+                self.unlink(temporary)
+                raise
+
+    def readlink(self, name: str) -> str | None:
+        """The text of the symbolic link ``name``; None when it is missing or not a link."""
+        try:
+            return os.readlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # not a link
+                return None
+            raise
+
+    def link_to(self, name: str, other: SafeDir, new_name: str) -> None:
+        """``other/new_name`` becomes another name of the regular file ``name`` (copied where the file
+        system has no hard links); FileExistsError when anything is at ``new_name``."""
+        with self._about(name):
+            try:
+                os.link(name, new_name, src_dir_fd=self.fd, dst_dir_fd=other.fd, follow_symlinks=False)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
+                    raise
+            with open(self._open_regular(name), "rb") as source, other.create(new_name) as copy:
+                shutil.copyfileobj(source, copy, 2**20)
+                copy.flush()
+                os.fsync(copy.fileno())
+
+    def _open_regular(self, name: str) -> int:
+        """A read descriptor of the regular file ``name`` (never a link, FIFO or device)."""
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", str(self.path / name))
+        os.set_blocking(fd, True)
+        return fd
+
+    def empty(self, name: str) -> None:
+        """Replace ``name`` by an empty file in one rename (not made durable: it is about to go)."""
+        with self._about(name):
+            temporary, fd = self.create_temporary(name)
+            os.close(fd)
+            try:
+                os.replace(temporary, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            except BaseException:
+                self.unlink(temporary)
+                raise
 
     def write_bytes(self, name: str, data: bytes) -> None:
         with self.atomic_write(name, "wb") as f:

@@ -48,3 +48,15 @@ def test_appending_to_a_file_shared_with_a_backup_keeps_its_lines_and_leaves_the
     assert log.read_text() == "line 1\nline 2\nline 3\n"
     assert backup.read_text() == "line 1\nline 2\n"
     assert log.stat().st_nlink == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["backup.log", "batchcam.log"]
+
+
+def test_a_folder_moved_away_or_replaced_is_no_longer_in_place(tmp_path):
+    (tmp_path / "overlays").mkdir()
+    with SafeDir.open(tmp_path) as report:
+        overlays = report.subdir("overlays")
+        assert overlays.in_place()
+        (tmp_path / "overlays").rename(tmp_path / "moved")
+        assert not overlays.in_place()
+        (tmp_path / "overlays").mkdir()
+        assert not overlays.in_place()
+        overlays.close()
