@@ -1,5 +1,6 @@
 """``batchcam evaluate REPORT --boxes BOXES.csv``: score a finished report's heatmaps against
-ground-truth boxes, then update its metrics.json and gallery (under the report's lock)."""
+ground-truth boxes, then publish a new generation of the report (under its lock) with the new
+metrics.json and gallery, and the scan's own CSV, manifest and maps."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +8,14 @@ from pathlib import Path
 from batchcam.checks.localisation import Boxes, localisation, read_boxes
 from batchcam.config import DEFAULT_PAGE_SIZE
 from batchcam.errors import ReportWriteError, UsageError
-from batchcam.report.folder import ReportFolder
+from batchcam.report.folder import ReportFolder, json_content, published_but
 from batchcam.report.gallery import render_gallery
 from batchcam.report.lock import ReportLock
 from batchcam.report.review import current_decisions
 from batchcam.report.summary import scan_metrics
+from batchcam.runtime.interrupt import InterruptGuard
+
+KEPT = ("predictions.csv", "manifest.json", "cams.npz")   # the scan's files a re-rendering publishes again
 
 
 def evaluate(report_path: Path, boxes_path: Path, warn=print) -> dict:
@@ -25,18 +29,19 @@ def evaluate(report_path: Path, boxes_path: Path, warn=print) -> dict:
         raise UsageError(f"REPORT {report_path} holds no scan report (predictions.csv and manifest.json)")
     boxes = read_boxes(Path(boxes_path))
     try:
-        with ReportLock(report_path):
-            report = ReportFolder(report_path)
+        with ReportLock(report_path) as lock, InterruptGuard() as guard:
+            report = ReportFolder.of(lock)
             try:
-                return _evaluate_locked(report, boxes, boxes_path, warn)
+                return _evaluate_locked(report, boxes, boxes_path, warn, guard.check)
             finally:
                 report.close()
     except OSError as e:
-        raise ReportWriteError(f"cannot write the report in {report_path}: {e.strerror or e}"
-                               f"{f' ({e.filename})' if e.filename else ''}") from None
+        where = f" ({e.filename})" if e.filename else ""
+        raise ReportWriteError(f"cannot write the report in {report_path}: {e.strerror or e}{where}; "
+                               "the previous report is unchanged") from None
 
 
-def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn) -> dict:
+def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn, stop) -> dict:
     report_path = report.path
     manifest, rows, class_names = report.read_scan()
     cams = report.read_cams() if report.exists("cams.npz") else None
@@ -51,12 +56,16 @@ def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn)
             warn(f"{report_path / 'metrics.json'} is unreadable; computing it again from predictions.csv")
         metrics = scan_metrics(rows, class_names) or {}
     metrics["localisation"] = results
-    report.write_json("metrics.json", metrics)
     drawn = {row.path: found for row in rows if (found := boxes.for_row(row))}
     decisions = current_decisions(report.read_reviews(), rows)
-    report.write_gallery(render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest), drawn,
-                                        reviews=decisions, runs=report.read_runs()))
-    report.save_outputs()
+    files = render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest), drawn,
+                           reviews=decisions, runs=report.read_runs())
+    files["metrics.json"] = json_content(metrics)
+    report.publish(files, reuse=KEPT, stop=stop)
+    try:
+        report.tidy()
+    except OSError as e:
+        raise published_but(report_path, e) from None
     return results
 
 

@@ -1,6 +1,7 @@
 """``batchcam review REPORT --import review.csv``: merge a reviewer's exported decisions into
-``REPORT/reviews.csv`` under the report's lock, then update metrics.json and the gallery, so
-everyone who opens the report sees them, in any browser.
+``REPORT/reviews.csv`` under the report's lock, with a new generation of the report (metrics.json
+and the gallery showing them, the scan's own CSV, manifest and maps), so everyone who opens the
+report sees them, in any browser.
 
 Everything is read and checked before the first write: a CSV of another report, wrong columns or a
 path not in the report is refused with its reason, and REPORT is left exactly as it was.
@@ -10,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchcam.commands.evaluate import page_size_of
+from batchcam.commands.evaluate import KEPT, page_size_of
 from batchcam.errors import NotOurFolder, ReportWriteError, UsageError
 from batchcam.report import review as reviewlib
-from batchcam.report.folder import ReportFolder
+from batchcam.report.folder import ReportFolder, json_content, published_but
 from batchcam.report.gallery import render_gallery
 from batchcam.report.lock import MARKER, STATE_DIR, ReportLock, is_report
 from batchcam.report.summary import scan_metrics
+from batchcam.runtime.interrupt import InterruptGuard
 
 MAX_IMPORT_BYTES = 64 * 2**20   # a review of 150,000 images with full notes is far below this
 
@@ -38,15 +40,16 @@ def import_reviews(report_path: Path, csv_path: Path) -> ImportResult:
                            "nothing was imported")
     text = read_export(Path(csv_path))
     try:
-        with ReportLock(report_path):
-            report = ReportFolder(report_path)
+        with ReportLock(report_path) as lock, InterruptGuard() as guard:
+            report = ReportFolder.of(lock)
             try:
-                return _import_locked(report, text, str(csv_path))
+                return _import_locked(report, text, str(csv_path), guard.check)
             finally:
                 report.close()
     except OSError as e:
-        raise ReportWriteError(f"cannot write the report in {report_path}: {e.strerror or e}"
-                               f"{f' ({e.filename})' if e.filename else ''}") from None
+        where = f" ({e.filename})" if e.filename else ""
+        raise ReportWriteError(f"cannot write the report in {report_path}: {e.strerror or e}{where}; "
+                               "the report and reviews.csv are unchanged") from None
 
 
 def read_export(path: Path) -> str:
@@ -60,7 +63,9 @@ def read_export(path: Path) -> str:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _import_locked(report: ReportFolder, text: str, source: str) -> ImportResult:
+def _import_locked(report: ReportFolder, text: str, source: str, stop) -> ImportResult:
+    """Check the import, publish the generation showing it, then write reviews.csv (after the switch:
+    a failure or a signal before it leaves the report and reviews.csv as they were)."""
     manifest, rows, class_names = report.read_scan()
     imported = reviewlib.parse_export(text, source, class_names)
     reviewlib.check_belongs(imported, rows, source)
@@ -70,11 +75,18 @@ def _import_locked(report: ReportFolder, text: str, source: str) -> ImportResult
     if not isinstance(metrics, dict):
         metrics = scan_metrics(rows, class_names)
     metrics = reviewlib.with_review(metrics, rows, decisions)
-    report.write_reviews(merged)
-    report.write_json("metrics.json", metrics)
-    report.write_gallery(render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest),
-                                        reviews=decisions, runs=report.read_runs()))
-    report.save_outputs()
+    files = render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest),
+                           reviews=decisions, runs=report.read_runs())
+    files["metrics.json"] = json_content(metrics)
+    report.publish(files, reuse=KEPT, stop=stop)
+    try:
+        report.write_reviews(merged)
+    except OSError as e:
+        raise ReportWriteError(f"the gallery of {report.path} shows the imported decisions, but "
+                               f"{reviewlib.REVIEWS} could not be written: {e.strerror or e}; import again") from None
+    try:
+        report.tidy()
+    except OSError as e:
+        raise published_but(report.path, e) from None
     return ImportResult(imported=len(imported), stored=len(merged), current=len(decisions),
                         marked=sum(bool(review.state) for review in merged))
-

@@ -40,7 +40,7 @@ def scan(config: ScanConfig, console: Console) -> ScanResult:
             except UsageError:
                 lock.forget_new_report()
                 raise
-            return scan_run.run(config, console, ready, started, started_at)
+            return scan_run.run(config, console, ready, started, started_at, lock)
     except OSError as e:
         if e.filename and not _inside(Path(e.filename), config.out):
             raise  # not a write into REPORT (a broken installation, say): a real internal failure

@@ -1,13 +1,15 @@
 """What a scan does once REPORT is locked: discover, plan, run an engine, write the report.
 
     discover -> plan (reuse unchanged rows) -> engine (decode -> model + CAM -> overlays, journaled)
-             -> [heat-scale pass] -> writers (CSV, manifest, metrics, cams, gallery) -> commit
+             -> [heat-scale pass] -> a new generation (CSV, manifest, metrics, cams, gallery) -> switch
+             -> tidy (old generation) -> prune overlays -> commit rows -> runs.jsonl line
 
 The device, the precision and the CAM target are resolved once, here, and handed down.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +28,15 @@ from batchcam.errors import UsageError
 from batchcam.model.checkpoint import LoadedModel, load_model
 from batchcam.records import Row, status_counts
 from batchcam.report.changes import mark_changes, run_record
-from batchcam.report.folder import ReportFolder, open_log
+from batchcam.report.folder import ReportFolder, cams_content, csv_content, json_content, published_but
 from batchcam.report.gallery import render_gallery
-from batchcam.report.review import current_decisions, mark_states, with_review
+from batchcam.report.lock import ReportLock
+from batchcam.report.review import Review, current_decisions, mark_states, with_review
 from batchcam.report.store import PlannedFile, RowStore, Settings, make_plan, stat_candidates
 from batchcam.report.summary import manifest, now_iso, scan_metrics
 from batchcam.runtime.console import Console
 from batchcam.runtime.devices import precision_name, resolve_device, resolve_precision
+from batchcam.runtime.interrupt import Interrupted, InterruptGuard
 
 
 @dataclass
@@ -102,10 +106,11 @@ def discover_files(config: ScanConfig, console: Console) -> list[PlannedFile]:
     return stat_candidates(discovery.candidates)
 
 
-def run(config: ScanConfig, console: Console, ready: Ready, started: float, started_at: str) -> ScanResult:
-    console.attach_log(lambda: open_log(config.out))
+def run(config: ScanConfig, console: Console, ready: Ready, started: float, started_at: str,
+        lock: ReportLock) -> ScanResult:
+    report = ReportFolder.of(lock)
+    console.attach_log(report.open_log)
     console.log(f"run started: batchcam {' '.join(config.argv)}")
-    report = ReportFolder(config.out)
     try:
         return write_scan(report, config, console, ready, started, started_at)
     finally:
@@ -114,15 +119,18 @@ def run(config: ScanConfig, console: Console, ready: Ready, started: float, star
 
 def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready: Ready, started: float,
                started_at: str) -> ScanResult:
+    """Plan, process, publish; a signal stops the engine after its batch, abandons a generation not
+    yet published, or, once it is published, lets the bookkeeping finish (exit 130/143 each time)."""
     files, loaded, device = ready.files, ready.loaded, ready.device
     report.prepare()
     previous_cams = report.read_cams() if config.keeps_cams else {}
-    with RowStore(report.state(), ready.settings.key) as store:
+    with InterruptGuard() as guard, RowStore(report.state(), ready.settings.key) as store:
         plan = make_plan(files, store.load(), full=config.full, selection=config.selection.key,
                          row_is_complete=lambda row: report.has_overlays(row)
                          and (not config.keeps_cams or not row.ok or row.path in previous_cams))
         console.info(f"scanning {len(files)} images under {config.root} on {device}: "
                      f"{len(plan.process)} to process, {len(plan.reuse)} unchanged")
+        guard.check()
         job = scan_job(config, console, ready, report, store, images=len(plan.process))
         engine = local
         if config.engine == "ray":
@@ -145,12 +153,12 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
         report_manifest["report_id"] = report.report_id()
         report_manifest["changes"] = {"since": runs_before[-1]["started_at"] if runs_before else None, **changes}
         this_run = run_record(report_manifest, changes)
-        write_report(report, rows, loaded, report_manifest,
-                     cams={**previous_cams, **new_cams} if config.keeps_cams else None, page_size=config.page_size,
-                     runs=[*runs_before, this_run])
-        report.remove_unreferenced_overlays(rows, store.written_overlays())
-        store.commit(rows)
-        report.append_run(this_run)  # only a completed run has a line
+        reviews = write_report(report, rows, loaded, report_manifest,
+                               cams={**previous_cams, **new_cams} if config.keeps_cams else None,
+                               page_size=config.page_size, runs=[*runs_before, this_run], stop=guard.check)
+        after_publishing(report, rows, store, this_run, reviews)
+    if guard.requested:
+        raise Interrupted(guard.signum, published=True)
     report_errors(rows, processed, console)
     return ScanResult(report=config.out, rows=rows, counts=counts, seconds=seconds)
 
@@ -180,30 +188,44 @@ def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportF
 
 
 def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, report_manifest: dict,
-                 cams: dict[str, np.ndarray] | None, page_size: int, runs: list[dict]) -> None:
-    """CSV and manifest (and metrics, cams), then the gallery: the order a reader can trust.
-
-    The gallery is rendered before the first write, so a first report has its CSV but not yet its
-    index.html only for the few writes in between, not for the rendering too.
-    """
+                 cams: dict[str, np.ndarray] | None, page_size: int, runs: list[dict],
+                 stop: Callable[[], None] = lambda: None) -> list[Review] | None:
+    """Publish the run's gallery, CSV, manifest (and metrics, cams) as one new generation; return the
+    stored review decisions, re-marked for files gone or changed, when they need writing (after the
+    switch, so a run that fails or is stopped before it changes nothing)."""
     class_names = loaded.spec.class_names
     stored_reviews = report.read_reviews()
     reviews = mark_states(stored_reviews, rows)
     decisions = current_decisions(reviews, rows)
     metrics = with_review(scan_metrics(rows, class_names), rows, decisions)
-    pages = render_gallery(rows, class_names, report_manifest, metrics, page_size, reviews=decisions, runs=runs)
-    if reviews != stored_reviews:
-        report.write_reviews(reviews)  # decisions on files gone or changed are kept, marked
-    report.write_csv(rows, class_names)
-    report.write_json("manifest.json", report_manifest)
+    files = render_gallery(rows, class_names, report_manifest, metrics, page_size, reviews=decisions, runs=runs)
+    files["predictions.csv"] = csv_content(rows, class_names)
+    files["manifest.json"] = json_content(report_manifest)
     if metrics is not None:
-        report.write_json("metrics.json", metrics)
-    else:
-        report.remove_stale("metrics.json")
+        files["metrics.json"] = json_content(metrics)
     if cams is not None:
-        report.write_cams({row.path: cams[row.path] for row in rows if row.path in cams})
-    report.write_gallery(pages)
-    report.save_outputs()
+        files["cams.npz"] = cams_content({row.path: cams[row.path] for row in rows if row.path in cams})
+    report.publish(files, stop=stop)
+    return reviews if reviews != stored_reviews else None
+
+
+def after_publishing(report: ReportFolder, rows: list[Row], store: RowStore, this_run: dict,
+                     reviews: list[Review] | None) -> None:
+    """What follows the switch, in an order a kill at any instant cannot break: the review marks,
+    the old generation removed, the overlays no row names removed, the rows committed (until then
+    the journal lets the next run reuse every row), the runs.jsonl line last (a completed run only).
+
+    A failure here leaves this run's report published; the next run finishes what is left.
+    """
+    try:
+        if reviews is not None:
+            report.write_reviews(reviews)  # decisions on files gone or changed are kept, marked
+        report.tidy()
+        report.remove_unreferenced_overlays(rows, store.written_overlays())
+        store.commit(rows)
+        report.append_run(this_run)
+    except OSError as e:
+        raise published_but(report.path, e) from None
 
 
 def report_errors(rows: list[Row], processed: list[Row], console: Console) -> None:

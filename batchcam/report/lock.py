@@ -5,10 +5,19 @@ a record lock belongs to the process, not to the open file: forked DataLoader wo
 inherit it, and the kernel drops it the instant the process dies, so a run killed with SIGKILL
 (even while its workers linger) never leaves a lock that needs cleaning up by hand.
 
+An existing lock file is never replaced, whatever its link count: a hard-link backup (``cp -al``,
+rsnapshot) gives it a second name, and a run that replaced it would lock a file of its own and run
+beside the run holding the old one. Once locked, the run checks that the file it locked is still the
+one at the name, and locks again otherwise.
+
 A report is marked as batchcam's by ``REPORT/.batchcam/report.json``, written when the folder is
-first claimed. batchcam refuses to write into an existing, non-empty folder without that mark
-(someone's web site, ROOT itself): a scan deletes the overlays and pages it no longer needs, and
-in a folder it does not own those could be anybody's files.
+first claimed, and by nothing else (a stray lock or row store is not a mark). batchcam refuses to
+write into an existing, non-empty folder without that mark (someone's web site, ROOT itself, a
+folder holding only a ``.batchcam/lock``): a scan replaces the report's pages and deletes overlays
+it no longer needs, and in a folder it does not own those could be anybody's files.
+
+The lock's folder descriptors (REPORT and its state folder) are opened once and shared with the
+writers (``report.folder.ReportFolder.of``), so the run writes into the folders it locked.
 """
 from __future__ import annotations
 
@@ -27,8 +36,9 @@ from batchcam.runtime.fsutil import SafeDir
 STATE_DIR = ".batchcam"
 MARKER = "report.json"
 LOCK = "lock"
-# Files that mark a report written before the marker existed (batchcam 0.1's row store and lock).
-LEGACY_MARKS = ("rows.jsonl", "journal.jsonl", LOCK)
+CURRENT = "current"        # the link to the published generation (report.generations)
+ROW_STORE = "rows.jsonl"   # batchcam 0.1 kept one too, but wrote no mark
+LOCK_TRIES = 5             # a lock file replaced between open and lock this often: something is racing us
 
 
 def claim_problem(report: Path, root: Path | None = None) -> str | None:
@@ -51,8 +61,21 @@ def claim_problem(report: Path, root: Path | None = None) -> str | None:
     if state.is_symlink():
         return (f"{state} is a symbolic link; batchcam keeps its state only in a real folder and will not "
                 "write through a link: remove the link, or choose another --out")
-    if is_report(report) or not any(os.scandir(report)):
+    if is_report(report):
+        current = state / CURRENT
+        if os.path.lexists(current) and not current.is_symlink():
+            return (f"{current} is not a link: this report was copied without its links (cp -rL, say). Copy it "
+                    f"with cp -a, or remove {current} to scan into it again (its files in REPORT are kept)")
         return None
+    if not any(os.scandir(report)):
+        return None
+    if (state / MARKER).is_symlink():
+        return (f"{state / MARKER} is a symbolic link; batchcam reads its mark only from a regular file and will "
+                "not follow a link: remove the link (and put the report's report.json back), or choose another --out")
+    if (state / ROW_STORE).is_file():
+        return (f"--out {report} has a batchcam row store but no {STATE_DIR}/{MARKER}, the only mark of a batchcam "
+                f"report: a report of batchcam 0.1, or a folder that only looks like one. If it is your batchcam "
+                f"0.1 report, mark it (echo '{{}}' > '{state / MARKER}'); otherwise choose another --out")
     return (f"--out {report} is a folder with other files in it and not a batchcam report (no "
             f"{STATE_DIR}/{MARKER}); batchcam writes only into a new or empty folder or a report of its own")
 
@@ -70,11 +93,10 @@ def report_id(marker: bytes | None) -> str:
 
 
 def is_report(report: Path) -> bool:
-    """A batchcam report: its state folder is a real folder with the marker (or a 0.1 row store)."""
+    """A batchcam report: its state folder is a real folder holding the marker, a regular file."""
     state = Path(report) / STATE_DIR
-    if state.is_symlink() or not state.is_dir():
-        return False
-    return any((state / name).is_file() and not (state / name).is_symlink() for name in (MARKER, *LEGACY_MARKS))
+    marker = state / MARKER
+    return (not state.is_symlink() and state.is_dir() and not marker.is_symlink() and marker.is_file())
 
 
 class ReportLock:
@@ -88,7 +110,8 @@ class ReportLock:
         self.root = root
         self.path = self.report / STATE_DIR / LOCK
         self.fd: int | None = None
-        self.state: SafeDir | None = None
+        self.folder: SafeDir | None = None  # REPORT, opened once
+        self.state: SafeDir | None = None   # REPORT/.batchcam, opened once, never through a link
         self.created: list[Path] = []  # folders this run made, deepest last
         self.marked = False            # the marker was written by this run
 
@@ -98,23 +121,36 @@ class ReportLock:
             raise NotOurFolder(problem)
         missing = [folder for folder in (self.report / STATE_DIR, self.report, *self.report.parents)
                    if not folder.exists()]
-        with SafeDir.open(self.report, create=True) as report:
-            self.state = report.subdir(STATE_DIR, replace_link=False)
-        self.created = missing[::-1]
-        fd = self.state.open_rw(LOCK)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            self._close_state()
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                raise ReportLocked(f"another batchcam run is writing {self.report} (lock held: {self.path})") from None
+            self.folder = SafeDir.open(self.report, create=True)
+            self.state = self.folder.subdir(STATE_DIR, replace_link=False)
+            self.created = missing[::-1]
+            self.fd = self._lock()
+        except BaseException:
+            self._close_folders()
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
         self._mark()
         return self
+
+    def _lock(self) -> int:
+        """Lock the file at ``.batchcam/lock``: the one at the name once locked, not one replaced meanwhile."""
+        for _ in range(LOCK_TRIES):
+            fd = self.state.open_lock_file(LOCK)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EACCES, errno.EAGAIN):
+                    raise ReportLocked(f"another batchcam run is writing {self.report} "
+                                       f"(lock held: {self.path})") from None
+                raise
+            if self.state.same_file(LOCK, fd):
+                if os.fstat(fd).st_nlink == 1:  # the pid, for people; a lock shared with a backup is left as it is
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+            os.close(fd)
+        raise OSError(errno.EAGAIN, "the lock file keeps being replaced", str(self.path))
 
     def _mark(self) -> None:
         if self.state.is_file(MARKER):
@@ -128,12 +164,13 @@ class ReportLock:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the record lock
             self.fd = None
-        self._close_state()
+        self._close_folders()
 
-    def _close_state(self) -> None:
-        if self.state is not None:
-            self.state.close()
-            self.state = None
+    def _close_folders(self) -> None:
+        for folder in (self.state, self.folder):
+            if folder is not None:
+                folder.close()
+        self.state = self.folder = None
 
     def forget_new_report(self) -> None:
         """Undo a brand-new claim: a run refused for its configuration leaves no trace behind."""

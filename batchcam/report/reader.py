@@ -1,10 +1,21 @@
-"""A finished report as a pandas DataFrame (``batchcam.read_report``); pandas is imported only here."""
+"""A finished report as a pandas DataFrame (``batchcam.read_report``); pandas is imported only here.
+
+The manifest and the CSV are read from the one generation ``.batchcam/current`` names, resolved
+once (and again only when a run switched and removed it while they were read), so the two always
+belong to one run; nothing is read through a link, and a ``current`` that does not name one of
+batchcam's generation folders is refused.
+"""
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from batchcam.report.generations import open_published
+from batchcam.runtime.fsutil import SafeDir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -17,6 +28,7 @@ CLASS_COLUMNS = ("prediction", "label", "cam_target")
 CHANGES = ("new", "changed", "prediction changed")      # batchcam.records.CHANGES
 DECISIONS = ("agree", "disagree", "unsure")             # batchcam.report.review.DECISIONS
 REVIEWS = "reviews.csv"
+READ_TRIES = 5      # runs that switch generations this often while one report is read: give up
 
 
 def read_report(report: str | Path) -> pd.DataFrame:
@@ -32,11 +44,12 @@ def read_report(report: str | Path) -> pd.DataFrame:
     import pandas as pd
 
     report = Path(report)
-    manifest = json.loads((report / "manifest.json").read_text(encoding="utf-8"))
+    with SafeDir.open(report) as folder:
+        manifest, text = published_manifest_and_csv(folder)
+        reviews = folder.read_text(REVIEWS)
     class_names = list(manifest["model"]["class_names"])
-    with open(report / "predictions.csv", newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        frame = pd.DataFrame(list(reader), columns=reader.fieldnames, dtype="string")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    frame = pd.DataFrame(list(reader), columns=reader.fieldnames, dtype="string")
     for column in frame.columns:
         if column in FLOATS or column.startswith("p_"):
             frame[column] = pd.to_numeric(frame[column].replace("", None), errors="coerce").astype("float64")
@@ -52,19 +65,38 @@ def read_report(report: str | Path) -> pd.DataFrame:
             frame[column] = pd.Categorical(frame[column].replace("", None), categories=CHANGES)
         elif column == "first_seen":
             frame[column] = pd.to_datetime(frame[column].replace("", None), utc=True, format="ISO8601")
-    if (report / REVIEWS).is_file():
-        frame = join_reviews(frame, report / REVIEWS)
+    if reviews is not None:
+        frame = join_reviews(frame, reviews)
     frame.attrs["manifest"] = manifest
     return frame
 
 
-def join_reviews(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Left join of the current decisions (same path, same sha256) onto the rows, order kept."""
+def published_manifest_and_csv(folder: SafeDir) -> tuple[dict, str]:
+    """The manifest (parsed) and the CSV text of one publication of the report open at ``folder``."""
+    for _ in range(READ_TRIES):
+        published = open_published(folder)
+        source = published or folder
+        try:
+            text = source.read_text("manifest.json")
+            manifest = None if text is None else json.loads(text)
+            rows = source.read_text("predictions.csv")
+        finally:
+            if published is not None:
+                published.close()
+        if manifest is not None and rows is not None:
+            return manifest, rows
+        if published is None:
+            break  # no generations: nothing switched, the files are just not there
+    raise FileNotFoundError(errno.ENOENT, "no report here (manifest.json and predictions.csv)", str(folder.path))
+
+
+def join_reviews(frame: pd.DataFrame, text: str) -> pd.DataFrame:
+    """Left join of the current decisions in ``reviews.csv`` (``text``; same path, same sha256) onto
+    the rows, order kept."""
     import pandas as pd
 
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        reviews = pd.DataFrame(list(reader), columns=reader.fieldnames, dtype="string")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reviews = pd.DataFrame(list(reader), columns=reader.fieldnames, dtype="string")
     reviews = reviews.loc[reviews["decision"].isin(DECISIONS), ["path", "sha256", "decision", "note", "reviewed_at"]]
     reviews = reviews.drop_duplicates(["path", "sha256"], keep="last")
     joined = frame.merge(reviews, on=["path", "sha256"], how="left", validate="many_to_one")

@@ -164,13 +164,13 @@ class RowStore:
             os.fsync(self._journal.fileno())
 
     def commit(self, rows: Sequence[Row]) -> None:
-        """The run is complete: its rows become the store, and the journal is emptied."""
+        """The run is complete: its rows become the store, and an empty journal replaces the old one
+        (by rename, not truncation: a backup's hard link to the journal keeps its copy)."""
         with self.state.atomic_write(ROWS, "w", encoding="utf-8") as f:
             f.writelines(self._line(row) for row in rows)
         self.state.fsync()  # the new rows.jsonl is on disk before the journal that led to it is emptied
-        self._journal.truncate(0)
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+        self.state.write_bytes(JOURNAL, b"")
+        self.state.fsync()
 
     def _line(self, row: Row) -> str:
         return json.dumps({"settings": self.settings_key, "row": asdict(row)}) + "\n"

@@ -1,7 +1,10 @@
-"""SIGINT and SIGTERM as requests to stop at the next batch boundary, not as instant death.
+"""SIGINT and SIGTERM as requests to stop at the next safe point, not as instant death.
 
 The scan loop asks ``guard.requested`` after each batch; when set it stops reading, lets the
-batch in flight finish and be journaled, and leaves with exit 130 (SIGINT) or 143 (SIGTERM).
+batch in flight finish and be journaled, and leaves with exit 130 (SIGINT) or 143 (SIGTERM). The
+write phase calls ``guard.check()`` between the files of its new generation: a signal there
+abandons the generation (the previous report stays) and leaves the same way; one after the switch
+lets the run finish its bookkeeping first.
 """
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ import threading
 class Interrupted(Exception):
     """The run stopped on a signal after saving its finished work."""
 
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; finished batches are saved "
-                         "and the next run resumes from them")
+    def __init__(self, signum: int, published: bool = False):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after publishing this run's report" if published else
+                         f"stopped by {name}; finished batches are saved and the next run resumes from them")
         self.signum = signum
 
     @property
@@ -43,6 +47,11 @@ class InterruptGuard:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+    def check(self) -> None:
+        """Raise Interrupted when a signal came."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
 
     def _note(self, signum, frame) -> None:
         if self.signum is not None:  # asked twice: stop now; the journal still has every finished batch

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from batchcam.cli import main
-from batchcam.report.folder import ReportFolder
+from batchcam.report.generations import NewGeneration
 from conftest import lock_held_elsewhere, tiny_checkpoint, write_xrays
 
 REPO = Path(__file__).resolve().parents[2]
@@ -202,6 +202,14 @@ def test_second_run_on_a_locked_report_exits_75_at_once_and_changes_nothing(xray
         assert snapshot(out) == before
 
 
+def test_a_hard_link_to_the_lock_never_lets_a_second_run_beside_the_first(xray_folder, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model) == 0
+    with lock_held_elsewhere(out):
+        os.link(out / ".batchcam" / "lock", tmp_path / "lock-in-a-backup")  # cp -al while a run holds the lock
+        assert scan(xray_folder, out, tiny_model, "--full") == 75
+
+
 @pytest.mark.slow
 def test_lock_of_a_killed_run_needs_no_cleanup_even_while_its_workers_live(tiny_model, tmp_path):
     root = tmp_path / "root"
@@ -255,10 +263,10 @@ def test_disk_full_exits_74_and_leaves_the_previous_report_byte_for_byte(xray_fo
     before = snapshot(out)
     Image.new("L", (70, 70), 10).save(xray_folder / "NORMAL" / "extra.png")
 
-    def disk_full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "predictions.csv"))
+    def disk_full(self, name, content):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.folder.path / name))
 
-    monkeypatch.setattr(ReportFolder, "write_csv", disk_full)
+    monkeypatch.setattr(NewGeneration, "write", disk_full)
     assert scan(xray_folder, out, tiny_model) == 74
     assert "No space left on device" in capsys.readouterr().err
     after = snapshot(out)
@@ -286,7 +294,8 @@ def test_symbolic_links_planted_in_the_report_are_not_written_through(xray_folde
     assert scan(xray_folder, out, tiny_model) == 0
     assert sorted(p.name for p in elsewhere.iterdir()) == ["precious.csv"]
     assert (elsewhere / "precious.csv").read_text() == "do not touch"
-    assert not (out / "overlays").is_symlink() and not (out / "predictions.csv").is_symlink()
+    assert not (out / "overlays").is_symlink()
+    assert os.readlink(out / "predictions.csv") == ".batchcam/current/predictions.csv"  # batchcam's own link
 
 
 # ------------------------------------------------------------------ logging

@@ -17,7 +17,7 @@ from batchcam.cli import main
 from batchcam.config import ScanConfig
 from batchcam.errors import UsageError
 from batchcam.records import Row, overlay_path
-from batchcam.report.folder import ReportFolder
+from batchcam.report.folder import ReportFolder, csv_content, json_content
 from batchcam.report.gallery import CONTENT_SECURITY_POLICY, ROC_MAX_POINTS, ROWS_SCRIPT, render_gallery, summarise
 from batchcam.report.summary import scan_metrics
 
@@ -54,7 +54,8 @@ def labelled_rows() -> list[Row]:
 
 
 def write_gallery_report(folder: Path, rows: list[Row], page_size: int, class_names=CLASSES) -> Path:
-    """A report folder holding the gallery and an overlay, thumbnail and original per ok row.
+    """A report folder holding the gallery, the CSV and manifest, and an overlay, thumbnail and
+    original per ok row.
 
     Overlay and original differ in colour, so a test can tell which one the large view shows.
     """
@@ -67,7 +68,11 @@ def write_gallery_report(folder: Path, rows: list[Row], page_size: int, class_na
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", size, colour).save(folder / name, format="JPEG")
     metrics = scan_metrics(rows, class_names)
-    report.write_gallery(render_gallery(rows, class_names, MANIFEST, metrics, page_size))
+    files = render_gallery(rows, class_names, MANIFEST, metrics, page_size)
+    files.update({"predictions.csv": csv_content(rows, class_names), "manifest.json": json_content(MANIFEST)})
+    report.publish(files)
+    report.tidy()
+    report.close()
     return folder
 
 
@@ -132,8 +137,6 @@ def test_one_page_needs_no_other_page_files():
 
 def test_every_relative_link_of_every_page_resolves_inside_the_report(tmp_path):
     report = write_gallery_report(tmp_path / "report", labelled_rows(), page_size=5)
-    (report / "predictions.csv").write_text("path\n")
-    (report / "manifest.json").write_text("{}")
     for page in report.rglob("*.html"):
         for link in Page(page.read_text(encoding="utf-8")).links():
             parts = urlsplit(link)
@@ -147,9 +150,12 @@ def test_every_relative_link_of_every_page_resolves_inside_the_report(tmp_path):
 def test_pages_of_a_longer_previous_run_are_removed(tmp_path):
     report = ReportFolder(tmp_path / "report")
     report.prepare()
-    report.write_gallery(render(many_rows(30), page_size=10))
+    report.publish(render(many_rows(30), page_size=10))
+    report.tidy()
     assert (tmp_path / "report" / "gallery" / "page-3.html").is_file()
-    report.write_gallery(render(many_rows(12), page_size=10))
+    report.publish(render(many_rows(12), page_size=10))
+    report.tidy()
+    report.close()
     assert sorted(p.name for p in (tmp_path / "report" / "gallery").glob("*.html")) == ["page-2.html"]
 
 
@@ -159,7 +165,8 @@ def test_a_symbolic_link_planted_as_the_gallery_folder_is_not_written_through(tm
     report = ReportFolder(tmp_path / "report")
     report.prepare()
     (tmp_path / "report" / "gallery").symlink_to(outside, target_is_directory=True)
-    report.write_gallery(render(many_rows(12), page_size=10))
+    report.publish(render(many_rows(12), page_size=10))
+    report.close()
     assert not any(outside.iterdir())
     gallery = tmp_path / "report" / "gallery"
     assert not gallery.is_symlink() and (gallery / "page-2.html").is_file()

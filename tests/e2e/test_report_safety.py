@@ -18,7 +18,8 @@ from test_hostile import anatomy, dicom_bytes
 
 from batchcam.cli import main
 from batchcam.engines.shared_storage import STORAGE_TOKEN, write_token
-from batchcam.report.folder import ReportFolder
+from batchcam.report.folder import ReportFolder, cams_content
+from batchcam.report.generations import NewGeneration
 from batchcam.report.lock import MARKER, STATE_DIR
 from conftest import write_xrays
 
@@ -94,12 +95,31 @@ def test_an_empty_folder_becomes_a_report_and_a_refused_run_leaves_it_empty(xray
     assert (empty / STATE_DIR / MARKER).is_file()
 
 
-def test_a_report_of_batchcam_0_1_without_the_marker_is_still_a_report(xray_folder, tmp_path, tiny_model):
+def test_a_folder_holding_only_a_stray_lock_is_not_a_report_and_is_left_untouched(xray_folder, tmp_path, tiny_model,
+                                                                                   capsys):
+    site = tmp_path / "site"
+    (site / STATE_DIR).mkdir(parents=True)
+    (site / STATE_DIR / "lock").write_text("")
+    (site / "gallery").mkdir()
+    (site / "index.html").write_text("<p>home</p>")
+    (site / "metrics.json").write_text('{"mine": true}')
+    (site / "gallery" / "page-7.html").write_text("<p>seven</p>")
+    before = tree(site)
+    assert scan(xray_folder, site, tiny_model) == 2
+    assert "not a batchcam report" in capsys.readouterr().err
+    assert tree(site) == before
+
+
+def test_a_report_of_batchcam_0_1_without_the_marker_is_refused_saying_how_to_mark_it(xray_folder, tmp_path,
+                                                                                     tiny_model, capsys):
     out = tmp_path / "out"
     assert scan(xray_folder, out, tiny_model) == 0
     (out / STATE_DIR / MARKER).unlink()
-    assert scan(xray_folder, out, tiny_model) == 0
-    assert (out / STATE_DIR / MARKER).is_file()
+    before = tree(out)
+    assert scan(xray_folder, out, tiny_model) == 2
+    err = capsys.readouterr().err
+    assert "batchcam 0.1" in err and f"{STATE_DIR}/{MARKER}" in err
+    assert tree(out) == before
 
 
 def test_within_its_report_batchcam_removes_only_what_it_wrote(xray_folder, tmp_path, tiny_model):
@@ -148,11 +168,87 @@ def test_predict_out_never_replaces_a_file_it_did_not_write(tmp_path, tiny_model
     assert tree(site) == before
 
 
+def test_predict_out_never_removes_a_file_at_its_old_temporary_name(tmp_path, tiny_model, capsys):
+    image = tmp_path / "in" / "chest.png"
+    write_xrays(tmp_path / "in", count=1)
+    next((tmp_path / "in").rglob("*.png")).rename(image)
+    site = tmp_path / "site"
+    assert main(["predict", str(image), "--model", str(tiny_model), "--out", str(site), "--json"]) == 0
+    written = Path(json.loads(capsys.readouterr().out.splitlines()[0])["overlay"])
+    written.unlink()
+    planted = site / f".{written.name}.tmp{os.getpid()}"  # the name the scan's own pid once used
+    planted.write_bytes(b"mine")
+    assert main(["predict", str(image), "--model", str(tiny_model), "--out", str(site)]) == 0
+    assert planted.read_bytes() == b"mine" and written.is_file()
+
+
+def test_files_at_the_old_temporary_names_survive_a_scan(xray_folder, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model, "--page-size", "2") == 0
+    pid = os.getpid()  # the scan below runs in this process
+    names = [f".{name}.tmp{pid}" for name in ("predictions.csv", "manifest.json", "metrics.json", "index.html",
+                                             "runs.jsonl", "reviews.csv")]
+    names += [f"gallery/.{name}.tmp{pid}" for name in ("gallery.css", "gallery.js", "review.js", "rows.js",
+                                                      "page-2.html")]
+    names += [f"{STATE_DIR}/.{name}.tmp{pid}" for name in ("rows.jsonl", "outputs.json", "journal.jsonl")]
+    names += [f"overlays/.{Path(row['overlay']).name}.tmp{pid}" for row in rows(out)]
+    for name in names:
+        (out / name).write_bytes(b"not batchcam's: " + name.encode())
+    assert scan(xray_folder, out, tiny_model, "--page-size", "2", "--full") == 0
+    assert {name: (out / name).read_bytes() for name in names} == {name: b"not batchcam's: " + name.encode()
+                                                                    for name in names}
+
+
+def test_a_hard_link_snapshot_keeps_its_files_and_the_report_keeps_its_history(xray_folder, tmp_path, tiny_model):
+    import subprocess
+
+    out, snap = tmp_path / "out", tmp_path / "snapshot"
+    assert scan(xray_folder, out, tiny_model) == 0
+    assert scan(xray_folder, out, tiny_model, "--full") == 0
+    subprocess.run(["cp", "-al", str(out), str(snap)], check=True)  # how rsnapshot and rsync --link-dest back up
+    backed_up = tree(snap)
+    runs, log = (out / "runs.jsonl").read_text(), (out / "batchcam.log").read_text()
+    Image.new("L", (70, 70), 10).save(xray_folder / "NORMAL" / "extra.png")
+    assert scan(xray_folder, out, tiny_model) == 0
+    assert tree(snap) == backed_up
+    assert (out / "runs.jsonl").read_text().startswith(runs) and len((out / "runs.jsonl").read_text().splitlines()) == 3
+    assert (out / "batchcam.log").read_text().startswith(log) and len((out / "batchcam.log").read_text()) > len(log)
+    assert len(rows(out)) == 5
+
+
+def test_overlays_moved_out_during_a_run_are_left_where_they_lie_and_nothing_is_published(
+        xray_folder, tmp_path, tiny_model, monkeypatch, capsys):
+    from batchcam.engines.stages import OverlayStage
+
+    out, moved = tmp_path / "out", tmp_path / "moved"
+    assert scan(xray_folder, out, tiny_model) == 0
+    shown = {name: (out / name).read_bytes() for name in ("predictions.csv", "manifest.json", "index.html")}
+    write_xrays(xray_folder, count=8, start_seed=10)
+    for path in xray_folder.rglob("img*.png"):
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    drain = OverlayStage.drain
+    when_moved: dict[str, dict] = {}
+
+    def move_overlays_once_the_first_batch_is_written(self):
+        finished = drain(self)  # no overlay is being written now; the batch is journaled next
+        if finished and not when_moved:
+            (out / "overlays").rename(moved)
+            when_moved["tree"] = tree(moved)
+        return finished
+
+    monkeypatch.setattr(OverlayStage, "drain", move_overlays_once_the_first_batch_is_written)
+    assert scan(xray_folder, out, tiny_model, "--batch-size", "2") == 74
+    assert "moved" in capsys.readouterr().err
+    assert tree(moved) == when_moved["tree"]
+    assert {name: (out / name).read_bytes() for name in shown} == shown
+
+
 # ---- links planted inside REPORT ----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [f"{STATE_DIR}/journal.jsonl", f"{STATE_DIR}/rows.jsonl", f"{STATE_DIR}/lock",
-                                  f"{STATE_DIR}/outputs.json", f"{STATE_DIR}/{MARKER}", "batchcam.log",
-                                  "predictions.csv", "manifest.json", "index.html", "cams.npz"])
+                                  f"{STATE_DIR}/generations.json", f"{STATE_DIR}/current", "batchcam.log",
+                                  "runs.jsonl", "predictions.csv", "manifest.json", "index.html", "cams.npz",
+                                  "gallery/rows.js"])
 def test_a_link_planted_in_place_of_a_report_file_is_replaced_and_its_target_unchanged(
         name, xray_folder, tmp_path, tiny_model):
     out, outside = tmp_path / "out", tmp_path / "outside"
@@ -165,7 +261,26 @@ def test_a_link_planted_in_place_of_a_report_file_is_replaced_and_its_target_unc
     assert scan(xray_folder, out, tiny_model, "--full", "--save-cams") == 0
     assert target.read_bytes() == b"precious\n" * 100
     assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
-    assert not (out / name).is_symlink() or name == f"{STATE_DIR}/lock"
+    if name in ("predictions.csv", "manifest.json", "index.html", "cams.npz", "gallery/rows.js"):
+        assert os.readlink(out / name) == "../" * name.count("/") + f"{STATE_DIR}/current/{name}"  # batchcam's own
+    elif name == f"{STATE_DIR}/current":
+        assert os.readlink(out / name).startswith("gen-")
+    else:
+        assert not (out / name).is_symlink()
+    assert out.resolve() in (out / name).resolve().parents
+
+
+def test_a_link_planted_in_place_of_the_mark_makes_the_folder_no_report_and_is_never_followed(
+        xray_folder, tmp_path, tiny_model, capsys):
+    out, outside = tmp_path / "out", tmp_path / "outside.json"
+    outside.write_text('{"tool": "batchcam"}')
+    assert scan(xray_folder, out, tiny_model) == 0
+    (out / STATE_DIR / MARKER).unlink()
+    (out / STATE_DIR / MARKER).symlink_to(outside)
+    before = tree(out)
+    assert scan(xray_folder, out, tiny_model, "--full") == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert tree(out) == before and outside.read_text() == '{"tool": "batchcam"}'
 
 
 def test_a_planted_link_in_place_of_the_state_folder_is_refused_and_nothing_written_through(
@@ -227,7 +342,7 @@ def test_files_named_like_numpy_arguments_keep_their_own_maps(tmp_path, tiny_mod
 def test_cams_are_written_member_by_member_whatever_the_key(tmp_path):
     report = ReportFolder(tmp_path / "r")
     maps = {name: np.full((2, 2), i, np.float32) for i, name in enumerate(("file", "allow_pickle", "a/b.png"))}
-    report.write_cams(maps)
+    report.publish({"cams.npz": cams_content(maps)})
     with zipfile.ZipFile(tmp_path / "r" / "cams.npz") as archive:
         assert sorted(archive.namelist()) == sorted(f"{name}.npy" for name in maps)
     assert {k: v.tolist() for k, v in report.read_cams().items()} == {k: v.tolist() for k, v in maps.items()}
@@ -269,12 +384,14 @@ def test_evaluate_on_a_report_it_cannot_write_exits_74(xray_folder, tmp_path, ti
     boxes.write_text("path,x0,y0,x1,y1\nNORMAL/img00.png,1,2,3,4\n")
     before = (out / "predictions.csv").read_bytes()
 
-    def read_only(self, name, *args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system", str(self.path / name))
+    shown = (out / "index.html").read_bytes()
 
-    monkeypatch.setattr(ReportFolder, "write_json", read_only)
+    def read_only(self, name, content):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.folder.path / name))
+
+    monkeypatch.setattr(NewGeneration, "write", read_only)
     assert main(["evaluate", str(out), "--boxes", str(boxes)]) == 74
-    assert (out / "predictions.csv").read_bytes() == before
+    assert (out / "predictions.csv").read_bytes() == before and (out / "index.html").read_bytes() == shown
 
 
 def test_evaluate_refuses_a_folder_batchcam_did_not_write(xray_folder, tmp_path, tiny_model):
@@ -301,30 +418,56 @@ def test_sanity_skips_a_broken_link_in_root(tmp_path, tiny_model):
 
 # ---- found in review: hard links, FIFOs, an edited outputs list, the Ray probe ----------------------
 
-def test_an_edited_outputs_list_never_removes_a_file_outside_the_report(xray_folder, tmp_path, tiny_model):
+def test_an_edited_record_of_generations_never_removes_a_file_outside_them(xray_folder, tmp_path, tiny_model):
     out = tmp_path / "out"
     assert scan(xray_folder, out, tiny_model) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / "notes.txt").write_text("mine")
+    record = out / STATE_DIR / "generations.json"
+    listed = json.loads(record.read_text())
+    bad_names = ["gallery/../../victim.txt", "../victim.txt", "/etc/hostname", "gallery/..", "../notes.txt"]
+    for generation in list(listed["generations"]):
+        listed["generations"][generation] += bad_names
+    listed["generations"].update({"..": ["victim.txt"], "../..": ["victim.txt"], ".": ["../notes.txt"]})
+    record.write_text(json.dumps(listed))
+    assert scan(xray_folder, out, tiny_model, "--full") == 0
+    assert victim.read_text() == "keep me" and (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_edited_outputs_list_of_an_older_report_never_adopts_or_removes_a_file_outside_it(
+        xray_folder, tmp_path, tiny_model):
+    from test_generations import to_layout_before_generations
+
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model) == 0
+    to_layout_before_generations(out)
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     listed = json.loads((out / STATE_DIR / "outputs.json").read_text())
     listed["files"] += ["gallery/../../victim.txt", "../victim.txt", "/etc/hostname", "gallery/.."]
     (out / STATE_DIR / "outputs.json").write_text(json.dumps(listed))
     assert scan(xray_folder, out, tiny_model, "--full") == 0
-    assert victim.read_text() == "keep me"
+    assert victim.read_text() == "keep me" and victim.stat().st_nlink == 1
 
 
 @pytest.mark.parametrize("name", [f"{STATE_DIR}/lock", f"{STATE_DIR}/journal.jsonl", "batchcam.log"])
-def test_a_hard_link_planted_at_a_file_batchcam_appends_to_is_replaced_not_written(name, xray_folder, tmp_path,
-                                                                                  tiny_model):
+def test_a_file_batchcam_appends_to_that_has_another_name_is_never_written_through_it(name, xray_folder, tmp_path,
+                                                                                      tiny_model):
     out = tmp_path / "out"
     assert scan(xray_folder, out, tiny_model) == 0
-    victim = tmp_path / "victim.txt"
-    victim.write_bytes(b"precious\n")
+    other = tmp_path / "other-name.txt"
+    other.write_bytes(b"precious\n")
     (out / name).unlink()
-    os.link(victim, out / name)
+    os.link(other, out / name)
     assert scan(xray_folder, out, tiny_model, "--full") == 0
-    assert victim.read_bytes() == b"precious\n"
-    assert (out / name).stat().st_nlink == 1
+    assert other.read_bytes() == b"precious\n"
+    if name == f"{STATE_DIR}/lock":  # locked where it is: replacing it could let a second run beside the first
+        assert (out / name).samefile(other)
+    else:                            # appended to in a copy of its own, its lines kept
+        assert (out / name).stat().st_nlink == 1 and not (out / name).samefile(other)
+    if name == "batchcam.log":
+        assert (out / name).read_bytes().startswith(b"precious\n") and b"run started" in (out / name).read_bytes()
 
 
 @pytest.mark.parametrize("name", ["batchcam.log", f"{STATE_DIR}/journal.jsonl"])
@@ -392,10 +535,10 @@ def test_the_run_wide_heat_scale_pass_never_redraws_the_previous_reports_overlay
     shown = {name: (out / name).read_bytes() for row in rows(out) for name in (row["overlay"],)}
     Image.new("L", (80, 80), 250).save(xray_folder / "NORMAL" / "bright.png")  # moves the run-wide scale
 
-    def disk_full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "predictions.csv"))
+    def disk_full(self, name, content):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.folder.path / name))
 
-    monkeypatch.setattr(ReportFolder, "write_csv", disk_full)
+    monkeypatch.setattr(NewGeneration, "write", disk_full)
     assert scan(xray_folder, out, tiny_model, "--heat-scale", "run") == 74
     assert {name: (out / name).read_bytes() for name in shown} == shown  # the old pages show what they showed
     monkeypatch.undo()

@@ -260,7 +260,7 @@ def test_export_downloads_the_decisions_and_their_import_shows_them_in_a_fresh_b
         assert row["reviewed_at"].endswith("Z")
 
     imported = tmp_path / "imported"
-    shutil.copytree(report, imported)
+    shutil.copytree(report, imported, symlinks=True)
     assert main(["review", str(imported), "--import", str(downloads / "review.csv")]) == 0
     fresh = chromium(tmp_path / "fresh-profile")          # nothing in its storage: the decisions come with the report
     try:

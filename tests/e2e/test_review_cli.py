@@ -55,11 +55,11 @@ def scanned(tmp_path_factory, tiny_model) -> Path:
 
 @pytest.fixture
 def report(scanned, tmp_path) -> Path:
-    """A fresh copy of the scanned report for each test (the lock and state folder included)."""
+    """A fresh copy of the scanned report for each test (the lock, state folder and links included)."""
     import shutil
 
     copy = tmp_path / "report"
-    shutil.copytree(scanned, copy)
+    shutil.copytree(scanned, copy, symlinks=True)
     return copy
 
 
