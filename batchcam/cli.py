@@ -325,7 +325,7 @@ def run_scan(config: ScanConfig) -> int:
     console = Console(quiet=config.quiet)
     result = scan(config, console)
     print(result.summary_line, flush=True)
-    return EXIT_IMAGE_ERRORS if result.counts["error"] else EXIT_OK
+    return EXIT_OK if result.complete else EXIT_IMAGE_ERRORS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,10 +27,11 @@ from batchcam.cam import overlay as overlays
 from batchcam.cam.engine import CamEngine
 from batchcam.checks.metrics import _average_ranks
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_SANITY_SAMPLE
-from batchcam.decode.dataset import FileTooLarge, Sample, collate_samples, decode_sample, read_file_bounded
+from batchcam.decode.dataset import Sample, collate_samples, decode_sample
 from batchcam.decode.discover import discover
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import LoadedModel, normalize
+from batchcam.runtime.bounded import FileTooLarge, read_file_bounded
 from batchcam.runtime.devices import resolve_device
 
 CASCADE = (("fc",), ("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1"))

@@ -708,27 +708,14 @@ def test_discovery_finds_dcm_and_extensionless_dicom_by_magic_and_reads_only_the
     write(tmp_path / "DICOMDIR", dicom_bytes(anatomy(8)))
     write(tmp_path / "notes.txt", b"x" * 200)
     reads: list[tuple[str, int]] = []
-    real_open = open
+    real_read = os.read
 
-    class CountingFile:
-        def __init__(self, path, handle):
-            self.name, self.handle = Path(path).name, handle
-
-        def read(self, size=-1):
-            reads.append((self.name, size))
-            return self.handle.read(size)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
-    def counting_open(path, mode="r", *args, **kwargs):
-        return CountingFile(path, real_open(path, mode, *args, **kwargs))
+    def counting_read(fd: int, size: int) -> bytes:
+        reads.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, size))
+        return real_read(fd, size)
 
     with monkeypatch.context() as patch:
-        patch.setattr("builtins.open", counting_open)
+        patch.setattr(os, "read", counting_read)
         found = discover(tmp_path)
     assert [c.relpath for c in found.candidates] == ["1.2.3.4", "IM0001", "scan.DCM"]
     assert sorted(reads) == [("1.2.3.4", 132), ("IM0001", 132), ("Makefile", 132)]
@@ -744,7 +731,8 @@ def test_an_unreadable_folder_is_reported_not_skipped_in_silence(tmp_path):
     finally:
         (tmp_path / "locked").chmod(0o755)
     assert [c.relpath for c in found.candidates] == ["open/a.png"]
-    assert any("cannot read folder locked" in problem for problem in found.problems)
+    assert any("cannot list folder locked" in problem for problem in found.problems)
+    assert found.unlisted == ["locked"]
 
 
 @needs_unprivileged
