@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchcam.commands.evaluate import page_size_of
+from batchcam.config import MAX_REVIEW_IMPORT_BYTES, shown
 from batchcam.errors import NotOurFolder, ReportWriteError, UsageError
 from batchcam.report import review as reviewlib
 from batchcam.report.folder import ReportFolder
 from batchcam.report.gallery import render_gallery
 from batchcam.report.lock import MARKER, STATE_DIR, ReportLock, is_report
 from batchcam.report.summary import scan_metrics
-
-MAX_IMPORT_BYTES = 64 * 2**20   # a review of 150,000 images with full notes is far below this
+from batchcam.runtime.bounded import read_input
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,12 @@ def import_reviews(report_path: Path, csv_path: Path) -> ImportResult:
 
 
 def read_export(path: Path) -> str:
+    """The exported CSV as text, read bounded (``config.MAX_REVIEW_IMPORT_BYTES``) from a regular file only."""
+    data = read_input(path, MAX_REVIEW_IMPORT_BYTES, "--import", "the review.csv the gallery exported")
     try:
-        if path.stat().st_size > MAX_IMPORT_BYTES:
-            raise UsageError(f"{path} is larger than {MAX_IMPORT_BYTES // 2**20} MB: not a gallery's review.csv")
-        return path.read_bytes().decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text: not a gallery's review.csv") from None
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+        raise UsageError(f"--import {shown(path)} is not UTF-8 text: not a gallery's review.csv") from None
 
 
 def _import_locked(report: ReportFolder, text: str, source: str) -> ImportResult:

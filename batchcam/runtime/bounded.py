@@ -19,12 +19,10 @@ import os
 import stat
 from pathlib import Path
 
-from batchcam.config import DEFAULT_MAX_FILE_BYTES
+from batchcam.config import DEFAULT_MAX_FILE_BYTES, file_kind, shown
 from batchcam.errors import UsageError
 
 READ_CHUNK = 8 * 2 ** 20
-_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 class FileInFlux(Exception):
@@ -52,11 +50,6 @@ class NotRegularFile(OSError):
     def __init__(self, kind: str):
         super().__init__(errno.EINVAL, f"not a regular file ({kind})")
         self.kind = kind
-
-
-def file_kind(mode: int) -> str:
-    """What a non-regular file is, in words (``a character device``)."""
-    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
 
 
 def read_consistently(path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[bytes, int, int]:
@@ -111,21 +104,22 @@ def read_file_bounded(path: Path, max_bytes: int) -> bytes:
     return data
 
 
-def read_input(path: Path, max_bytes: int, option: str, what: str) -> bytes:
-    """The bytes of a file named on the command line by ``option`` (``--boxes``), a ``what`` (``a boxes
-    CSV``) of at most ``max_bytes``; anything else is a one-line UsageError (exit 2) saying what was found."""
-    shown = f"{option} {path}"
+def read_input(path: Path, max_bytes: int, option: str, what: str, error: type[UsageError] = UsageError) -> bytes:
+    """The bytes of a file named on the command line by ``option`` (``--boxes``; "" for a file named
+    otherwise), ``what`` (``a boxes CSV file``) of at most ``max_bytes``; anything else is a one-line
+    ``error`` (a UsageError: exit 2) naming the file and saying what was found there."""
+    name = f"{option} {shown(path)}".lstrip()
     try:
         return read_file_bounded(Path(path), max_bytes)
     except FileNotFoundError:
-        raise UsageError(f"{shown} does not exist") from None
+        raise error(f"{name} does not exist") from None
     except NotRegularFile as e:
-        raise UsageError(f"{shown} is {e.kind}, not a regular file: give {what}") from None
+        raise error(f"{name} is {e.kind}, not a regular file: give {what}") from None
     except FileTooLarge as e:
-        raise UsageError(f"{shown} is {size_label(e.size)}, more than the {limit_label(max_bytes)} batchcam reads "
-                         f"of {what}") from None
+        raise error(f"{name} is {size_label(e.size)}, more than the {limit_label(max_bytes)} batchcam reads of "
+                    f"{what}") from None
     except OSError as e:
-        raise UsageError(f"{shown}: cannot read it: {e.strerror or e}") from None
+        raise error(f"{name}: cannot read it: {e.strerror or e}") from None
 
 
 def open_for_reading(path: Path) -> int:
