@@ -2,8 +2,9 @@
 ``REPORT/reviews.csv`` under the report's lock, then update metrics.json and the gallery, so
 everyone who opens the report sees them, in any browser.
 
-Everything is read and checked before the first write: a CSV of another report, wrong columns or a
-path not in the report is refused with its reason, and REPORT is left exactly as it was.
+Everything is read and checked before the first write: a CSV of another report (its ``report_id``),
+wrong columns, a bad row, a path not in the report or a prediction not the report's is refused with
+its reason, and REPORT is left exactly as it was.
 """
 from __future__ import annotations
 
@@ -34,14 +35,14 @@ def import_reviews(report_path: Path, csv_path: Path) -> ImportResult:
     NotOurFolder for a folder that is not a batchcam report, ReportLocked (exit 75) while a scan runs."""
     report_path = Path(report_path)
     if not is_report(report_path):
-        raise NotOurFolder(f"{report_path} is not a batchcam report (no {STATE_DIR}/{MARKER}): "
+        raise NotOurFolder(f"{shown(report_path)} is not a batchcam report (no {STATE_DIR}/{MARKER}): "
                            "nothing was imported")
     text = read_export(Path(csv_path))
     try:
         with ReportLock(report_path):
             report = ReportFolder(report_path)
             try:
-                return _import_locked(report, text, str(csv_path))
+                return _import_locked(report, text, shown(csv_path))
             finally:
                 report.close()
     except OSError as e:
@@ -60,8 +61,9 @@ def read_export(path: Path) -> str:
 
 def _import_locked(report: ReportFolder, text: str, source: str) -> ImportResult:
     manifest, rows, class_names = report.read_scan()
-    imported = reviewlib.parse_export(text, source, class_names)
+    imported = reviewlib.parse_export(text, source, class_names, report.report_id())
     reviewlib.check_belongs(imported, rows, source)
+    imported = reviewlib.with_report_values(imported, rows, source)
     merged = reviewlib.mark_states(reviewlib.merge(report.read_reviews(), imported), rows)
     decisions = reviewlib.current_decisions(merged, rows)
     metrics = report.read_json("metrics.json")
