@@ -276,6 +276,8 @@ def add_calibrate_parser(commands) -> None:
                            help="the checkpoint or state dict to calibrate")
     calibrate.add_argument("--out", type=path_argument, required=True, metavar="MODEL_OUT",
                            help="the new checkpoint to write (never --model itself, never through a link)")
+    calibrate.add_argument("--force", action="store_true",
+                           help="replace MODEL_OUT when it exists (default: refuse; never --model, never a link)")
     calibrate.add_argument("--device", default="auto",
                            help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
     calibrate.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
@@ -291,7 +293,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     config = CalibrateConfig(root=args.root, model=args.model, out=args.out, device=args.device,
                              batch_size=args.batch_size, workers=args.workers, max_file_mb=args.max_file_mb,
-                             selection=selection(args))
+                             selection=selection(args), force=args.force)
     result = calibrate(config, Console())
     print(f"batchcam: {result.summary_line} -> {shown(config.out)}", flush=True)
     return EXIT_OK

@@ -252,13 +252,15 @@ class CalibrateConfig:
     workers: int = 0
     max_file_mb: float = DEFAULT_MAX_FILE_MB
     selection: Selection = Selection()  # the films the statistics describe: those scan would score
+    force: bool = False                 # replace an existing --out (never --model, never through a link)
 
     @property
     def max_file_bytes(self) -> int:
         return int(self.max_file_mb * MEGABYTE)
 
     def validate(self) -> None:
-        """The input checkpoint is never replaced, and nothing is written through a link."""
+        """The input checkpoint is never replaced, nothing is written through a link, and an existing
+        file only with ``force``."""
         if not self.root.is_dir():
             raise UsageError(f"{shown(self.root)} is not a folder (expected one sub-folder per class)")
         check_model(self.model)
@@ -268,6 +270,8 @@ class CalibrateConfig:
             raise UsageError(f"--out {shown(self.out)} is a folder or the --model file itself; name a new file")
         if os.path.abspath(self.out) == os.path.abspath(self.model):
             raise UsageError("--out must differ from --model: calibrate never overwrites its input")
+        if self.out.exists() and not self.force:
+            raise UsageError(f"--out {shown(self.out)} exists: give --force to replace it, or name a new file")
         if not self.out.parent.is_dir():
             raise UsageError(f"--out {shown(self.out)}: folder {shown(self.out.parent)} does not exist")
         check_count("--batch-size", self.batch_size, 1, 4096)
