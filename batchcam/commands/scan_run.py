@@ -159,7 +159,8 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
         seconds = time.monotonic() - started
         cam_info = {"method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
                     "exact_fast_path": job.engine.exact, "heat_scale": config.heat_scale,
-                    "backend": job.ray.backend if job.ray else job.engine.backend}
+                    "backend": job.ray.backend if job.ray else job.engine.backend,
+                    "backend_file_sha256": None if job.ray else job.engine.forward.file_sha256}
         if config.heat_scale == "run":
             cam_info["run_scale"] = rescale_overlays(rows, files, {**previous_cams, **new_cams}, job)
         report_manifest = manifest(root=config.root, argv=config.argv, loaded=loaded, cam=cam_info,
