@@ -7,8 +7,9 @@ held out: the others fit the class means and covariance, the held-out ones set t
 the flag threshold (``batchcam.model.calibration``). M2 gets M's weights unchanged.
 
 Too few images for the statistics it fits is refused before any is decoded (and again if unreadable
-files leave too few), saying how many it needs; a fitted temperature outside a sane range is warned
-about. An existing M2 is replaced only with ``--force``.
+files leave too few), saying how many it needs, and so is a temperature fit that ran to the edge of
+its range (the held-out images hold no estimate of it); one outside a sane range is warned about. An
+existing M2 is replaced only with ``--force``.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from batchcam.model.calibration import (
     Calibration,
     fit_calibration,
     scaled_probabilities,
+    temperature_at_edge,
     temperature_warning,
     too_few_images,
 )
@@ -84,6 +86,7 @@ def calibrate(config: CalibrateConfig, console: Console) -> CalibrateResult:
                  config.root, readable=True)
     calibration = fit_calibration(features[fit], labels[fit], features[held], logits[held], labels[held],
                                   len(class_names))
+    check_temperature(calibration.temperature, int(held.sum()), config.root)
     if warning := temperature_warning(calibration.temperature):
         console.warn(warning)
     save_calibrated(config.model, config.out, calibration.temperature, calibration.ood)
@@ -106,6 +109,18 @@ def check_enough(fit_per_class: Sequence[int], held_out: int, class_names: Seque
         raise UsageError(f"{shown(root)}: too few {'readable ' if readable else ''}images to calibrate on: {reason}; "
                          f"{HELD_OUT_SHARE:.0%} of each class folder is held out, so that is about "
                          f"{images_needed(len(class_names))} labelled images in all")
+
+
+def check_temperature(temperature: float, held_out: int, root: Path) -> None:
+    """UsageError (nothing written) when the fit ran to an end of its range: no temperature was estimated."""
+    if not temperature_at_edge(temperature):
+        return
+    low = temperature < 1
+    verdict = "gets all of them right, or nearly, by a wide margin" if low else "gets nearly all of them wrong"
+    raise UsageError(f"{shown(root)}: the {held_out} held-out images give no estimate of the temperature: the model "
+                     f"{verdict}, so the fit runs to the edge of the range searched ({temperature:.4f}) and every "
+                     f"confidence would read {'1.000' if low else 'as an even split'}; calibrate on held-out images "
+                     "that include some the model gets wrong (nothing was written)")
 
 
 def labelled_files(root: Path, class_names: tuple[str, ...], console: Console) -> list[LabelledFile]:

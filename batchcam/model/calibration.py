@@ -36,9 +36,9 @@ MIN_HELD_OUT = math.ceil(100 / (100 - FLAG_PERCENTILE))
 # to every distance to it; 30 keeps that near 3%, and gives the shared covariance at least 30 - 1
 # degrees of freedom per class for the Ledoit-Wolf shrinkage to estimate its spread from.
 MIN_FIT_PER_CLASS = 30
-# A fitted temperature outside this range is warned about: T < 1 sharpens every confidence towards 1
-# (a held-out set the model never gets wrong drives T to the search's lower bound), T > 1 flattens.
-# Guo et al. report fitted temperatures of about 1 to 3 for modern networks.
+# A fitted temperature outside this range is warned about: T < 1 sharpens every confidence towards 1,
+# T > 1 flattens them; Guo et al. report fitted temperatures of about 1 to 3 for modern networks. One
+# at an end of the range searched is no estimate at all and is refused (``temperature_at_edge``).
 SANE_TEMPERATURE = (0.5, 5.0)
 
 
@@ -161,16 +161,19 @@ def too_few_images(fit_per_class: Sequence[int], held_out: int, class_names: Seq
     return "; ".join(reasons) or None
 
 
+def temperature_at_edge(temperature: float) -> bool:
+    """The fit ran to an end of the range searched: the held-out logits hold no estimate of T (a model
+    that gets every held-out image right by a margin drives T towards 0, one that gets them wrong to infinity)."""
+    return temperature < MIN_TEMPERATURE * 1.1 or temperature > MAX_TEMPERATURE / 1.1   # within the last steps
+
+
 def temperature_warning(temperature: float) -> str | None:
     """What a fitted temperature outside ``SANE_TEMPERATURE`` does to the reported confidences, or None."""
     low, high = SANE_TEMPERATURE
     if low <= temperature <= high:
         return None
-    effect = ("sharpens every confidence towards 1.000 (does the model get any held-out image wrong?)"
-              if temperature < low else "flattens every confidence towards an even split")
-    at_edge = temperature < MIN_TEMPERATURE * 1.1 or temperature > MAX_TEMPERATURE / 1.1   # the search's last step
-    edge = " (at the edge of the range searched: the best fit lies beyond it)" if at_edge else ""
-    return (f"the fitted temperature {temperature:.4f} is outside {low:g}..{high:g}{edge}: it {effect}; check the "
+    effect = "sharpens every confidence towards 1" if temperature < low else "flattens every confidence"
+    return (f"the fitted temperature {temperature:.4f} is outside {low:g}..{high:g}: it {effect}; check the "
             "held-out images before using this model")
 
 

@@ -2,17 +2,13 @@
 link or a bind mount, a FIFO swapped in for a file between its stat and its open.
 
 The tests run as root here, where ``chmod 000`` proves nothing: the scans that must meet an
-unreadable folder run in a subprocess whose capability bounding set lacks CAP_DAC_OVERRIDE and
-CAP_DAC_READ_SEARCH (dropped with prctl before exec), and each first checks that the folder really
-cannot be listed in such a process.
+unreadable folder run without root's file-access capabilities (``tests/unprivileged.py``), and each
+first checks that the folder really cannot be listed in such a process.
 """
 from __future__ import annotations
 
 import csv
-import ctypes
-import ctypes.util
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -22,37 +18,9 @@ import pytest
 
 from batchcam.cli import main
 from conftest import write_xrays
+from tests.unprivileged import make_unreadable, unprivileged_run
 
 REPO = Path(__file__).resolve().parents[2]
-PR_CAPBSET_DROP = 24                        # linux/prctl.h
-CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2  # linux/capability.h
-
-
-def drop_file_access_capabilities() -> None:
-    """preexec_fn: the process about to exec keeps root's uid but loses the two capabilities that
-    bypass file permissions (they leave the bounding set, so exec cannot grant them back)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {capability}) failed")
-
-
-def unprivileged_run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """``args`` in a subprocess where file permissions hold, whoever runs the tests."""
-    needs_drop = os.geteuid() == 0
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=drop_file_access_capabilities if needs_drop else None)
-
-
-def make_unlistable(folder: Path) -> None:
-    """``chmod 000`` the folder, then prove it cannot be listed where the scan will run."""
-    folder.chmod(0)
-    probe = unprivileged_run([sys.executable, "-c", "import os, sys\ntry:\n    os.listdir(sys.argv[1])\n"
-                              "except PermissionError:\n    print('unreadable')\nelse:\n    print('readable')",
-                              str(folder)], timeout=60)
-    if probe.returncode != 0:
-        pytest.fail(f"could not start a process without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH: {probe.stderr}")
-    assert probe.stdout.strip() == "unreadable", "the folder is still listable without root's capabilities"
 
 
 def scan_command(root: Path, out: Path, model: Path, *extra: str) -> list[str]:
@@ -83,7 +51,7 @@ def test_an_unlistable_folder_keeps_its_rows_and_overlays_says_so_and_exits_3(tm
     pneumonia = sorted(path for path in before if path.startswith("PNEUMONIA/"))
     assert len(pneumonia) == 2
 
-    make_unlistable(root / "PNEUMONIA")
+    make_unreadable(root / "PNEUMONIA")
     try:
         night = unprivileged_run(scan_command(root, out, tiny_model))
     finally:
@@ -115,7 +83,7 @@ def test_an_unlistable_folder_keeps_rows_made_with_other_settings_too(tmp_path, 
     write_xrays(root, count=4)
     assert scan(root, out, tiny_model) == 0
     before = read_rows(out)
-    make_unlistable(root / "NORMAL")
+    make_unreadable(root / "NORMAL")
     try:
         night = unprivileged_run(scan_command(root, out, tiny_model, "--full"))
     finally:
@@ -132,7 +100,7 @@ def test_a_root_that_cannot_be_listed_is_exit_2_and_report_untouched(tmp_path, t
     write_xrays(root, count=2)
     assert scan(root, out, tiny_model) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "lock"}
-    make_unlistable(root)
+    make_unreadable(root)
     try:
         night = unprivileged_run(scan_command(root, out, tiny_model))
     finally:

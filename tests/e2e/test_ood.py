@@ -171,7 +171,7 @@ def test_calibrate_writes_a_new_checkpoint_that_scan_then_flags_with(tmp_path, t
     assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
 
 
-def test_calibrate_replaces_an_existing_out_only_with_force_and_warns_on_an_insane_temperature(
+def test_calibrate_replaces_an_existing_out_only_with_force_and_never_writes_a_temperature_it_did_not_estimate(
         tmp_path, tiny_model, labelled, capsys, monkeypatch):
     from batchcam.model import calibration
 
@@ -180,14 +180,16 @@ def test_calibrate_replaces_an_existing_out_only_with_force_and_warns_on_an_insa
     assert main(["calibrate", str(labelled), "--model", str(tiny_model), "--out", str(out)]) == 2
     assert capsys.readouterr().err == (f"batchcam: error: --out {out} exists: give --force to replace it, or name a "
                                        "new file\n")
-    assert out.read_bytes() == b"someone's file"
+    force = ["calibrate", str(labelled), "--model", str(tiny_model), "--out", str(out), "--force", "--batch-size", "64"]
     monkeypatch.setattr(calibration, "fit_temperature", lambda logits, labels: 0.0526)   # what 40 images once gave
-    assert main(["calibrate", str(labelled), "--model", str(tiny_model), "--out", str(out), "--force",
-                 "--batch-size", "64"]) == 0
+    assert main(force) == 2
     err = capsys.readouterr().err
-    assert "batchcam: warning: the fitted temperature 0.0526 is outside 0.5..5" in err
-    assert "sharpens every confidence towards 1.000" in err
-    assert load_checkpoint(out).temperature == pytest.approx(0.0526)
+    assert "the 204 held-out images give no estimate of the temperature" in err and "1.000" in err
+    assert out.read_bytes() == b"someone's file"
+    monkeypatch.setattr(calibration, "fit_temperature", lambda logits, labels: 0.3)
+    assert main(force) == 0
+    assert "batchcam: warning: the fitted temperature 0.3000 is outside 0.5..5" in capsys.readouterr().err
+    assert load_checkpoint(out).temperature == pytest.approx(0.3)
 
 
 def test_calibrate_refuses_to_overwrite_its_model_or_write_through_a_link(tmp_path, tiny_model, capsys):

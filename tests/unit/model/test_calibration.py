@@ -17,6 +17,7 @@ from batchcam.model.calibration import (
     fit_ood,
     fit_temperature,
     ledoit_wolf,
+    temperature_at_edge,
     temperature_warning,
     too_few_images,
 )
@@ -143,11 +144,12 @@ def test_the_minimums_follow_from_the_statistics_they_protect():
     assert "got PNEUMONIA 29" in too_few_images([500, 29], 300, ("NORMAL", "PNEUMONIA"))
 
 
-def test_a_held_out_set_the_model_never_gets_wrong_drives_the_temperature_to_the_edge_and_is_warned_about():
+def test_a_held_out_set_the_model_never_gets_wrong_gives_no_temperature_and_an_odd_one_is_warned_about():
     labels = torch.arange(300) % 2
     logits = torch.stack([1.0 - 2.0 * labels, 2.0 * labels - 1.0], dim=1).float()   # every one right, margin 2
     temperature = fit_temperature(logits, labels)
-    assert temperature < 0.06
-    warning = temperature_warning(temperature)
-    assert "outside 0.5..5 (at the edge of the range searched" in warning and "towards 1.000" in warning
+    assert temperature < 0.06 and temperature_at_edge(temperature)
+    assert temperature_at_edge(fit_temperature(-logits, labels))                   # every one wrong
+    assert not temperature_at_edge(0.3) and "outside 0.5..5" in temperature_warning(0.3)
+    assert "sharpens every confidence towards 1" in temperature_warning(0.3)
     assert temperature_warning(1.3) is None and "flattens" in temperature_warning(7.0)
