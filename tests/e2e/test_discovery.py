@@ -78,14 +78,15 @@ def test_an_unlistable_folder_keeps_its_rows_and_overlays_says_so_and_exits_3(tm
 
 
 def test_an_unlistable_folder_keeps_rows_made_with_other_settings_too(tmp_path, tiny_model):
-    """A new --cam the night the folder is unreadable: its rows cannot be recomputed, so the old ones stay."""
+    """Other settings (another --overlay-size) the night the folder is unreadable: its rows cannot be
+    recomputed, so the old ones stay, with their overlays; the others are made again."""
     root, out = tmp_path / "xrays", tmp_path / "report"
     write_xrays(root, count=4)
     assert scan(root, out, tiny_model) == 0
     before = read_rows(out)
     make_unreadable(root / "NORMAL")
     try:
-        night = unprivileged_run(scan_command(root, out, tiny_model, "--full"))
+        night = unprivileged_run(scan_command(root, out, tiny_model, "--overlay-size", "256"))
     finally:
         (root / "NORMAL").chmod(0o755)
     assert night.returncode == 3, night.stderr
@@ -93,6 +94,8 @@ def test_an_unlistable_folder_keeps_rows_made_with_other_settings_too(tmp_path, 
     assert [during[p]["overlay"] for p in sorted(before) if p.startswith("NORMAL/")] == \
         [before[p]["overlay"] for p in sorted(before) if p.startswith("NORMAL/")]
     assert all((out / during[p]["overlay"]).is_file() for p in during)
+    assert all(during[p]["overlay"] != before[p]["overlay"] for p in during if p.startswith("PNEUMONIA/"))
+    assert json.loads((out / "manifest.json").read_text())["unlisted"] == {"folders": ["NORMAL"], "rows_kept": 2}
 
 
 def test_a_root_that_cannot_be_listed_is_exit_2_and_report_untouched(tmp_path, tiny_model):

@@ -173,8 +173,16 @@ def test_calibrate_writes_a_new_checkpoint_that_scan_then_flags_with(tmp_path, t
 
 def test_calibrate_replaces_an_existing_out_only_with_force_and_never_writes_a_temperature_it_did_not_estimate(
         tmp_path, tiny_model, labelled, capsys, monkeypatch):
+    """The images' forward passes are stood in for by random features (the test above runs them)."""
+    from batchcam.commands import calibrate
     from batchcam.model import calibration
 
+    def random_features(files, loaded, config, device, console):
+        generator = torch.Generator().manual_seed(0)
+        return (torch.randn(len(files), 512, generator=generator), torch.randn(len(files), 2, generator=generator),
+                torch.tensor([f.label for f in files]), torch.tensor([f.held_out for f in files]), 0)
+
+    monkeypatch.setattr(calibrate, "forward_all", random_features)
     out = tmp_path / "calibrated.pt"
     out.write_bytes(b"someone's file")
     assert main(["calibrate", str(labelled), "--model", str(tiny_model), "--out", str(out)]) == 2
