@@ -307,17 +307,22 @@ class ServeConfig:
 
 
 def check_model(model: Path | None) -> None:
-    """A model file given: it must be a regular file (a FIFO or ``/dev/null`` is said to be what it is)."""
+    """A model file given: a regular file (a FIFO or ``/dev/null`` is said to be what it is) within the size
+    limit. Checked before REPORT is touched; ``model.reading`` checks again on the descriptor it reads."""
     if model is None:
         return
     try:
-        mode = os.stat(model).st_mode
+        status = os.stat(model)
     except FileNotFoundError:
         raise UsageError(f"--model {shown(model)} does not exist") from None
     except OSError as e:
         raise UsageError(f"--model {shown(model)}: cannot read it: {e.strerror or e}") from None
-    if not stat.S_ISREG(mode):
-        raise UsageError(f"--model {shown(model)} is {file_kind(mode)}, not a regular file: give a checkpoint file")
+    if not stat.S_ISREG(status.st_mode):
+        raise UsageError(f"--model {shown(model)} is {file_kind(status.st_mode)}, not a regular file: give a "
+                         "checkpoint file")
+    if status.st_size > MAX_MODEL_BYTES:
+        raise UsageError(f"--model {shown(model)} is {status.st_size / MEGABYTE:.0f} MiB, more than the "
+                         f"{MAX_MODEL_BYTES // MEGABYTE} MiB a model file may have")
 
 
 _FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
