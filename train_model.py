@@ -34,13 +34,13 @@ from batchcam.cam.engine import CamEngine
 from batchcam.checks.metrics import classification_metrics, expected_calibration_error
 from batchcam.cli import add_selection_options, selection
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, Selection
-from batchcam.decode.dataset import FileTooLarge, read_file_bounded
 from batchcam.decode.discover import IMAGE_EXTENSIONS, discover
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, resize_square
 from batchcam.decode.pixels import DecodeError, NotSelected
 from batchcam.errors import UsageError
 from batchcam.model.calibration import Calibration, fit_calibration, scaled_probabilities
 from batchcam.model.checkpoint import ModelSpec, build_model, normalize, save_checkpoint
+from batchcam.runtime.bounded import FileTooLarge, read_file_bounded
 from batchcam.runtime.devices import resolve_device, resolve_precision
 
 SKIPPED = "not selected: "  # marks a film left out by the selection rule among the skipped files

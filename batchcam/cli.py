@@ -28,6 +28,7 @@ from batchcam.config import (
     FRONTAL_VIEWS,
     HEAT_SCALES,
     MAX_FILES_RANGE,
+    MAX_WORKERS,
     MEGAPIXELS_RANGE,
     OVERLAY_LONG_SIDE,
     PRECISIONS,
@@ -39,6 +40,7 @@ from batchcam.config import (
     Selection,
     ServeConfig,
     default_workers_for,
+    shown,
 )
 from batchcam.errors import ReportLocked, ReportWriteError, UsageError
 from batchcam.runtime.allocator import keep_freed_memory
@@ -48,6 +50,18 @@ from batchcam.runtime.interrupt import Interrupted
 EXIT_OK, EXIT_USAGE, EXIT_IMAGE_ERRORS, EXIT_CANNOT_WRITE, EXIT_LOCKED, EXIT_SIGINT = 0, 2, 3, 74, 75, 130
 
 
+def path_argument(text: str) -> Path:
+    """argparse's ``type`` of every path: an empty one is refused (``Path("")`` would be the working directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names nothing (it would mean the working directory)")
+    return Path(text)
+
+
+def one_line(message: object) -> str:
+    """A message as one line: a control or invisible character (a newline in a path) is written as its escape."""
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in str(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchcam", description="Batch predictions and Grad-CAM "
                                      "explanations over folders of chest X-rays.")
@@ -55,16 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     scan = commands.add_parser("scan", help="classify and explain every X-ray under ROOT, write a report",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    scan.add_argument("root", type=Path, metavar="ROOT", help="folder to walk (recursively)")
-    scan.add_argument("--out", type=Path, required=True, metavar="REPORT", help="report folder to write")
-    scan.add_argument("--model", type=Path, default=None,
+    scan.add_argument("root", type=path_argument, metavar="ROOT", help="folder to walk (recursively)")
+    scan.add_argument("--out", type=path_argument, required=True, metavar="REPORT", help="report folder to write")
+    scan.add_argument("--model", type=path_argument, default=None,
                       help="batchcam checkpoint or ResNet18 state dict (default: the bundled demo model)")
     scan.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     scan.add_argument("--batch-size", type=int, default=32, help="images per model batch")
     scan.add_argument("--workers", type=int, default=None,
-                      help="local engine: DataLoader processes decoding images (0: decode in the main process; "
-                      "default: CPU cores - 1, 1..8); ray engine: model actors (default: one per GPU of the "
-                      "cluster, or half its CPUs without GPUs)")
+                      help=f"0..{MAX_WORKERS}. local engine: DataLoader processes decoding images (0: decode in the "
+                      "main process; default: CPU cores - 1, 1..8); ray engine: model actors (default: one per GPU of "
+                      "the cluster, or half its CPUs without GPUs)")
     scan.add_argument("--cam", default="gradcam", choices=CAM_METHODS, metavar="METHOD",
                       help=f"CAM method, one of: {', '.join(CAM_METHODS)}")
     scan.add_argument("--target", default="predicted",
@@ -149,7 +163,7 @@ def add_performance_options(scan: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--model", type=Path, default=None,
+    command.add_argument("--model", type=path_argument, default=None,
                          help="batchcam checkpoint or ResNet18 state dict (default: the bundled demo model)")
     command.add_argument("--device", default="auto",
                          help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
@@ -160,7 +174,7 @@ def add_predict_parser(commands) -> None:
     predict.add_argument("files", nargs="+", metavar="FILE",
                          help="X-ray images (JPEG, PNG, BMP, TIFF, 16-bit too; DICOM with the dicom extra)")
     add_model_options(predict)
-    predict.add_argument("--out", type=Path, default=None, metavar="DIR",
+    predict.add_argument("--out", type=path_argument, default=None, metavar="DIR",
                          help="write each overlay (JPEG) into DIR (default: no files are written)")
     predict.add_argument("--json", action="store_true", help="print one JSON object per file instead of a table")
     predict.add_argument("--batch-size", type=int, default=16, help="images per model batch (default: 16)")
@@ -175,8 +189,8 @@ def add_predict_parser(commands) -> None:
 def add_evaluate_parser(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="score a report's heatmaps against ground-truth boxes "
                                    "(pointing game, heat inside the boxes)")
-    evaluate.add_argument("report", type=Path, metavar="REPORT", help="a report folder written by scan")
-    evaluate.add_argument("--boxes", type=Path, required=True, metavar="BOXES.csv",
+    evaluate.add_argument("report", type=path_argument, metavar="REPORT", help="a report folder written by scan")
+    evaluate.add_argument("--boxes", type=path_argument, required=True, metavar="BOXES.csv",
                           help="boxes: path,x0,y0,x1,y1 (path as in predictions.csv) or RSNA "
                           "patientId,x,y,width,height,Target")
 
@@ -184,31 +198,31 @@ def add_evaluate_parser(commands) -> None:
 def add_sanity_parser(commands) -> None:
     sanity = commands.add_parser("sanity", help="model-randomisation sanity check of the heatmaps "
                                  "(Adebayo et al. 2018)")
-    sanity.add_argument("root", type=Path, metavar="ROOT", help="folder of X-rays to sample from")
+    sanity.add_argument("root", type=path_argument, metavar="ROOT", help="folder of X-rays to sample from")
     add_model_options(sanity)
     sanity.add_argument("--sample", type=int, default=DEFAULT_SANITY_SAMPLE,
                         help=f"images to sample (default: {DEFAULT_SANITY_SAMPLE})")
-    sanity.add_argument("--out", type=Path, default=Path("batchcam-sanity"), metavar="DIR",
+    sanity.add_argument("--out", type=path_argument, default=Path("batchcam-sanity"), metavar="DIR",
                         help="folder for sanity.md, sanity.json and sanity.png (default: batchcam-sanity)")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from batchcam.commands.evaluate import evaluate
 
-    results = evaluate(args.report, args.boxes, warn=lambda text: print(f"batchcam: warning: {text}",
+    results = evaluate(args.report, args.boxes, warn=lambda text: print(f"batchcam: warning: {one_line(text)}",
                                                                         file=sys.stderr))
     rate, energy = results["pointing_game"]["hit_rate"], results["energy_inside"]["mean"]
     print(f"batchcam: {results['n']} images with boxes, pointing game "
           f"{'n/a' if rate is None else f'{rate:.3f}'}, heat inside boxes "
-          f"{'n/a' if energy is None else f'{energy:.3f}'} -> {args.report / 'metrics.json'}", flush=True)
+          f"{'n/a' if energy is None else f'{energy:.3f}'} -> {shown(args.report / 'metrics.json')}", flush=True)
     return EXIT_OK
 
 
 def add_review_parser(commands) -> None:
     review = commands.add_parser("review", help="merge reviewers' decisions (the gallery's exported review.csv) "
                                  "into REPORT/reviews.csv and update the gallery")
-    review.add_argument("report", type=Path, metavar="REPORT", help="a report folder written by scan")
-    review.add_argument("--import", dest="import_csv", type=Path, required=True, metavar="REVIEW.csv",
+    review.add_argument("report", type=path_argument, metavar="REPORT", help="a report folder written by scan")
+    review.add_argument("--import", dest="import_csv", type=path_argument, required=True, metavar="REVIEW.csv",
                         help="the file the gallery's \"Export decisions\" downloaded; later decisions win")
 
 
@@ -218,7 +232,7 @@ def run_review(args: argparse.Namespace) -> int:
     result = import_reviews(args.report, args.import_csv)
     marked = f", {result.marked} kept for files changed or gone" if result.marked else ""
     print(f"batchcam: imported {result.imported} decisions; {result.stored} in reviews.csv, {result.current} on "
-          f"images as they are now{marked} -> {args.report / 'reviews.csv'}", flush=True)
+          f"images as they are now{marked} -> {shown(args.report / 'reviews.csv')}", flush=True)
     return EXIT_OK
 
 
@@ -226,7 +240,7 @@ def run_sanity(args: argparse.Namespace) -> int:
     from batchcam.commands.sanity import sanity
 
     summary, where = sanity(args.root, args.model, args.sample, args.device, args.out)
-    print(f"batchcam: {summary} -> {where}", flush=True)
+    print(f"batchcam: {summary} -> {shown(where)}", flush=True)
     return EXIT_OK
 
 
@@ -256,16 +270,20 @@ def add_serve_parser(commands) -> None:
 def add_calibrate_parser(commands) -> None:
     calibrate = commands.add_parser("calibrate", help="add out-of-distribution statistics and a temperature "
                                     "to a model, from labelled images, without retraining")
-    calibrate.add_argument("root", type=Path, metavar="LABELLED_ROOT",
+    calibrate.add_argument("root", type=path_argument, metavar="LABELLED_ROOT",
                            help="ImageFolder tree: one sub-folder per class of the model (NORMAL/, PNEUMONIA/)")
-    calibrate.add_argument("--model", type=Path, required=True, help="the checkpoint or state dict to calibrate")
-    calibrate.add_argument("--out", type=Path, required=True, metavar="MODEL_OUT",
+    calibrate.add_argument("--model", type=path_argument, required=True,
+                           help="the checkpoint or state dict to calibrate")
+    calibrate.add_argument("--out", type=path_argument, required=True, metavar="MODEL_OUT",
                            help="the new checkpoint to write (never --model itself, never through a link)")
+    calibrate.add_argument("--force", action="store_true",
+                           help="replace MODEL_OUT when it exists (default: refuse; never --model, never a link)")
     calibrate.add_argument("--device", default="auto",
                            help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
     calibrate.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
     calibrate.add_argument("--workers", type=int, default=0,
-                           help="DataLoader processes decoding images (default: 0, decode in this process)")
+                           help=f"DataLoader processes decoding images, 0..{MAX_WORKERS} (default: 0, decode in this "
+                           "process)")
     add_file_size_option(calibrate)
     add_selection_options(calibrate)
 
@@ -275,9 +293,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     config = CalibrateConfig(root=args.root, model=args.model, out=args.out, device=args.device,
                              batch_size=args.batch_size, workers=args.workers, max_file_mb=args.max_file_mb,
-                             selection=selection(args))
+                             selection=selection(args), force=args.force)
     result = calibrate(config, Console())
-    print(f"batchcam: {result.summary_line} -> {config.out}", flush=True)
+    print(f"batchcam: {result.summary_line} -> {shown(config.out)}", flush=True)
     return EXIT_OK
 
 
@@ -293,7 +311,7 @@ def run_predict(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("batchcam: interrupted", file=sys.stderr)
         return EXIT_SIGINT
-    where = f"; overlays in {config.out}" if config.out is not None else ""
+    where = f"; overlays in {shown(config.out)}" if config.out is not None else ""
     print(f"{result.summary_line}{where}", file=sys.stderr, flush=True)
     return EXIT_IMAGE_ERRORS if result.error else EXIT_OK
 
@@ -325,7 +343,7 @@ def run_scan(config: ScanConfig) -> int:
     console = Console(quiet=config.quiet)
     result = scan(config, console)
     print(result.summary_line, flush=True)
-    return EXIT_IMAGE_ERRORS if result.counts["error"] else EXIT_OK
+    return EXIT_OK if result.complete else EXIT_IMAGE_ERRORS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,16 +370,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "review":
             return run_review(args)
     except UsageError as e:  # CheckpointError and NotOurFolder too
-        print(f"batchcam: error: {e}", file=sys.stderr)
+        print(f"batchcam: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except ReportWriteError as e:
-        print(f"batchcam: error: {e}", file=sys.stderr)
+        print(f"batchcam: error: {one_line(e)}", file=sys.stderr)
         return EXIT_CANNOT_WRITE
     except ReportLocked as e:
-        print(f"batchcam: {e}; nothing was changed", file=sys.stderr)
+        print(f"batchcam: {one_line(e)}; nothing was changed", file=sys.stderr)
         return EXIT_LOCKED
     except Interrupted as e:
-        print(f"batchcam: {e}", file=sys.stderr)
+        print(f"batchcam: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("batchcam: interrupted; finished batches are saved and the next run resumes", file=sys.stderr)

@@ -11,10 +11,12 @@ import math
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchcam.errors import UsageError
+from batchcam.records import display_path
 
 # CAM methods: the exact fast path (gradcam) and pytorch-grad-cam's classes (cam.engine maps them).
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
@@ -40,6 +42,12 @@ DEFAULT_MAX_FILE_MB = 512
 DEFAULT_MAX_FILE_BYTES = DEFAULT_MAX_FILE_MB * MEGABYTE
 MAX_FILE_MB_RANGE = (1.0, 1024.0 * 1024)  # 1 MB to 1 TB
 DEFAULT_SANITY_SAMPLE = 16       # images the sanity check samples
+# Files named on the command line are read whole, never beyond these (runtime.bounded.read_input).
+MAX_MODEL_BYTES = 1024 * MEGABYTE          # --model: a float32 ResNet18 checkpoint is 45 MB
+MAX_BOXES_BYTES = 256 * MEGABYTE           # evaluate --boxes: RSNA's 30,227 boxes take 1.5 MB
+MAX_REVIEW_IMPORT_BYTES = 64 * MEGABYTE    # review --import: 150,000 decisions with full notes fit
+# --workers: decoding processes (local engine) or model actors (ray engine); more only costs start-up.
+MAX_WORKERS = 64
 
 DEFAULT_MAX_UPLOAD_MB = 50       # serve: one request's body
 UPLOAD_MB_RANGE = (1, 4096)      # one X-ray file at least; held in memory at most
@@ -156,15 +164,14 @@ class ScanConfig:
 
     def validate(self) -> None:
         if not self.root.exists():
-            raise UsageError(f"ROOT {self.root} does not exist")
+            raise UsageError(f"ROOT {shown(self.root)} does not exist")
         if not self.root.is_dir():
-            raise UsageError(f"ROOT {self.root} is not a folder")
+            raise UsageError(f"ROOT {shown(self.root)} is not a folder")
         if self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"--out {self.out} exists and is not a folder")
+            raise UsageError(f"--out {shown(self.out)} exists and is not a folder")
         check_count("--batch-size", self.batch_size, 1, 4096)
         check_count("--page-size", self.page_size, 1, 10**6)
-        if self.workers < 0:
-            raise UsageError(f"--workers must be 0 (decode in the main process) or more, got {self.workers}")
+        check_count("--workers", self.workers, 0, MAX_WORKERS)
         check_choice("--heat-scale", self.heat_scale, HEAT_SCALES)
         check_choice("--cam", self.cam, CAM_METHODS)
         check_model(self.model)
@@ -226,7 +233,7 @@ class PredictConfig:
         if not self.files:
             raise UsageError("predict needs at least one FILE")
         if self.out is not None and self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"--out {self.out} exists and is not a folder")
+            raise UsageError(f"--out {shown(self.out)} exists and is not a folder")
         check_model(self.model)
         check_count("--batch-size", self.batch_size, 1, 4096)
         check_choice("--cam", self.cam, CAM_METHODS)
@@ -245,26 +252,30 @@ class CalibrateConfig:
     workers: int = 0
     max_file_mb: float = DEFAULT_MAX_FILE_MB
     selection: Selection = Selection()  # the films the statistics describe: those scan would score
+    force: bool = False                 # replace an existing --out (never --model, never through a link)
 
     @property
     def max_file_bytes(self) -> int:
         return int(self.max_file_mb * MEGABYTE)
 
     def validate(self) -> None:
-        """The input checkpoint is never replaced, and nothing is written through a link."""
+        """The input checkpoint is never replaced, nothing is written through a link, and an existing
+        file only with ``force``."""
         if not self.root.is_dir():
-            raise UsageError(f"{self.root} is not a folder (expected one sub-folder per class)")
+            raise UsageError(f"{shown(self.root)} is not a folder (expected one sub-folder per class)")
         check_model(self.model)
         if self.out.is_symlink():
-            raise UsageError(f"--out {self.out} is a symbolic link; batchcam never writes through one")
+            raise UsageError(f"--out {shown(self.out)} is a symbolic link; batchcam never writes through one")
         if self.out.exists() and (self.out.is_dir() or os.path.samefile(self.out, self.model)):
-            raise UsageError(f"--out {self.out} is a folder or the --model file itself; name a new file")
+            raise UsageError(f"--out {shown(self.out)} is a folder or the --model file itself; name a new file")
         if os.path.abspath(self.out) == os.path.abspath(self.model):
             raise UsageError("--out must differ from --model: calibrate never overwrites its input")
+        if self.out.exists() and not self.force:
+            raise UsageError(f"--out {shown(self.out)} exists: give --force to replace it, or name a new file")
         if not self.out.parent.is_dir():
-            raise UsageError(f"--out {self.out}: folder {self.out.parent} does not exist")
+            raise UsageError(f"--out {shown(self.out)}: folder {shown(self.out.parent)} does not exist")
         check_count("--batch-size", self.batch_size, 1, 4096)
-        check_count("--workers", self.workers, 0, 64)
+        check_count("--workers", self.workers, 0, MAX_WORKERS)
         check_in_range("--max-file-mb", self.max_file_mb, *MAX_FILE_MB_RANGE)
 
 
@@ -296,8 +307,38 @@ class ServeConfig:
 
 
 def check_model(model: Path | None) -> None:
-    if model is not None and not model.is_file():
-        raise UsageError(f"--model {model} does not exist")
+    """A model file given: a regular file (a FIFO or ``/dev/null`` is said to be what it is) within the size
+    limit. Checked before REPORT is touched; ``model.reading`` checks again on the descriptor it reads."""
+    if model is None:
+        return
+    try:
+        status = os.stat(model)
+    except FileNotFoundError:
+        raise UsageError(f"--model {shown(model)} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"--model {shown(model)}: cannot read it: {e.strerror or e}") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise UsageError(f"--model {shown(model)} is {file_kind(status.st_mode)}, not a regular file: give a "
+                         "checkpoint file")
+    if status.st_size > MAX_MODEL_BYTES:
+        raise UsageError(f"--model {shown(model)} is {status.st_size / MEGABYTE:.0f} MiB, more than the "
+                         f"{MAX_MODEL_BYTES // MEGABYTE} MiB a model file may have")
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words (``a character device``)."""
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as one line of text: a newline or other control character in it is escaped, as the report shows
+    names (``records.display_path``)."""
+    return display_path(os.fspath(path))
+
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

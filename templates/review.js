@@ -11,7 +11,11 @@
 window.BatchcamReview = (function () {
   const DECISIONS = ["agree", "disagree", "unsure"];
   const MARKS = { agree: "\u2713 agree", disagree: "\u2717 disagree", unsure: "? unsure" };
-  const EXPORT_COLUMNS = ["path", "sha256", "prediction", "confidence", "decision", "note", "reviewed_at"];
+  // report_id last: `batchcam review --import` refuses a review.csv exported from another report.
+  const EXPORT_COLUMNS = ["path", "sha256", "prediction", "confidence", "decision", "note", "reviewed_at", "report_id"];
+  // OWASP CSV injection: a cell starting so may run as a formula in a spreadsheet; it gets a leading quote
+  // (and so does one starting with a quote, so the import can undo it without doubt).
+  const FORMULA_START = /^[=+\-@\t\r']/;
   const MAX_NOTE = 500;
   const tools = document.getElementById("review-tools");
   const reportId = tools ? tools.dataset.reportId || "" : "";
@@ -117,14 +121,18 @@ window.BatchcamReview = (function () {
     return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
   }
 
-  /** review.csv: one line per item with a decision, in the gallery's order. */
+  function formulaEscaped(text) {
+    return FORMULA_START.test(text) ? `'${text}` : text;
+  }
+
+  /** review.csv: one line per item with a decision, in the gallery's order; the note escaped as a text cell. */
   function exportCsv(items) {
     const lines = [EXPORT_COLUMNS.join(",")];
     for (const item of items) {
       const found = decisionOf(item);
       if (!found) continue;
-      lines.push([item.path, item.sha, item.prediction, item.confidence, found.decision, found.note,
-                  found.reviewed_at].map(csvField).join(","));
+      lines.push([item.path, item.sha, item.prediction, item.confidence, found.decision,
+                  formulaEscaped(found.note || ""), found.reviewed_at, reportId].map(csvField).join(","));
     }
     return lines.join("\n") + "\n";
   }

@@ -26,6 +26,7 @@ a scan: a scan rewrites metrics.json.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,10 @@ import numpy as np
 import torch
 
 from batchcam.checks.attention import energy_share, heat_grid
+from batchcam.config import MAX_BOXES_BYTES, shown
 from batchcam.errors import UsageError
 from batchcam.records import Row
+from batchcam.runtime.bounded import read_input
 
 GENERIC_COLUMNS = ("path", "x0", "y0", "x1", "y1")
 RSNA_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
@@ -54,24 +57,27 @@ class Boxes:
 
 
 def read_boxes(path: Path) -> Boxes:
-    """Parse a boxes CSV (either format); UsageError with a one-line reason when it cannot."""
+    """Parse a boxes CSV (either format); UsageError with a one-line reason when it cannot.
+
+    The file is read bounded (``config.MAX_BOXES_BYTES``) and must be a regular file: ``/dev/zero``
+    or a FIFO is refused at once, never read or waited on.
+    """
+    data = read_input(path, MAX_BOXES_BYTES, "--boxes", "a boxes CSV file")
+    source = shown(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = tuple(name.strip() for name in (reader.fieldnames or ()))
-            if set(GENERIC_COLUMNS) <= set(header):
-                return Boxes("generic", _read(reader, path, _generic_box, "path"))
-            if set(RSNA_COLUMNS) <= set(header):
-                return Boxes("rsna", _read(reader, path, _rsna_box, "patientId"))
-            raise UsageError(f"--boxes {path}: header must hold {','.join(GENERIC_COLUMNS)} or "
-                             f"{','.join(RSNA_COLUMNS)}, got {','.join(header) or 'nothing'}")
-    except FileNotFoundError:
-        raise UsageError(f"--boxes {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UsageError(f"--boxes {path}: cannot read: {e}") from None
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
+        header = tuple(name.strip() for name in (reader.fieldnames or ()))
+        if set(GENERIC_COLUMNS) <= set(header):
+            return Boxes("generic", _read(reader, source, _generic_box, "path"))
+        if set(RSNA_COLUMNS) <= set(header):
+            return Boxes("rsna", _read(reader, source, _rsna_box, "patientId"))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"--boxes {source}: cannot read: {e}") from None
+    raise UsageError(f"--boxes {source}: header must hold {','.join(GENERIC_COLUMNS)} or "
+                     f"{','.join(RSNA_COLUMNS)}, got {','.join(header) or 'nothing'}")
 
 
-def _read(reader: csv.DictReader, path: Path, parse, key_column: str) -> dict[str, list[Box]]:
+def _read(reader: csv.DictReader, path: str, parse, key_column: str) -> dict[str, list[Box]]:
     boxes: dict[str, list[Box]] = {}
     for values in reader:
         if None in values:  # csv.DictReader's key for the fields beyond the header

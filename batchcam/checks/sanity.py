@@ -15,6 +15,7 @@ demand of the demo model). Writes ``sanity.md`` (a table of layer -> mean correl
 from __future__ import annotations
 
 import copy
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,13 @@ from batchcam.cam import overlay as overlays
 from batchcam.cam.engine import CamEngine
 from batchcam.checks.metrics import _average_ranks
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_SANITY_SAMPLE
-from batchcam.decode.dataset import FileTooLarge, Sample, collate_samples, decode_sample, read_file_bounded
+from batchcam.decode.dataset import Sample, collate_samples, decode_sample
 from batchcam.decode.discover import discover
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import LoadedModel, normalize
+from batchcam.runtime.bounded import FileTooLarge, read_file_bounded
 from batchcam.runtime.devices import resolve_device
+from batchcam.runtime.fsutil import SafeDir
 
 CASCADE = (("fc",), ("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1"))
 SEED = 0
@@ -134,7 +137,9 @@ def sanity_check(loaded: LoadedModel, root: Path, sample: int = DEFAULT_SANITY_S
 
 
 def write_sanity(result: SanityResult, out: Path, model_name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """``sanity.md``, ``sanity.json`` and ``sanity.png`` in ``out`` (made when missing), each written
+    atomically relative to the folder's descriptor: a link planted at one of these names is replaced,
+    never written through."""
     lines = ["# Sanity check: cascading model randomisation", "",
              f"Model `{model_name}`, {len(result.paths)} images; layers re-initialised from the top down "
              "(Adebayo et al., NeurIPS 2018). Spearman rank correlation of each image's exact Grad-CAM map "
@@ -144,13 +149,15 @@ def write_sanity(result: SanityResult, out: Path, model_name: str) -> None:
         values = result.correlations[step]
         lines.append(f"| {step} | {np.mean(values):.3f} | {np.min(values):.3f} | {np.max(values):.3f} |")
     lines += ["", "![maps per randomisation step](sanity.png)", ""]
-    (out / "sanity.md").write_text("\n".join(lines), encoding="utf-8")
-    (out / "sanity.json").write_text(json.dumps(
-        {"model": model_name, "images": result.paths, "steps": result.steps[1:],
-         "mean_correlation": {s: round(result.mean(s), 6) for s in result.steps[1:]},
-         "correlations": {s: [round(v, 6) for v in result.correlations[s]] for s in result.steps[1:]}},
-        indent=2), encoding="utf-8")
-    figure(result).save(out / "sanity.png")
+    summary = {"model": model_name, "images": result.paths, "steps": result.steps[1:],
+               "mean_correlation": {s: round(result.mean(s), 6) for s in result.steps[1:]},
+               "correlations": {s: [round(v, 6) for v in result.correlations[s]] for s in result.steps[1:]}}
+    png = io.BytesIO()
+    figure(result).save(png, format="PNG")
+    with SafeDir.open(out, create=True) as folder:
+        folder.write_bytes("sanity.md", "\n".join(lines).encode("utf-8"))
+        folder.write_bytes("sanity.json", json.dumps(summary, indent=2).encode("utf-8"))
+        folder.write_bytes("sanity.png", png.getvalue())
 
 
 def figure(result: SanityResult) -> Image.Image:

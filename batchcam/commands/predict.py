@@ -15,9 +15,10 @@ from typing import TextIO
 
 from batchcam.commands.explain import Explainer, Explanation
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, PredictConfig, resolve_target
-from batchcam.decode.dataset import FileTooLarge, Sample, read_file_bounded
+from batchcam.decode.dataset import Sample
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import load_model
+from batchcam.runtime.bounded import FileTooLarge, read_file_bounded
 from batchcam.runtime.console import Console
 from batchcam.runtime.devices import resolve_device
 from batchcam.runtime.fsutil import SafeDir, publish_new

@@ -3,8 +3,9 @@
 and the gallery showing them, the scan's own CSV, manifest and maps), so everyone who opens the
 report sees them, in any browser.
 
-Everything is read and checked before the first write: a CSV of another report, wrong columns or a
-path not in the report is refused with its reason, and REPORT is left exactly as it was.
+Everything is read and checked before the first write: a CSV of another report (its ``report_id``),
+wrong columns, a bad row, a path not in the report or a prediction not the report's is refused with
+its reason, and REPORT is left exactly as it was.
 """
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchcam.commands.evaluate import KEPT, page_size_of
+from batchcam.config import MAX_REVIEW_IMPORT_BYTES, shown
 from batchcam.errors import NotOurFolder, ReportWriteError, UsageError
 from batchcam.report import review as reviewlib
 from batchcam.report.folder import ReportFolder, json_content, published_but
 from batchcam.report.gallery import render_gallery
 from batchcam.report.lock import MARKER, STATE_DIR, ReportLock, is_report
 from batchcam.report.summary import scan_metrics
+from batchcam.runtime.bounded import read_input
 from batchcam.runtime.interrupt import InterruptGuard
-
-MAX_IMPORT_BYTES = 64 * 2**20   # a review of 150,000 images with full notes is far below this
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,14 @@ def import_reviews(report_path: Path, csv_path: Path) -> ImportResult:
     NotOurFolder for a folder that is not a batchcam report, ReportLocked (exit 75) while a scan runs."""
     report_path = Path(report_path)
     if not is_report(report_path):
-        raise NotOurFolder(f"{report_path} is not a batchcam report (no {STATE_DIR}/{MARKER}): "
+        raise NotOurFolder(f"{shown(report_path)} is not a batchcam report (no {STATE_DIR}/{MARKER}): "
                            "nothing was imported")
     text = read_export(Path(csv_path))
     try:
         with ReportLock(report_path) as lock, InterruptGuard() as guard:
             report = ReportFolder.of(lock)
             try:
-                return _import_locked(report, text, str(csv_path), guard.check)
+                return _import_locked(report, text, shown(csv_path), guard.check)
             finally:
                 report.close()
     except OSError as e:
@@ -53,22 +54,21 @@ def import_reviews(report_path: Path, csv_path: Path) -> ImportResult:
 
 
 def read_export(path: Path) -> str:
+    """The exported CSV as text, read bounded (``config.MAX_REVIEW_IMPORT_BYTES``) from a regular file only."""
+    data = read_input(path, MAX_REVIEW_IMPORT_BYTES, "--import", "the review.csv the gallery exported")
     try:
-        if path.stat().st_size > MAX_IMPORT_BYTES:
-            raise UsageError(f"{path} is larger than {MAX_IMPORT_BYTES // 2**20} MB: not a gallery's review.csv")
-        return path.read_bytes().decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text: not a gallery's review.csv") from None
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+        raise UsageError(f"--import {shown(path)} is not UTF-8 text: not a gallery's review.csv") from None
 
 
 def _import_locked(report: ReportFolder, text: str, source: str, stop) -> ImportResult:
     """Check the import, publish the generation showing it, then write reviews.csv (after the switch:
     a failure or a signal before it leaves the report and reviews.csv as they were)."""
     manifest, rows, class_names = report.read_scan()
-    imported = reviewlib.parse_export(text, source, class_names)
+    imported = reviewlib.parse_export(text, source, class_names, report.report_id())
     reviewlib.check_belongs(imported, rows, source)
+    imported = reviewlib.with_report_values(imported, rows, source)
     merged = reviewlib.mark_states(reviewlib.merge(report.read_reviews(), imported), rows)
     decisions = reviewlib.current_decisions(merged, rows)
     metrics = report.read_json("metrics.json")

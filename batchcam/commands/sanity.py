@@ -4,17 +4,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchcam.checks.sanity import CASCADE, sanity_check, write_sanity
-from batchcam.config import check_model
+from batchcam.config import check_model, shown
+from batchcam.errors import ReportWriteError, UsageError
 from batchcam.model.checkpoint import load_model
 from batchcam.runtime.console import Console
 
 
 def sanity(root: Path, model: Path | None, sample: int, device: str, out: Path) -> tuple[str, Path]:
-    """Run the check and write its files into ``out``; returns a one-line summary and sanity.md's path."""
+    """Run the check and write its files into ``out``; returns a one-line summary and sanity.md's path.
+
+    UsageError for a bad model or an ``out`` that is not a folder; ReportWriteError (exit 74) when
+    the files cannot be written.
+    """
     check_model(model)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {shown(out)} exists and is not a folder")
     loaded = load_model(model, Console().warn)
     result = sanity_check(loaded, root, sample, device)
-    write_sanity(result, out, loaded.path.name)
+    try:
+        write_sanity(result, out, loaded.path.name)
+    except OSError as e:
+        raise ReportWriteError(f"cannot write the sanity check into {shown(out)}: {e.strerror or e}") from None
     steps = ", ".join(f"{'+'.join(names)} {result.mean(step):.2f}" for names, step in zip(CASCADE, result.steps[1:]))
     return (f"sanity check on {len(result.paths)} images, mean rank correlation after randomising {steps}",
             out / "sanity.md")

@@ -8,6 +8,7 @@ The device, the precision and the CAM target are resolved once, here, and handed
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,14 +20,14 @@ import torch
 from batchcam.cam.backends import EagerForward, OnnxForward, choose_backend, make_forward
 from batchcam.cam.engine import TARGET_LAYER, CamEngine, linear_head
 from batchcam.config import ScanConfig, resolve_target
-from batchcam.decode.discover import IMAGE_EXTENSIONS, discover
+from batchcam.decode.discover import IMAGE_EXTENSIONS, Discovery, discover
 from batchcam.engines import local
 from batchcam.engines.heat_scale import rescale_overlays
 from batchcam.engines.job import DecodeSettings, RayOptions, ScanJob
 from batchcam.engines.stages import prepared_model
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import LoadedModel, load_model
-from batchcam.records import Row, status_counts
+from batchcam.records import Row, display_path, status_counts
 from batchcam.report.changes import mark_changes, run_record
 from batchcam.report.folder import ReportFolder, cams_content, csv_content, json_content, published_but
 from batchcam.report.gallery import render_gallery
@@ -45,14 +46,23 @@ class ScanResult:
     rows: list[Row]
     counts: dict
     seconds: float
+    unlisted: tuple[str, ...] = ()   # folders that could not be listed: their rows were kept, the run exits 3
+    kept: int = 0                    # rows kept as they were under those folders
 
     @property
     def summary_line(self) -> str:
         c = self.counts
         rate = c["processed"] / self.seconds if self.seconds > 0 else 0.0
         skipped = f"{c['skipped']} skipped, " if c.get("skipped") else ""
-        return (f"batchcam: {c['found']} found, {c['ok']} ok, {c['error']} error, {skipped}"
-                f"{self.seconds:.1f} s, {rate:.1f} images/s -> {self.report}")
+        unlisted = (f"{len(self.unlisted)} folder(s) not listed ({self.kept} rows kept as they were), "
+                    if self.unlisted else "")
+        return (f"batchcam: {c['found']} found, {c['ok']} ok, {c['error']} error, {skipped}{unlisted}"
+                f"{self.seconds:.1f} s, {rate:.1f} images/s -> {display_path(os.fspath(self.report))}")
+
+    @property
+    def complete(self) -> bool:
+        """Every image processed and every folder listed (exit 0); else the report is written but exit 3."""
+        return not self.counts["error"] and not self.unlisted
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,8 @@ class Ready:
     target: int | None
     settings: Settings
     forward: EagerForward | OnnxForward | None = None  # built here only for an explicit --backend onnx
+    problems: tuple[str, ...] = ()   # discovery's warnings, said once the run's log is open
+    unlisted: tuple[str, ...] = ()   # folders that could not be listed (relative to ROOT)
 
 
 def prepare(config: ScanConfig, console: Console) -> Ready:
@@ -75,7 +87,8 @@ def prepare(config: ScanConfig, console: Console) -> Ready:
     """
     device = resolve_device(config.device)
     config.validate_device(device.type)
-    files = discover_files(config, console)
+    discovery = discover_files(config)
+    files = stat_candidates(discovery.candidates)
     loaded = load_model(config.model, console.warn)
     target = resolve_target(config.target, loaded.spec.class_names)
     autocast = resolve_precision(config.precision, device)
@@ -88,7 +101,8 @@ def prepare(config: ScanConfig, console: Console) -> Ready:
         choose_backend("onnx", device, exact_path(config, loaded), autocast, len(files))
         forward = make_forward("onnx", prepared_model(loaded, device), TARGET_LAYER, loaded.sha256,
                                loaded.spec.image_size, explicit=True, log=console.log)
-    return Ready(files, loaded, device, autocast, target, settings, forward)
+    return Ready(files, loaded, device, autocast, target, settings, forward, problems=tuple(discovery.problems),
+                 unlisted=tuple(discovery.unlisted))
 
 
 def exact_path(config: ScanConfig, loaded: LoadedModel) -> bool:
@@ -96,14 +110,20 @@ def exact_path(config: ScanConfig, loaded: LoadedModel) -> bool:
     return config.cam == "gradcam" and linear_head(loaded.model) is not None
 
 
-def discover_files(config: ScanConfig, console: Console) -> list[PlannedFile]:
+def discover_files(config: ScanConfig) -> Discovery:
+    """The candidates under ROOT (REPORT skipped); UsageError when there are none, REPORT untouched."""
     discovery = discover(config.root, exclude=config.out)
-    for problem in discovery.problems:
-        console.warn(problem)
+    root = display_path(os.fspath(config.root))
+    if not discovery.candidates and discovery.unlisted:
+        raise UsageError(f"ROOT {root}: {'; '.join(discovery.problems)}; no image file found elsewhere, so nothing "
+                         "was changed: run again once it can be read")
     if not discovery.candidates:
-        raise UsageError(f"no image files under {config.root} (looked for "
+        raise UsageError(f"no image files under {root} (looked for "
                          f"{', '.join(sorted(IMAGE_EXTENSIONS))}, case-insensitive, hidden files skipped)")
-    return stat_candidates(discovery.candidates)
+    if discovery.unlisted:
+        discovery.problems.append(f"{len(discovery.unlisted)} folder(s) could not be listed: the rows of their files "
+                                  "are kept as they were in the last run, and the run exits 3")
+    return discovery
 
 
 def run(config: ScanConfig, console: Console, ready: Ready, started: float, started_at: str,
@@ -111,6 +131,8 @@ def run(config: ScanConfig, console: Console, ready: Ready, started: float, star
     report = ReportFolder.of(lock)
     console.attach_log(report.open_log)
     console.log(f"run started: batchcam {' '.join(config.argv)}")
+    for problem in ready.problems:
+        console.warn(problem)
     try:
         return write_scan(report, config, console, ready, started, started_at)
     finally:
@@ -127,7 +149,8 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
     with InterruptGuard() as guard, RowStore(report.state(), ready.settings.key) as store:
         plan = make_plan(files, store.load(), full=config.full, selection=config.selection.key,
                          row_is_complete=lambda row: report.has_overlays(row)
-                         and (not config.keeps_cams or not row.ok or row.path in previous_cams))
+                         and (not config.keeps_cams or not row.ok or row.path in previous_cams),
+                         unlisted=ready.unlisted, last_run=store.last_run())
         console.info(f"scanning {len(files)} images under {config.root} on {device}: "
                      f"{len(plan.process)} to process, {len(plan.reuse)} unchanged")
         guard.check()
@@ -144,13 +167,16 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
         seconds = time.monotonic() - started
         cam_info = {"method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
                     "exact_fast_path": job.engine.exact, "heat_scale": config.heat_scale,
-                    "backend": job.ray.backend if job.ray else job.engine.backend}
+                    "backend": job.ray.backend if job.ray else job.engine.backend,
+                    "backend_file_sha256": None if job.ray else job.engine.forward.file_sha256}
         if config.heat_scale == "run":
             cam_info["run_scale"] = rescale_overlays(rows, files, {**previous_cams, **new_cams}, job)
         report_manifest = manifest(root=config.root, argv=config.argv, loaded=loaded, cam=cam_info,
                                    device=str(device), counts=counts, started_at=started_at,
                                    finished_at=now_iso(), seconds=seconds, selection=config.selection, rows=rows)
         report_manifest["report_id"] = report.report_id()
+        report_manifest["unlisted"] = {"folders": [display_path(folder) for folder in ready.unlisted],
+                                       "rows_kept": len(plan.kept)}
         report_manifest["changes"] = {"since": runs_before[-1]["started_at"] if runs_before else None, **changes}
         this_run = run_record(report_manifest, changes)
         reviews = write_report(report, rows, loaded, report_manifest,
@@ -160,7 +186,8 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
     if guard.requested:
         raise Interrupted(guard.signum, published=True)
     report_errors(rows, processed, console)
-    return ScanResult(report=config.out, rows=rows, counts=counts, seconds=seconds)
+    return ScanResult(report=config.out, rows=rows, counts=counts, seconds=seconds, unlisted=ready.unlisted,
+                      kept=len(plan.kept))
 
 
 def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportFolder, store: RowStore,

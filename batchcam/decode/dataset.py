@@ -11,10 +11,8 @@ import ctypes.util
 import hashlib
 import os
 import signal
-import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +22,7 @@ from batchcam.config import DEFAULT_MAX_FILE_BYTES, OVERLAY_LONG_SIDE, Selection
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, fit_within, resize_square
 from batchcam.decode.lungs import estimate_lung_fields
 from batchcam.decode.pixels import DecodeError, NotSelected, is_dicom
+from batchcam.runtime.bounded import FileInFlux, FileTooLarge, read_consistently
 
 
 @dataclass
@@ -57,26 +56,6 @@ class Sample:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-READ_CHUNK = 8 * 2 ** 20
-
-
-class FileInFlux(Exception):
-    """The file vanished, or changed while it was being read: no row can be trusted this time."""
-
-
-class FileTooLarge(Exception):
-    """The file is larger than the per-file cap; the message is a one-line reason for the CSV.
-
-    ``size`` and ``mtime_ns`` are the file's when it was refused (-1 when unknown), so its error
-    row is reused until the file changes.
-    """
-
-    def __init__(self, size: int, limit: int, mtime_ns: int = -1):
-        super().__init__(f"file too large: {_size_label(size)} (limit {_limit_label(limit)}, --max-file-mb)")
-        self.size, self.limit, self.mtime_ns = size, limit, mtime_ns
-
-    def __reduce__(self):  # crosses process boundaries (DataLoader workers) intact
-        return type(self), (self.size, self.limit, self.mtime_ns)
 
 
 class ScanDataset(Dataset):
@@ -118,106 +97,6 @@ class ScanDataset(Dataset):
                                 self.selection)
         decoded.size, decoded.mtime_ns = sample.size, sample.mtime_ns
         return decoded
-
-
-def read_consistently(path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[bytes, int, int]:
-    """The file's bytes with its size and mtime, checked unchanged across the read.
-
-    The size is checked on the open file before anything is read, and no more than
-    ``max_bytes + 1`` bytes are ever read: a file over the cap (a sparse 40 GiB file, say) raises
-    ``FileTooLarge``, one that grows while it is read raises ``FileInFlux``, as does one that
-    vanishes. Other failures to read raise ``OSError``.
-    """
-    try:
-        fd = _open_for_reading(path)
-    except FileNotFoundError:
-        raise FileInFlux("file vanished during the scan") from None
-    try:
-        before = _regular_file_status(fd)
-        if before.st_size > max_bytes:
-            raise FileTooLarge(before.st_size, max_bytes, before.st_mtime_ns)
-        data = _read_at_most(fd, max_bytes + 1)
-        after = os.fstat(fd)
-    finally:
-        os.close(fd)
-    try:
-        now = os.stat(path)  # the same file still there, unchanged
-    except FileNotFoundError:
-        raise FileInFlux("file vanished during the scan") from None
-    sizes = {(s.st_size, s.st_mtime_ns) for s in (before, after, now)}
-    if len(sizes) > 1 or len(data) != after.st_size:
-        raise FileInFlux("file changed while it was being read; it is read again on the next run")
-    if len(data) > max_bytes:  # cannot be reached with an honest st_size; kept as the last word
-        raise FileTooLarge(len(data), max_bytes)
-    return data, after.st_size, after.st_mtime_ns
-
-
-def read_file_bounded(path: Path, max_bytes: int) -> bytes:
-    """A file's bytes, refused with ``FileTooLarge`` beyond ``max_bytes`` before (or while) reading.
-
-    For one-off reads (``predict``); a scan uses ``read_consistently``, which also notices a file
-    changing under it. Failures to open or read raise ``OSError``.
-    """
-    fd = _open_for_reading(path)
-    try:
-        status = _regular_file_status(fd)
-        if status.st_size > max_bytes:
-            raise FileTooLarge(status.st_size, max_bytes, status.st_mtime_ns)
-        data = _read_at_most(fd, max_bytes + 1)
-        if len(data) > max_bytes:  # it grew past the cap while it was read
-            raise FileTooLarge(max(len(data), os.fstat(fd).st_size), max_bytes)
-    finally:
-        os.close(fd)
-    return data
-
-
-def _open_for_reading(path: Path) -> int:
-    # O_NONBLOCK: a FIFO put where a file was found must not hang the worker (it is refused below)
-    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
-
-
-def _regular_file_status(fd: int) -> os.stat_result:
-    status = os.fstat(fd)
-    if not stat.S_ISREG(status.st_mode):
-        raise OSError("not a regular file")
-    return status
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    """Up to ``limit`` bytes from ``fd``, until end of file.
-
-    The first read asks for the file's size and one byte more, so a file that does not change is
-    read in one buffer of its own size (joining one chunk copies nothing); whatever a growing file
-    adds comes in chunks, never past ``limit``.
-    """
-    expected = os.fstat(fd).st_size
-    chunks, total = [], 0
-    while total < limit:
-        want = expected + 1 - total if total <= expected else READ_CHUNK
-        chunk = os.read(fd, min(limit - total, want))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
-
-
-def _size_label(size: int) -> str:
-    """A size for a reason: ``1001 bytes``, ``2.0 KiB``, ``40.0 GiB``."""
-    if size < 1024:
-        return f"{size} bytes"
-    for unit, name in ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
-        if size >= unit:
-            return f"{size / unit:.1f} {name}"
-    return f"{size} bytes"
-
-
-def _limit_label(limit: int) -> str:
-    """A limit as it was most likely set: ``512 MiB``, ``1 KiB``, ``1000 bytes``."""
-    for unit, name in ((2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
-        if limit >= unit and limit % unit == 0:
-            return f"{limit // unit} {name}"
-    return _size_label(limit)
 
 
 def worker_init(parent_pid: int, worker_id: int) -> None:

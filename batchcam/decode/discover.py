@@ -6,6 +6,7 @@ the first 132 of files without an extension, where DICOM exports often put their
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ class Discovery:
     # One line each, paths shown with rows.display_path: folders that could not be read, folders
     # reached twice through symbolic links, entries that are not regular files.
     problems: list[str] = field(default_factory=list)
+    # Folders that could not be listed (permissions, an NFS hiccup), as relative paths like
+    # Candidate.relpath: what lies in them is unknown this time, not gone.
+    unlisted: list[str] = field(default_factory=list)
 
 
 def discover(root: Path, exclude: Path | None = None) -> Discovery:
@@ -38,39 +42,54 @@ def discover(root: Path, exclude: Path | None = None) -> Discovery:
     A candidate is a regular file (after following symbolic links) whose extension is an image's
     (case-insensitive) or that has no extension and starts like a DICOM file. Hidden files and
     folders are skipped. Symbolic links are followed, also out of ROOT, but a folder already
-    visited (a link loop, or two links to one folder) is not entered twice; ``exclude`` (the
-    report folder, when it lies inside ROOT) is never entered. What cannot be read is reported in
-    ``problems``, never skipped in silence: an unreadable folder, a FIFO or device named like an
-    image (reading one could block or never end). A file that cannot be read stays a candidate,
-    so it gets its own error row.
+    visited (a link loop, or two links to one folder) is not entered twice. ``exclude`` (the report
+    folder) and every folder inside it are never entered, recognised by device and inode, so a link
+    to ``REPORT/overlays`` or a bind mount of REPORT inside ROOT is skipped too. What cannot be read
+    is reported in ``problems``, never skipped in silence: an unreadable folder (also listed in
+    ``unlisted``), a FIFO or device named like an image (reading one could block or never end). A
+    file that cannot be read stays a candidate, so it gets its own error row.
     """
     root = Path(root)
-    excluded = os.path.realpath(exclude) if exclude is not None else None
     problems: list[str] = []
+    unlisted: list[str] = []
     found: list[Candidate] = []
     visited: set[tuple[int, int]] = set()
+    excluded = _folder_identities(exclude) if exclude is not None else set()
 
-    def shown(path: str) -> str:
-        return display_path(os.path.relpath(path, root).replace(os.sep, "/"))
+    def relative(path: str) -> str:
+        return os.path.relpath(path, root).replace(os.sep, "/")
+
+    def cannot_list(folder: str, error: OSError) -> None:
+        shown = "ROOT" if relative(folder) == "." else f"folder {display_path(relative(folder))}"
+        if isinstance(error, (FileNotFoundError, NotADirectoryError)):
+            problems.append(f"{shown} vanished during discovery")  # gone: its files are gone too
+            return
+        with contextlib.suppress(OSError):
+            if _identity(folder) in excluded:
+                return
+        unlisted.append(relative(folder))
+        problems.append(f"cannot list {shown}: {error.strerror or error}")
 
     def on_error(error: OSError) -> None:
-        problems.append(f"cannot read folder {shown(error.filename or str(root))}: {error.strerror}")
+        cannot_list(os.fsdecode(error.filename) if error.filename else str(root), error)
 
     for folder, dirs, files in os.walk(root, onerror=on_error, followlinks=True):
         try:
             identity = _identity(folder)
         except OSError as e:
-            problems.append(f"cannot read folder {shown(folder)}: {e.strerror}")
+            cannot_list(folder, e)
+            dirs[:] = []
+            continue
+        if identity in excluded:
             dirs[:] = []
             continue
         if identity in visited:
-            problems.append(f"skipped folder {shown(folder)}: already visited through another path "
+            problems.append(f"skipped folder {display_path(relative(folder))}: already visited through another path "
                             "(symbolic link)")
             dirs[:] = []
             continue
         visited.add(identity)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and os.path.realpath(os.path.join(folder, d)) != excluded)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if name.startswith(".") or name.lower() in NOT_IMAGES:
                 continue
@@ -84,17 +103,27 @@ def discover(root: Path, exclude: Path | None = None) -> Discovery:
             else:
                 continue
             if problem:
-                problems.append(f"skipped {shown(path)}: {problem}")
+                problems.append(f"skipped {display_path(relative(path))}: {problem}")
                 continue
-            relpath = os.path.relpath(path, root).replace(os.sep, "/")
-            found.append(Candidate(relpath=relpath, path=Path(path)))
+            found.append(Candidate(relpath=relative(path), path=Path(path)))
     found.sort(key=lambda c: c.relpath)
-    return Discovery(candidates=found, problems=problems)
+    return Discovery(candidates=found, problems=problems, unlisted=sorted(unlisted))
 
 
 def _identity(folder: str) -> tuple[int, int]:
     status = os.stat(folder)
     return status.st_dev, status.st_ino
+
+
+def _folder_identities(folder: Path) -> set[tuple[int, int]]:
+    """(device, inode) of ``folder`` and of every folder inside it (links inside it not followed)."""
+    identities: set[tuple[int, int]] = set()
+    for inside, _, _ in os.walk(folder, followlinks=False):
+        try:
+            identities.add(_identity(inside))
+        except OSError:
+            continue
+    return identities
 
 
 def _has_image_extension(name: str) -> bool:
@@ -118,13 +147,23 @@ def _not_regular(path: str) -> str:
 
 
 def _not_dicom(path: str) -> str | None:
-    """"" for a DICOM file, None for any other file, or why it could not be checked."""
-    problem = _not_regular(path)
-    if problem:
+    """"" for a DICOM file, None for any other file, or why it could not be checked.
+
+    Opened without blocking and checked on the descriptor: a FIFO swapped in for the file after it
+    was looked at is refused, never waited on.
+    """
+    if _not_regular(path):
         return None
     try:
-        with open(path, "rb") as f:
-            head = f.read(DICOM_MAGIC_OFFSET + len(DICOM_MAGIC))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         return f"cannot check whether it is a DICOM file: {e.strerror}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "not a regular file"
+        head = os.read(fd, DICOM_MAGIC_OFFSET + len(DICOM_MAGIC))
+    except OSError as e:
+        return f"cannot check whether it is a DICOM file: {e.strerror}"
+    finally:
+        os.close(fd)
     return "" if head[DICOM_MAGIC_OFFSET:] == DICOM_MAGIC else None

@@ -17,6 +17,8 @@ Both are stored in the checkpoint as plain tensors and floats (``weights_only`` 
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,19 @@ import torch
 FLAG_PERCENTILE = 99.5      # of the held-out distances: beyond it an image is "unlike the training images"
 REPORTED_PERCENTILES = (95.0, 99.5)
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
+# How many images the statistics need (``enough_images``). The 99.5th percentile of n held-out
+# distances lies beyond all of them but n * 0.5%: below 100 / 0.5 = 200 that is less than one, so the
+# "percentile" is the sample maximum or an interpolation towards it. The temperature is fitted on the
+# same held-out images, and 200 of them also carry its fit.
+MIN_HELD_OUT = math.ceil(100 / (100 - FLAG_PERCENTILE))
+# A class mean from n fitting images adds 1/n of the expected squared distance (D/n on D features)
+# to every distance to it; 30 keeps that near 3%, and gives the shared covariance at least 30 - 1
+# degrees of freedom per class for the Ledoit-Wolf shrinkage to estimate its spread from.
+MIN_FIT_PER_CLASS = 30
+# A fitted temperature outside this range is warned about: T < 1 sharpens every confidence towards 1,
+# T > 1 flattens them; Guo et al. report fitted temperatures of about 1 to 3 for modern networks. One
+# at an end of the range searched is no estimate at all and is refused (``temperature_at_edge``).
+SANE_TEMPERATURE = (0.5, 5.0)
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,35 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         else:
             low = a
     return float(np.exp((low + high) / 2))
+
+
+def too_few_images(fit_per_class: Sequence[int], held_out: int, class_names: Sequence[str]) -> str | None:
+    """Why these counts are too few for the statistics ``fit_calibration`` fits (one line), or None."""
+    reasons = []
+    if held_out < MIN_HELD_OUT:
+        reasons.append(f"the {FLAG_PERCENTILE:g}th-percentile threshold and the temperature need at least "
+                       f"{MIN_HELD_OUT} held-out images (got {held_out})")
+    short = [f"{name} {count}" for name, count in zip(class_names, fit_per_class) if count < MIN_FIT_PER_CLASS]
+    if short:
+        reasons.append(f"the class means and the covariance need at least {MIN_FIT_PER_CLASS} fitting images in "
+                       f"each class (got {', '.join(short)})")
+    return "; ".join(reasons) or None
+
+
+def temperature_at_edge(temperature: float) -> bool:
+    """The fit ran to an end of the range searched: the held-out logits hold no estimate of T (a model
+    that gets every held-out image right by a margin drives T towards 0, one that gets them wrong to infinity)."""
+    return temperature < MIN_TEMPERATURE * 1.1 or temperature > MAX_TEMPERATURE / 1.1   # within the last steps
+
+
+def temperature_warning(temperature: float) -> str | None:
+    """What a fitted temperature outside ``SANE_TEMPERATURE`` does to the reported confidences, or None."""
+    low, high = SANE_TEMPERATURE
+    if low <= temperature <= high:
+        return None
+    effect = "sharpens every confidence towards 1" if temperature < low else "flattens every confidence"
+    return (f"the fitted temperature {temperature:.4f} is outside {low:g}..{high:g}: it {effect}; check the "
+            "held-out images before using this model")
 
 
 def scaled_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:

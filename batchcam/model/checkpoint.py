@@ -29,13 +29,13 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
+from batchcam.config import MAX_MODEL_BYTES
 from batchcam.decode.imaging import CENTER_CROP_RATIO, RESIZE_MODES
 from batchcam.model.architectures import ARCHITECTURES
 from batchcam.model.calibration import OodStatistics
 from batchcam.model.heads import HeadError, HeadLayout, read_head_module
 from batchcam.model.network import Network, NetworkError, build_network, canonical_state, read_network
 from batchcam.model.reading import (
-    MAX_MODEL_MB,
     ModelFile,
     archive_kind,
     find_weights,
@@ -55,7 +55,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CLASS_NAMES = ("NORMAL", "PNEUMONIA")   # two outputs or a single logit, when the file names none
 DEFAULT_IMAGE_SIZE = 224
-MAX_MODEL_BYTES = MAX_MODEL_MB * 2 ** 20
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ import io
 import os
 import pickle
 import re
-import stat
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -31,16 +30,17 @@ from typing import Any
 
 import torch
 
+from batchcam.config import MAX_MODEL_BYTES
 from batchcam.errors import CheckpointError
+from batchcam.runtime.bounded import FileTooLarge, NotRegularFile, read_file_bounded
 
-MAX_MODEL_MB = 1024          # a model file larger than this is refused before it is read
+MAX_MODEL_MB = MAX_MODEL_BYTES // 2 ** 20   # a model file larger than this is refused before it is read
 CONTAINER_KEYS = ("model_state_dict", "state_dict", "model", "net", "weights")
 CLASS_NAME_KEYS = ("class_names", "classes", "class_to_idx", "idx_to_class")
 # Harmless classes training scripts store beside the weights: timm's train.py saves its arguments.
 SAFE_EXTRA_GLOBALS = (argparse.Namespace,)
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTOCOL_OPCODE = 0x80
-READ_CHUNK = 8 * 2 ** 20
 
 
 class PickledObjects(CheckpointError):
@@ -67,49 +67,22 @@ class ModelFile:
         return CheckpointError(f"{self.label}: {reason}")
 
 
-def read_model_file(path: str | os.PathLike, max_bytes: int = MAX_MODEL_MB * 2 ** 20) -> ModelFile:
-    """The bytes of a regular file of at most ``max_bytes``; opened non-blocking so a FIFO cannot hang."""
+def read_model_file(path: str | os.PathLike, max_bytes: int = MAX_MODEL_BYTES) -> ModelFile:
+    """The bytes of a regular file of at most ``max_bytes`` (``runtime.bounded``: opened non-blocking,
+    so a FIFO cannot hang; checked on the descriptor; its size before any byte is read)."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        data = read_file_bounded(path, max_bytes)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such model file") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot open the model file ({e.strerror or e})") from None
-    try:
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
-            raise CheckpointError(f"{path}: not a regular file ({_file_type(status.st_mode)}), so not a model file")
-        if status.st_size > max_bytes:
-            raise CheckpointError(f"{path}: {_mib(status.st_size)}, larger than the {_mib(max_bytes)} a model file "
-                                  "may have")
-        data = _read_at_most(fd, max_bytes + 1)
+    except NotRegularFile as e:
+        raise CheckpointError(f"{path}: not a regular file ({e.kind}), so not a model file") from None
+    except FileTooLarge as e:
+        raise CheckpointError(f"{path}: {_mib(e.size)}, larger than the {_mib(max_bytes)} a model file may have") \
+            from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read the model file ({e.strerror or e})") from None
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:
-        raise CheckpointError(f"{path}: grew past the {_mib(max_bytes)} a model file may have while it was read")
     return ModelFile(path, data, hashlib.sha256(data).hexdigest())
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks, total = [], 0
-    while total < limit:
-        chunk = os.read(fd, min(READ_CHUNK, limit - total))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
-
-
-def _file_type(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "a special file"
 
 
 def _mib(size: int) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batchcam.report.generations import open_published
+from batchcam.report.review import formula_unescaped
 from batchcam.runtime.fsutil import SafeDir
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ def join_reviews(frame: pd.DataFrame, text: str) -> pd.DataFrame:
     reviews = reviews.drop_duplicates(["path", "sha256"], keep="last")
     joined = frame.merge(reviews, on=["path", "sha256"], how="left", validate="many_to_one")
     joined["decision"] = pd.Categorical(joined["decision"], categories=DECISIONS)
-    joined["note"] = joined["note"].fillna("")
+    joined["note"] = joined["note"].fillna("").map(formula_unescaped).astype("string")  # as the reviewer wrote it
     joined["reviewed_at"] = pd.to_datetime(joined["reviewed_at"], utc=True, format="ISO8601")
     joined.index = frame.index
     return joined

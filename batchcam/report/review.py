@@ -4,6 +4,12 @@
 A decision is about one file's bytes: it is keyed by (path, sha256). Merging keeps the later
 decision of each key. Rows whose file is no longer in the report, or whose file changed since, are
 kept and marked in ``state``; only current decisions show in the gallery and count in metrics.json.
+
+The export names its report (``report_id``): a CSV exported from another report, even of the same
+folder, is refused. The prediction and confidence a decision is about are the report's, never the
+CSV's: a row whose prediction differs from the report's for the same bytes is refused (the reviewer
+judged another prediction). Notes are free text that spreadsheets open: one starting like a formula
+is written with a leading single quote (OWASP's CSV-injection advice) and read back without it.
 """
 from __future__ import annotations
 
@@ -19,7 +25,10 @@ from batchcam.records import Row, one_line
 
 REVIEWS = "reviews.csv"
 REVIEW_COLUMNS = ("path", "sha256", "prediction", "confidence", "decision", "note", "reviewed_at")
+EXPORT_COLUMNS = (*REVIEW_COLUMNS, "report_id")   # the gallery's review.csv (templates/review.js)
 STORED_COLUMNS = (*REVIEW_COLUMNS, "state")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP CSV injection: a cell starting so may run as a formula
+QUOTE = "'"
 DECISIONS = ("agree", "disagree", "unsure")
 FILE_CHANGED, FILE_GONE = "file changed", "file gone"
 MAX_NOTE = 500
@@ -43,28 +52,38 @@ class Review:
         return self.path, self.sha256
 
 
-def parse_export(text: str, source: str, class_names: Sequence[str]) -> list[Review]:
-    """The gallery's review.csv, every row checked; UsageError naming the first problems."""
+def parse_export(text: str, source: str, class_names: Sequence[str], report_id: str) -> list[Review]:
+    """The gallery's review.csv of the report ``report_id``, every row checked; UsageError naming the
+    first problems. A CSV without ``report_id`` (an older gallery's) cannot say which report it is of."""
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing = [name for name in REVIEW_COLUMNS if name not in (reader.fieldnames or [])]
+    missing = [name for name in EXPORT_COLUMNS if name not in (reader.fieldnames or [])]
+    if missing == ["report_id"]:
+        raise UsageError(f"{source} does not say which report it was exported from (no report_id column: an older "
+                         "gallery's export); export the decisions again from this report's gallery")
     if missing:
         raise UsageError(f"{source} is not a gallery's review.csv: missing column(s) {', '.join(missing)} "
-                         f"(expected {','.join(REVIEW_COLUMNS)})")
-    reviews, problems = [], []
+                         f"(expected {','.join(EXPORT_COLUMNS)})")
+    reviews, problems, foreign = [], [], set()
     for number, values in enumerate(reader, start=2):
         try:
             reviews.append(checked_review(values, class_names))
         except ValueError as e:
             problems.append(f"line {number}: {e}")
+            continue
+        if values["report_id"] != report_id:
+            foreign.add(values["report_id"])
     if problems:
         raise UsageError(f"{source}: {len(problems)} bad row(s): " + "; ".join(problems[:SHOWN_PROBLEMS]))
+    if foreign:
+        raise UsageError(f"{source} was exported from another report (report_id {', '.join(map(repr, sorted(foreign)))}"
+                         f"; this report's is {report_id!r}): import it into the report it came from")
     if not reviews:
         raise UsageError(f"{source} holds no decisions")
     return reviews
 
 
 def checked_review(values: dict[str, str | None], class_names: Sequence[str]) -> Review:
-    if None in values or any(values.get(name) is None for name in REVIEW_COLUMNS):
+    if None in values or any(values.get(name) is None for name in EXPORT_COLUMNS):
         raise ValueError("wrong number of fields")
     decision, sha256, prediction = values["decision"], values["sha256"], values["prediction"]
     if decision not in DECISIONS:
@@ -77,7 +96,7 @@ def checked_review(values: dict[str, str | None], class_names: Sequence[str]) ->
         confidence = float(values["confidence"])
         if not 0 <= confidence <= 1:
             raise ValueError(f"confidence {confidence} is not within 0..1")
-    note = one_line(values["note"])
+    note = one_line(formula_unescaped(values["note"]))
     if len(note) > MAX_NOTE:
         raise ValueError(f"note longer than {MAX_NOTE} characters")
     return Review(path=values["path"], sha256=sha256, prediction=prediction, confidence=values["confidence"],
@@ -85,14 +104,26 @@ def checked_review(values: dict[str, str | None], class_names: Sequence[str]) ->
 
 
 def utc_time(text: str) -> str:
-    """An ISO 8601 time (the browser's ``toISOString()``) as UTC with milliseconds; ValueError if it is none."""
-    try:
-        moment = datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"reviewed_at {text!r} is not an ISO 8601 time") from None
+    """An ISO 8601 time (the browser's ``toISOString()``) as UTC with milliseconds; ValueError if it is none
+    (no time zone, or a time that has no UTC equivalent such as ``0001-01-01T00:00:00+23:59``)."""
+    moment = _parsed_time(text)
     if moment.tzinfo is None:
         raise ValueError(f"reviewed_at {text!r} has no time zone")
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+    return _in_utc(moment, text).isoformat(timespec="milliseconds")
+
+
+def _parsed_time(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"reviewed_at {text!r} is not an ISO 8601 time") from None
+
+
+def _in_utc(moment: datetime, text: str) -> datetime:
+    try:
+        return moment.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError(f"reviewed_at {text!r} is out of range in UTC") from None
 
 
 def check_belongs(reviews: Sequence[Review], rows: Sequence[Row], source: str) -> None:
@@ -108,17 +139,68 @@ def check_belongs(reviews: Sequence[Review], rows: Sequence[Row], source: str) -
                      + ", ".join(repr(path) for path in unknown[:SHOWN_PROBLEMS]))
 
 
+def with_report_values(reviews: Sequence[Review], rows: Sequence[Row], source: str) -> list[Review]:
+    """Each decision with the report's prediction and confidence for its file's bytes, not the CSV's.
+
+    A decision whose prediction differs from the report's for the same bytes is refused: the reviewer
+    judged another prediction (the report was scored again since the export). A decision about other
+    bytes of the path (the file changed since) keeps no prediction or confidence: the report no longer
+    says what the model made of those bytes.
+    """
+    current = {(row.path, row.sha256): row for row in rows}
+    checked, problems = [], []
+    for review in reviews:
+        row = current.get(review.key)
+        if row is None:
+            checked.append(replace(review, prediction="", confidence=""))
+            continue
+        if review.prediction != row.prediction:
+            problems.append(f"{review.path!r}: prediction {review.prediction!r}, but the report predicts "
+                            f"{row.prediction!r} for these bytes")
+            continue
+        checked.append(replace(review, confidence="" if row.confidence is None else f"{row.confidence:.6f}"))
+    if problems:
+        raise UsageError(f"{source}: {len(problems)} decision(s) about another prediction than the report's "
+                         f"(scored again since the export?): " + "; ".join(problems[:SHOWN_PROBLEMS])
+                         + "; export the decisions again from this report's gallery")
+    return checked
+
+
 def read_stored(text: str | None) -> list[Review]:
-    """``REPORT/reviews.csv`` as written by ``write_reviews``; a row that is not one is skipped."""
+    """``REPORT/reviews.csv`` as written by ``write_reviews``; a row that is not one is skipped.
+
+    Notes are read back as the reviewer wrote them; a hand-edited time is kept, normalised to UTC
+    where it can be (a time without a zone is taken as UTC).
+    """
     reviews = []
     for values in csv.DictReader(io.StringIO(text or "", newline="")):
         try:
             if values.get("decision") in DECISIONS and SHA256.fullmatch(values.get("sha256") or ""):
-                reviews.append(Review(**{name: values[name] or "" for name in REVIEW_COLUMNS},
-                                      state=values.get("state") or ""))
+                fields = {name: values[name] or "" for name in REVIEW_COLUMNS}
+                fields.update(note=formula_unescaped(fields["note"]), reviewed_at=_stored_time(fields["reviewed_at"]))
+                reviews.append(Review(**fields, state=values.get("state") or ""))
         except (KeyError, TypeError):
             continue
     return reviews
+
+
+def _stored_time(text: str) -> str:
+    try:
+        moment = _parsed_time(text)
+        return _in_utc(moment.replace(tzinfo=moment.tzinfo or timezone.utc), text).isoformat(timespec="milliseconds")
+    except ValueError:
+        return text   # kept as written; it sorts before every real time (``_moment``)
+
+
+def formula_escaped(text: str) -> str:
+    """A cell a spreadsheet shows as text: a leading ``= + - @``, tab or carriage return (or a quote,
+    so the escape can be undone without doubt) gets a single quote in front (OWASP CSV injection)."""
+    return QUOTE + text if text.startswith((*FORMULA_STARTS, QUOTE)) else text
+
+
+def formula_unescaped(text: str) -> str:
+    """``formula_escaped`` undone: the cell as it was before it was escaped."""
+    return text[1:] if text.startswith(QUOTE) else text
 
 
 def merge(stored: Iterable[Review], imported: Iterable[Review]) -> list[Review]:
@@ -132,10 +214,12 @@ def merge(stored: Iterable[Review], imported: Iterable[Review]) -> list[Review]:
 
 
 def _moment(review: Review) -> datetime:
+    """When the decision was made, comparable with any other: an unreadable time sorts first."""
     try:
-        return datetime.fromisoformat(review.reviewed_at)
+        moment = datetime.fromisoformat(review.reviewed_at)
     except ValueError:
         return datetime.min.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def mark_states(reviews: Iterable[Review], rows: Sequence[Row]) -> list[Review]:
@@ -152,7 +236,8 @@ def write_reviews(stream: io.TextIOBase, reviews: Iterable[Review]) -> None:
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(STORED_COLUMNS)
     for review in reviews:
-        writer.writerow([getattr(review, name) for name in STORED_COLUMNS])
+        writer.writerow([formula_escaped(review.note) if name == "note" else getattr(review, name)
+                         for name in STORED_COLUMNS])
 
 
 def current_decisions(reviews: Iterable[Review], rows: Sequence[Row]) -> dict[str, Review]:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from batchcam.decode.discover import Candidate
@@ -62,6 +62,7 @@ class PlannedFile:
 class Plan:
     reuse: list[Row]
     process: list[PlannedFile]
+    kept: list[Row] = field(default_factory=list)  # of ``reuse``: rows under folders that could not be listed
 
 
 def stat_candidates(candidates: Sequence[Candidate]) -> list[PlannedFile]:
@@ -77,11 +78,17 @@ def stat_candidates(candidates: Sequence[Candidate]) -> list[PlannedFile]:
 
 
 def make_plan(files: Sequence[PlannedFile], previous: dict[str, Row], *, full: bool,
-              row_is_complete: Callable[[Row], bool], selection: str = "") -> Plan:
+              row_is_complete: Callable[[Row], bool], selection: str = "", unlisted: Sequence[str] = (),
+              last_run: dict[str, Row] | None = None) -> Plan:
     """Split the files into rows to reuse and files to process; rows of vanished files are dropped.
 
     A DICOM's row was decided by a ``--select`` rule (``Row.selection``): under another rule
     (``selection``, the rule's key) it is decided again; rows of files without tags are not.
+
+    A folder that could not be listed (``unlisted``, relative to ROOT; ``.`` is ROOT) is not a
+    folder that is gone: the rows of files under it are kept as they were (``Plan.kept``, also in
+    ``reuse``), from ``previous`` or else from the ``last_run`` whatever its settings, even with
+    ``full``, since their files cannot be read again now.
     """
     reuse, process = [], []
     for planned in files:
@@ -92,7 +99,21 @@ def make_plan(files: Sequence[PlannedFile], previous: dict[str, Row], *, full: b
             reuse.append(row)
         else:
             process.append(planned)
-    return Plan(reuse=reuse, process=process)
+    kept = rows_under(unlisted, {planned.relpath for planned in files}, previous, last_run or {})
+    return Plan(reuse=reuse + kept, process=process, kept=kept)
+
+
+def rows_under(folders: Sequence[str], found: set[str], *sources: dict[str, Row]) -> list[Row]:
+    """Rows of files under ``folders`` that discovery did not find, each from the first source holding it."""
+    if not folders:
+        return []
+    prefixes = tuple("" if folder in (".", "") else folder.rstrip("/") + "/" for folder in folders)
+    kept: dict[str, Row] = {}
+    for source in sources:
+        for relpath, row in source.items():
+            if relpath not in found and relpath not in kept and relpath.startswith(prefixes):
+                kept[relpath] = row
+    return list(kept.values())
 
 
 class RowStore:

@@ -150,10 +150,10 @@ def test_error_rows_of_unchanged_files_are_reused_too(xray_folder, tiny_model, t
 
 def test_file_changed_while_being_read_gets_a_truthful_row_and_is_retried(xray_folder, tiny_model, tmp_path,
                                                                           monkeypatch):
-    from batchcam.decode import dataset
+    from batchcam.runtime import bounded
 
     victim = xray_folder / "NORMAL" / "img02.png"
-    real_read = dataset._read_at_most
+    real_read = bounded._read_at_most
 
     def read_while_someone_appends(fd, limit):
         data = real_read(fd, limit)
@@ -162,12 +162,12 @@ def test_file_changed_while_being_read_gets_a_truthful_row_and_is_retried(xray_f
                 f.write(b"more bytes from a slow writer")
         return data
 
-    monkeypatch.setattr(dataset, "_read_at_most", read_while_someone_appends)
+    monkeypatch.setattr(bounded, "_read_at_most", read_while_someone_appends)
     out = tmp_path / "out"
     assert scan(xray_folder, out, tiny_model) == 3
     row = {r["path"]: r for r in rows(out)}["NORMAL/img02.png"]
     assert row["status"] == "error" and "changed while it was being read" in row["error"]
-    monkeypatch.setattr(dataset, "_read_at_most", real_read)
+    monkeypatch.setattr(bounded, "_read_at_most", real_read)
     victim.write_bytes(victim.read_bytes()[: -len(b"more bytes from a slow writer")])
     assert scan(xray_folder, out, tiny_model) == 0
     assert manifest(out)["counts"]["processed"] == 1

@@ -152,6 +152,25 @@ def test_sanity_command_writes_a_markdown_report_and_a_figure(held_out, tmp_path
     assert set(json.loads((out / "sanity.json").read_text())["mean_correlation"]) >= {"fc", "fc+layer4"}
 
 
+def test_sanity_never_writes_through_links_planted_in_its_default_folder(tmp_path, monkeypatch, tiny_model,
+                                                                        xray_folder):
+    """The default --out is batchcam-sanity in the working directory: links planted there are replaced."""
+    monkeypatch.chdir(tmp_path)
+    planted = tmp_path / "batchcam-sanity"
+    planted.mkdir()
+    victims = {}
+    for name in ("sanity.md", "sanity.json", "sanity.png"):
+        victim = tmp_path / f"victim-{name}"
+        victim.write_bytes(b"someone else's file\n")
+        (planted / name).symlink_to(victim)
+        victims[victim] = victim.read_bytes()
+    assert main(["sanity", str(xray_folder), "--sample", "2", "--device", "cpu", "--model", str(tiny_model)]) == 0
+    assert {victim: victim.read_bytes() for victim in victims} == victims
+    for name in ("sanity.md", "sanity.json", "sanity.png"):
+        assert not (planted / name).is_symlink() and (planted / name).stat().st_size > 100
+    assert json.loads((planted / "sanity.json").read_text())["images"]
+
+
 def test_spearman_is_one_for_a_monotone_transform_and_zero_for_a_flat_map():
     a = np.random.default_rng(0).random((7, 7))
     assert spearman(a, a ** 3) == pytest.approx(1.0)

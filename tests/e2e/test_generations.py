@@ -221,9 +221,10 @@ def test_review_import_publishes_a_new_generation_and_keeps_reviews_outside_it(x
     assert scan(xray_folder, out, tiny_model) == 0
     row = rows(out)[0]
     export = tmp_path / "review.csv"
-    export.write_text("path,sha256,prediction,confidence,decision,note,reviewed_at\n"
+    report_id = json.loads((out / "manifest.json").read_text())["report_id"]
+    export.write_text("path,sha256,prediction,confidence,decision,note,reviewed_at,report_id\n"
                       f"{row['path']},{row['sha256']},{row['prediction']},{row['confidence']},disagree,"
-                      "look again,2026-12-02T08:00:00.000Z\n")
+                      f"look again,2026-12-02T08:00:00.000Z,{report_id}\n")
     before = current(out)
     assert main(["review", str(out), "--import", str(export)]) == 0
     assert current(out) != before and generations(out) == [current(out)]

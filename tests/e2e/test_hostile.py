@@ -10,6 +10,7 @@ import csv
 import html.parser
 import importlib.util
 import io
+import json
 import os
 import struct
 import sys
@@ -32,11 +33,10 @@ from batchcam.records import display_path
 from batchcam.synthetic import generate
 from conftest import tiny_checkpoint
 from tests.dicom_films import dx_dataset
+from tests.unprivileged import make_unreadable, unprivileged_run
 
 HAVE_PYDICOM = importlib.util.find_spec("pydicom") is not None
 needs_pydicom = pytest.mark.skipif(not HAVE_PYDICOM, reason="pydicom is not installed (pip install -e '.[test]')")
-AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-needs_unprivileged = pytest.mark.skipif(AS_ROOT, reason="running as root, where chmod 000 proves nothing")
 
 PHI_NAME, PHI_ID = "ZZPHIMARKER^SECRET", "PHI-ID-884213"
 
@@ -708,52 +708,48 @@ def test_discovery_finds_dcm_and_extensionless_dicom_by_magic_and_reads_only_the
     write(tmp_path / "DICOMDIR", dicom_bytes(anatomy(8)))
     write(tmp_path / "notes.txt", b"x" * 200)
     reads: list[tuple[str, int]] = []
-    real_open = open
+    real_read = os.read
 
-    class CountingFile:
-        def __init__(self, path, handle):
-            self.name, self.handle = Path(path).name, handle
-
-        def read(self, size=-1):
-            reads.append((self.name, size))
-            return self.handle.read(size)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
-    def counting_open(path, mode="r", *args, **kwargs):
-        return CountingFile(path, real_open(path, mode, *args, **kwargs))
+    def counting_read(fd: int, size: int) -> bytes:
+        reads.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, size))
+        return real_read(fd, size)
 
     with monkeypatch.context() as patch:
-        patch.setattr("builtins.open", counting_open)
+        patch.setattr(os, "read", counting_read)
         found = discover(tmp_path)
     assert [c.relpath for c in found.candidates] == ["1.2.3.4", "IM0001", "scan.DCM"]
     assert sorted(reads) == [("1.2.3.4", 132), ("IM0001", 132), ("Makefile", 132)]
 
 
-@needs_unprivileged
+UNPRIVILEGED_DISCOVERY = """
+import json, sys
+from batchcam.decode.discover import discover
+found = discover(sys.argv[1])
+print(json.dumps({"candidates": [c.relpath for c in found.candidates], "problems": found.problems,
+                  "unlisted": found.unlisted}))
+"""
+
+
 def test_an_unreadable_folder_is_reported_not_skipped_in_silence(tmp_path):
     write(tmp_path / "open" / "a.png", encoded(xray(0), "PNG"))
     write(tmp_path / "locked" / "b.png", encoded(xray(0), "PNG"))
-    (tmp_path / "locked").chmod(0)
+    make_unreadable(tmp_path / "locked")
     try:
-        found = discover(tmp_path)
+        run = unprivileged_run([sys.executable, "-c", UNPRIVILEGED_DISCOVERY, str(tmp_path)], timeout=60)
     finally:
         (tmp_path / "locked").chmod(0o755)
-    assert [c.relpath for c in found.candidates] == ["open/a.png"]
-    assert any("cannot read folder locked" in problem for problem in found.problems)
+    found = json.loads(run.stdout)
+    assert found["candidates"] == ["open/a.png"] and found["unlisted"] == ["locked"]
+    assert "cannot list folder locked: Permission denied" in found["problems"]
 
 
-@needs_unprivileged
 def test_an_unreadable_file_is_its_own_error_row(tiny_model, tmp_path):
     write(tmp_path / "root" / "a.png", encoded(xray(0), "PNG"))
     secret = write(tmp_path / "root" / "b.png", encoded(xray(1), "PNG"))
-    secret.chmod(0)
+    make_unreadable(secret)
     try:
-        code, _ = run_scan(tmp_path / "root", tmp_path / "out", tiny_model)
+        code = unprivileged_run([sys.executable, "-m", "batchcam", "scan", str(tmp_path / "root"), "--out",
+                                 str(tmp_path / "out"), "--model", str(tiny_model), "--workers", "0"]).returncode
     finally:
         secret.chmod(0o644)
     rows = {row["path"]: row for row in read_rows(tmp_path / "out")}

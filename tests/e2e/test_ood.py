@@ -143,14 +143,25 @@ def test_a_model_without_statistics_leaves_the_columns_empty_and_says_so(tmp_pat
     assert "unlike the training images" not in (out / "index.html").read_text()
 
 
-def test_calibrate_writes_a_new_checkpoint_that_scan_then_flags_with(tmp_path, tiny_model):
-    root = tmp_path / "labelled"
-    write_xrays(root, count=24, size=(96, 80))
+ENOUGH = 680     # 340 per class: 102 held out of each (204 >= 200), 238 fitting each
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """A labelled tree just big enough to calibrate on (calibrate asks for about 667 images)."""
+    root = tmp_path_factory.mktemp("labelled") / "labelled"
+    write_xrays(root, count=ENOUGH, size=(72, 64))
+    return root
+
+
+def test_calibrate_writes_a_new_checkpoint_that_scan_then_flags_with(tmp_path, tiny_model, labelled):
     out = tmp_path / "calibrated.pt"
-    assert main(["calibrate", str(root), "--model", str(tiny_model), "--out", str(out)]) == 0
+    assert main(["calibrate", str(labelled), "--model", str(tiny_model), "--out", str(out), "--batch-size", "64"]) == 0
     before, after = load_checkpoint(tiny_model), load_checkpoint(out)
-    assert after.ood is not None and after.ood.images == 16 and after.temperature > 0
+    assert after.ood is not None and after.ood.images == ENOUGH - 204 and after.temperature > 0
     assert all(torch.equal(v, after.model.state_dict()[k]) for k, v in before.model.state_dict().items())
+    root = tmp_path / "some"
+    write_xrays(root, count=4, size=(96, 80))
     report = tmp_path / "report"
     assert main(["scan", str(root), "--out", str(report), "--model", str(out), "--workers", "0", "--quiet"]) == 0
     with open(report / "predictions.csv", newline="") as f:
@@ -158,6 +169,35 @@ def test_calibrate_writes_a_new_checkpoint_that_scan_then_flags_with(tmp_path, t
     assert all(row["ood_flag"] in ("true", "false") for row in rows)
     probabilities = np.array([[float(row["p_NORMAL"]), float(row["p_PNEUMONIA"])] for row in rows])
     assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+
+
+def test_calibrate_replaces_an_existing_out_only_with_force_and_never_writes_a_temperature_it_did_not_estimate(
+        tmp_path, tiny_model, labelled, capsys, monkeypatch):
+    """The images' forward passes are stood in for by random features (the test above runs them)."""
+    from batchcam.commands import calibrate
+    from batchcam.model import calibration
+
+    def random_features(files, loaded, config, device, console):
+        generator = torch.Generator().manual_seed(0)
+        return (torch.randn(len(files), 512, generator=generator), torch.randn(len(files), 2, generator=generator),
+                torch.tensor([f.label for f in files]), torch.tensor([f.held_out for f in files]), 0)
+
+    monkeypatch.setattr(calibrate, "forward_all", random_features)
+    out = tmp_path / "calibrated.pt"
+    out.write_bytes(b"someone's file")
+    assert main(["calibrate", str(labelled), "--model", str(tiny_model), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"batchcam: error: --out {out} exists: give --force to replace it, or name a "
+                                       "new file\n")
+    force = ["calibrate", str(labelled), "--model", str(tiny_model), "--out", str(out), "--force", "--batch-size", "64"]
+    monkeypatch.setattr(calibration, "fit_temperature", lambda logits, labels: 0.0526)   # what 40 images once gave
+    assert main(force) == 2
+    err = capsys.readouterr().err
+    assert "the 204 held-out images give no estimate of the temperature" in err and "1.000" in err
+    assert out.read_bytes() == b"someone's file"
+    monkeypatch.setattr(calibration, "fit_temperature", lambda logits, labels: 0.3)
+    assert main(force) == 0
+    assert "batchcam: warning: the fitted temperature 0.3000 is outside 0.5..5" in capsys.readouterr().err
+    assert load_checkpoint(out).temperature == pytest.approx(0.3)
 
 
 def test_calibrate_refuses_to_overwrite_its_model_or_write_through_a_link(tmp_path, tiny_model, capsys):
@@ -169,19 +209,24 @@ def test_calibrate_refuses_to_overwrite_its_model_or_write_through_a_link(tmp_pa
     assert main(["calibrate", str(root), "--model", str(model), "--out", str(model)]) == 2
     link = tmp_path / "link.pt"
     link.symlink_to(tmp_path / "elsewhere.pt")
-    assert main(["calibrate", str(root), "--model", str(model), "--out", str(link)]) == 2
+    assert main(["calibrate", str(root), "--model", str(model), "--out", str(link), "--force"]) == 2
     hard = tmp_path / "hard.pt"
     hard.hardlink_to(model)
-    assert main(["calibrate", str(root), "--model", str(model), "--out", str(hard)]) == 2
+    assert main(["calibrate", str(root), "--model", str(model), "--out", str(hard), "--force"]) == 2
     assert "too few" not in capsys.readouterr().err
     assert model.read_bytes() == original and not (tmp_path / "elsewhere.pt").exists()
 
 
-def test_calibrate_needs_enough_images_of_every_class(tmp_path, tiny_model, capsys):
+def test_calibrate_refuses_a_held_out_set_too_small_for_its_statistics(tmp_path, tiny_model, capsys):
+    """40 images once gave temperature 0.0526 and every confidence 1.000: now refused, saying what it needs."""
     root = tmp_path / "labelled"
-    write_xrays(root, count=4, size=(96, 80))
+    write_xrays(root, count=40, size=(96, 80))
     assert main(["calibrate", str(root), "--model", str(tiny_model), "--out", str(tmp_path / "o.pt")]) == 2
-    assert "at least 10 images in each class folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "too few images to calibrate on" in err
+    assert "need at least 200 held-out images (got 12)" in err
+    assert "at least 30 fitting images in each class (got NORMAL 14, PNEUMONIA 14)" in err
+    assert "about 667 labelled images in all" in err
     assert not (tmp_path / "o.pt").exists()
 
 

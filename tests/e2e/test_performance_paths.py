@@ -23,7 +23,7 @@ from batchcam.cli import main
 from batchcam.decode.dataset import Sample, ScanDataset, collate_samples, decode_sample
 from batchcam.decode.discover import discover
 from batchcam.decode.gpu_decode import BatchedJpegDecoder, can_defer
-from batchcam.model.checkpoint import load_checkpoint, normalize
+from batchcam.model.checkpoint import file_sha256, load_checkpoint, normalize
 from batchcam.resources import DEMO_MODEL
 from batchcam.runtime.allocator import keep_freed_memory
 from batchcam.synthetic import generate
@@ -169,7 +169,8 @@ def test_bad_performance_options_exit_2(tiny_model, xray_folder, tmp_path, capsy
     assert not (tmp_path / "r").exists()
 
 
-def test_the_onnx_backend_gives_the_eager_rows_and_the_manifest_says_which_ran(tiny_model, tmp_path):
+def test_the_onnx_backend_gives_the_eager_rows_and_the_manifest_says_which_ran(tiny_model, tmp_path,
+                                                                              private_model_cache):
     pytest.importorskip("onnxruntime")
     root = tmp_path / "xrays"
     write_xrays(root, count=6, size=(300, 240))
@@ -184,8 +185,33 @@ def test_the_onnx_backend_gives_the_eager_rows_and_the_manifest_says_which_ran(t
         assert (row["cam_peak_x"], row["cam_peak_y"]) == (onnx[path]["cam_peak_x"], onnx[path]["cam_peak_y"])
         assert abs(float(row["attention_outside"]) - float(onnx[path]["attention_outside"])) < 1e-4
         assert row["attention_flag"] == onnx[path]["attention_flag"]
-    assert json.loads((tmp_path / "eager" / "manifest.json").read_text())["cam"]["backend"] == "eager"
-    assert json.loads((tmp_path / "onnx" / "manifest.json").read_text())["cam"]["backend"] == "onnx"
+    eager_cam = json.loads((tmp_path / "eager" / "manifest.json").read_text())["cam"]
+    onnx_cam = json.loads((tmp_path / "onnx" / "manifest.json").read_text())["cam"]
+    assert (eager_cam["backend"], eager_cam["backend_file_sha256"]) == ("eager", None)
+    (cached,) = private_model_cache.glob("*.onnx")
+    assert (onnx_cam["backend"], onnx_cam["backend_file_sha256"]) == ("onnx", file_sha256(cached))
+
+
+def test_a_tampered_onnx_cache_file_flips_no_prediction(tiny_model, tmp_path, private_model_cache):
+    """The tester's file: it passes the noise probe and swaps the logits on every X-ray. The run's first
+    batch is compared with PyTorch, so the run falls back to eager and says so."""
+    pytest.importorskip("onnxruntime")
+    from tests.onnx_tamper import plant, tampered_export
+
+    loaded = load_checkpoint(tiny_model)
+    plant(private_model_cache, loaded.sha256, loaded.spec.image_size,
+          tampered_export(loaded.model, loaded.spec.image_size))
+    root = tmp_path / "xrays"
+    write_xrays(root, count=6, size=(300, 240))
+    common = ["--model", str(tiny_model), "--workers", "0", "--quiet"]
+    assert main(["scan", str(root), "--out", str(tmp_path / "eager"), "--backend", "eager", *common]) == 0
+    assert main(["scan", str(root), "--out", str(tmp_path / "onnx"), "--backend", "onnx", *common]) == 0
+    eager, onnx = read_rows(tmp_path / "eager"), read_rows(tmp_path / "onnx")
+    assert {path: row["prediction"] for path, row in onnx.items()} == \
+        {path: row["prediction"] for path, row in eager.items()}
+    cam = json.loads((tmp_path / "onnx" / "manifest.json").read_text())["cam"]
+    assert (cam["backend"], cam["backend_file_sha256"]) == ("eager", None)
+    assert "disagrees with PyTorch on the run's first batch" in (tmp_path / "onnx" / "batchcam.log").read_text()
 
 
 def test_overlays_drawn_as_tensors_match_pillows_rows_and_pixels(tiny_model, tmp_path, monkeypatch):

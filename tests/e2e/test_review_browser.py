@@ -8,6 +8,7 @@ saying why, where its browser is absent.
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import time
 from pathlib import Path
@@ -195,6 +196,44 @@ def test_review_filter_and_summary_counts(browser, report):
     assert counts["all images"][4] == "50.0%"                          # 1 disagree of 2 verdicts
     per_class = {name: values for name, values in counts.items() if name != "all images"}
     assert sum(int(values[1]) for values in per_class.values()) == 1
+
+
+def test_the_export_names_its_report_and_writes_a_formula_note_as_text(report, tmp_path):
+    """A note typed as "=HYPERLINK(...)" leaves the browser as a text cell (a leading quote), with the
+    report's id; the import takes it back as typed (read_report) and stores it escaped again."""
+    import batchcam
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    note = '=HYPERLINK("http://example.invalid","x")'
+    driver = chromium(tmp_path / "profile", downloads)
+    try:
+        open_page(driver, report / "index.html")
+        driver.execute_script("localStorage.clear()")
+        open_page(driver, report / "index.html")
+        path = [c["path"] for c in visible_cards(driver) if c["status"] == "ok"][0]
+        open_viewer_on(driver, path)
+        send(driver, "n")
+        send(driver, note, Keys.ENTER)
+        send(driver, "d")
+        close_viewer(driver)
+        driver.find_element(By.ID, "review-export").click()
+        deadline = time.monotonic() + 15
+        while not (downloads / "review.csv").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        driver.quit()
+    with open(downloads / "review.csv", newline="", encoding="utf-8") as f:
+        [exported] = list(csv.DictReader(f))
+    manifest_id = json.loads((report / "manifest.json").read_text())["report_id"]
+    assert (exported["path"], exported["note"], exported["report_id"]) == (path, "'" + note, manifest_id)
+    imported = tmp_path / "imported"
+    shutil.copytree(report, imported)
+    assert main(["review", str(imported), "--import", str(downloads / "review.csv")]) == 0
+    with open(imported / "reviews.csv", newline="", encoding="utf-8") as f:
+        assert [row["note"] for row in csv.DictReader(f)] == ["'" + note]
+    frame = batchcam.read_report(imported).set_index("path")
+    assert frame.loc[path, "note"] == note and frame.loc[path, "decision"] == "disagree"
 
 
 def test_in_this_run_filter_and_new_first_sort_after_a_second_run(tmp_path, tiny_model):

@@ -19,7 +19,7 @@ from batchcam.synthetic import generate
 from conftest import TINY_SIZE, lock_held_elsewhere, write_xrays
 
 REPO = Path(__file__).resolve().parents[2]
-EXPORT_HEADER = "path,sha256,prediction,confidence,decision,note,reviewed_at\n"
+EXPORT_HEADER = "path,sha256,prediction,confidence,decision,note,reviewed_at,report_id\n"
 
 
 def scan(root: Path, out: Path, model: Path, *extra: str) -> int:
@@ -31,10 +31,15 @@ def read_rows(report: Path) -> dict[str, dict]:
         return {row["path"]: row for row in csv.DictReader(f)}
 
 
-def export_line(row: dict, decision: str, note: str, at: str) -> str:
+def report_id(report: Path) -> str:
+    return json.loads((report / "manifest.json").read_text())["report_id"]
+
+
+def export_line(row: dict, decision: str, note: str, at: str, of: Path) -> str:
+    """One line of the gallery's export of the report ``of``."""
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerow([row["path"], row["sha256"], row["prediction"], row["confidence"],
-                                                   decision, note, at])
+                                                   decision, note, at, report_id(of)])
     return out.getvalue()
 
 
@@ -77,8 +82,8 @@ def test_import_merges_decisions_into_reviews_csv_metrics_and_the_gallery(report
     rows = read_rows(report)
     first, second = sorted(rows)[:2]
     export = write_export(tmp_path / "review.csv", [
-        export_line(rows[first], "disagree", 'looks "normal", to me', "2026-12-02T08:00:00.000Z"),
-        export_line(rows[second], "agree", "", "2026-12-02T08:01:00.000Z")])
+        export_line(rows[first], "disagree", 'looks "normal", to me', "2026-12-02T08:00:00.000Z", report),
+        export_line(rows[second], "agree", "", "2026-12-02T08:01:00.000Z", report)])
     assert main(["review", str(report), "--import", str(export)]) == 0
     assert "imported 2 decisions" in capsys.readouterr().out
     stored = stored_reviews(report)
@@ -100,23 +105,45 @@ def test_a_later_decision_wins_and_an_earlier_one_changes_nothing(report, tmp_pa
     path = sorted(rows)[0]
     at = ("2026-12-02T08:00:00Z", "2026-12-02T09:00:00Z", "2026-12-02T07:00:00Z")
     for name, decision, when in (("one", "agree", at[0]), ("two", "disagree", at[1]), ("three", "unsure", at[2])):
-        export = write_export(tmp_path / f"{name}.csv", [export_line(rows[path], decision, name, when)])
+        export = write_export(tmp_path / f"{name}.csv", [export_line(rows[path], decision, name, when, report)])
         assert main(["review", str(report), "--import", str(export)]) == 0
     assert [(r["decision"], r["note"]) for r in stored_reviews(report)] == [("disagree", "two")]
 
 
-@pytest.mark.parametrize("case", ["another report", "wrong columns", "path not in report", "bad decision",
-                                  "bad sha256", "not utf-8", "empty"])
-def test_bad_input_is_refused_with_its_reason_and_changes_nothing(report, tmp_path, capsys, case):
+@pytest.fixture(scope="module")
+def other_report(scanned, tiny_model) -> Path:
+    """Another report of the very same folder: same paths, same bytes, another report_id."""
+    other = scanned.parent / "other-report"
+    assert scan(scanned.parent / "xrays", other, tiny_model) == 0
+    assert report_id(other) != report_id(scanned)
+    return other
+
+
+def flipped(prediction: str) -> str:
+    return "NORMAL" if prediction == "PNEUMONIA" else "PNEUMONIA"
+
+
+@pytest.mark.parametrize("case", ["paths of another folder", "another report of the same folder", "no report_id",
+                                  "wrong columns", "path not in report", "bad decision", "bad sha256", "not utf-8",
+                                  "empty", "time beyond UTC", "another prediction"])
+def test_bad_input_is_refused_with_its_reason_and_changes_nothing(report, other_report, tmp_path, capsys, case):
     rows = read_rows(report)
-    good = export_line(rows[sorted(rows)[0]], "agree", "", "2026-12-02T08:00:00Z")
+    first = rows[sorted(rows)[0]]
+    good = export_line(first, "agree", "", "2026-12-02T08:00:00Z", report)
     export = tmp_path / "review.csv"
-    if case == "another report":
+    if case == "paths of another folder":
         write_export(export, [good.replace(sorted(rows)[0], "elsewhere/x.png")])
         reason = "is not a review of this report"
+    elif case == "another report of the same folder":
+        write_export(export, [export_line(first, "agree", "", "2026-12-02T08:00:00Z", other_report)])
+        reason = f"was exported from another report (report_id {report_id(other_report)!r}; this report's is " \
+                 f"{report_id(report)!r}): import it into the report it came from"
+    elif case == "no report_id":
+        export.write_text(EXPORT_HEADER.replace(",report_id", "") + good.rsplit(",", 1)[0] + "\n")
+        reason = "does not say which report it was exported from (no report_id column"
     elif case == "wrong columns":
         export.write_text("path,verdict\nNORMAL/img00.png,agree\n")
-        reason = "missing column(s) sha256, prediction, confidence, decision, note, reviewed_at"
+        reason = "missing column(s) sha256, prediction, confidence, decision, note, reviewed_at, report_id"
     elif case == "path not in report":
         write_export(export, [good, good.replace(sorted(rows)[0], "NORMAL/gone.png")])
         reason = "names 1 path(s) not in this report: 'NORMAL/gone.png'"
@@ -124,27 +151,89 @@ def test_bad_input_is_refused_with_its_reason_and_changes_nothing(report, tmp_pa
         write_export(export, [good.replace(",agree,", ",maybe,")])
         reason = "decision 'maybe' is not one of agree, disagree, unsure"
     elif case == "bad sha256":
-        write_export(export, [good.replace(rows[sorted(rows)[0]]["sha256"], "abc")])
+        write_export(export, [good.replace(first["sha256"], "abc")])
         reason = "sha256 'abc' is not 64 lowercase hex digits"
     elif case == "not utf-8":
         export.write_bytes(EXPORT_HEADER.encode() + b"\xff\xfe,,\n")
         reason = "is not UTF-8 text"
-    else:
+    elif case == "empty":
         write_export(export, [])
         reason = "holds no decisions"
+    elif case == "time beyond UTC":
+        write_export(export, [export_line(first, "agree", "", "0001-01-01T00:00:00+23:59", report)])
+        reason = "line 2: reviewed_at '0001-01-01T00:00:00+23:59' is out of range in UTC"
+    else:
+        write_export(export, [export_line({**first, "prediction": flipped(first["prediction"])}, "agree", "",
+                                          "2026-12-02T08:00:00Z", report)])
+        reason = (f"{first['path']!r}: prediction {flipped(first['prediction'])!r}, but the report predicts "
+                  f"{first['prediction']!r} for these bytes")
     write_export(tmp_path / "good.csv", [good])
     assert main(["review", str(report), "--import", str(tmp_path / "good.csv")]) == 0   # reviews.csv exists
     before = report_state(report)
     capsys.readouterr()
     assert main(["review", str(report), "--import", str(export)]) == 2
-    assert reason in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert said.startswith("batchcam: error: ") and said.count("\n") == 1 and reason in said, said
     assert report_state(report) == before
+
+
+def test_a_naive_time_hand_edited_into_reviews_csv_does_not_break_later_imports(report, tmp_path):
+    rows = read_rows(report)
+    path = sorted(rows)[0]
+    first = write_export(tmp_path / "one.csv", [export_line(rows[path], "agree", "", "2026-12-02T08:00:00Z", report)])
+    assert main(["review", str(report), "--import", str(first)]) == 0
+    stored = (report / "reviews.csv").read_text(encoding="utf-8")
+    (report / "reviews.csv").write_text(stored.replace("2026-12-02T08:00:00.000+00:00", "2026-12-02T08:00:00"),
+                                        encoding="utf-8")
+    later = write_export(tmp_path / "two.csv", [export_line(rows[path], "disagree", "", "2026-12-02T09:00:00Z",
+                                                            report)])
+    assert main(["review", str(report), "--import", str(later)]) == 0
+    assert [(r["decision"], r["reviewed_at"]) for r in stored_reviews(report)] == [
+        ("disagree", "2026-12-02T09:00:00.000+00:00")]
+    earlier = write_export(tmp_path / "three.csv", [export_line(rows[path], "unsure", "", "2026-12-02T07:00:00Z",
+                                                                report)])
+    (report / "reviews.csv").write_text(stored.replace("2026-12-02T08:00:00.000+00:00", "2026-12-02T08:00:00"),
+                                        encoding="utf-8")
+    assert main(["review", str(report), "--import", str(earlier)]) == 0    # the naive 08:00 is taken as UTC
+    assert [(r["decision"], r["reviewed_at"]) for r in stored_reviews(report)] == [
+        ("agree", "2026-12-02T08:00:00.000+00:00")]
+
+
+FORMULAS = ["=HYPERLINK(\"http://x\",\"click\")", "+1+1", "-2+3", "@SUM(A1)", "'quoted already", "plain note"]
+
+
+def test_notes_starting_like_a_formula_are_stored_as_text_and_read_back_as_written(report, tmp_path):
+    import batchcam
+
+    rows = read_rows(report)
+    paths = sorted(rows)
+    export = write_export(tmp_path / "review.csv", [
+        export_line(rows[path], "agree", note, f"2026-12-02T08:0{i}:00Z", report)
+        for i, (path, note) in enumerate(zip(paths, FORMULAS))])
+    assert main(["review", str(report), "--import", str(export)]) == 0
+    with open(report / "reviews.csv", newline="", encoding="utf-8") as f:
+        cells = {row["path"]: row["note"] for row in csv.DictReader(f)}
+    assert [cells[path] for path in paths] == ["'" + note for note in FORMULAS[:4]]
+    frame = batchcam.read_report(report)
+    assert list(frame.set_index("path").loc[paths, "note"]) == FORMULAS[:4]
+    rows_js = (report / "gallery" / "rows.js").read_text(encoding="utf-8")
+    assert json.dumps("=HYPERLINK(\"http://x\",\"click\")") in rows_js and "'=HYPERLINK" not in rows_js
+
+
+def test_prediction_and_confidence_are_the_reports_not_the_csvs(report, tmp_path):
+    rows = read_rows(report)
+    path = sorted(rows)[0]
+    export = write_export(tmp_path / "review.csv", [export_line({**rows[path], "confidence": "0.01"}, "agree", "",
+                                                                "2026-12-02T08:00:00Z", report)])
+    assert main(["review", str(report), "--import", str(export)]) == 0
+    [stored] = stored_reviews(report)
+    assert (stored["prediction"], stored["confidence"]) == (rows[path]["prediction"], rows[path]["confidence"])
 
 
 def test_import_needs_a_batchcam_report_and_waits_for_no_lock(report, tmp_path, capsys):
     rows = read_rows(report)
     export = write_export(tmp_path / "review.csv",
-                          [export_line(rows[sorted(rows)[0]], "agree", "", "2026-12-02T08:00:00Z")])
+                          [export_line(rows[sorted(rows)[0]], "agree", "", "2026-12-02T08:00:00Z", report)])
     foreign = tmp_path / "site"
     foreign.mkdir()
     (foreign / "predictions.csv").write_text("path\n")
@@ -167,7 +256,8 @@ def test_decisions_on_files_gone_are_kept_and_marked_by_the_next_scan(tmp_path, 
     assert scan(root, out, tiny_model) == 0
     rows = read_rows(out)
     gone = files[0].relative_to(root).as_posix()
-    export = write_export(tmp_path / "review.csv", [export_line(rows[gone], "disagree", "", "2026-12-02T08:00:00Z")])
+    export = write_export(tmp_path / "review.csv",
+                          [export_line(rows[gone], "disagree", "", "2026-12-02T08:00:00Z", out)])
     assert main(["review", str(out), "--import", str(export)]) == 0
     files[0].unlink()
     assert scan(root, out, tiny_model) == 0

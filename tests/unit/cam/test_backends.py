@@ -1,6 +1,10 @@
 """The exact path's model step through ONNX Runtime: equal outputs, a cache that is never trusted blindly."""
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+
 import pytest
 import torch
 
@@ -17,6 +21,7 @@ from batchcam.cam.backends import (
 from batchcam.cam.engine import TARGET_LAYER, CamEngine
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import build_model
+from tests.onnx_tamper import plant, tampered_export
 
 onnxruntime = pytest.importorskip("onnxruntime")
 SIZE = 64
@@ -118,3 +123,100 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert model_cache() == tmp_path / "home" / ".cache" / "batchcam"
+
+
+# ---- a cache file is code batchcam runs ---------------------------------------------------------
+
+@functools.cache
+def tampered() -> bytes:
+    """The tampered export of ``tiny_model()`` (made once: it takes a few seconds)."""
+    return tampered_export(tiny_model(), SIZE)
+
+
+def plain_session_outputs(data: bytes, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    logits, activations = session.run(None, {"x": x.numpy()})
+    return torch.from_numpy(logits), torch.from_numpy(activations)
+
+
+def xray_batch(count: int = 4) -> torch.Tensor:
+    """Synthetic X-rays as the model sees them (smooth, unlike the probe's noise)."""
+    import numpy as np
+
+    from batchcam.decode.imaging import resize_square
+    from batchcam.model.checkpoint import ModelSpec, normalize
+    from batchcam.synthetic import generate
+
+    views = [resize_square(generate(i, ("NORMAL", "PNEUMONIA")[i % 2], (96, 80)).image.convert("L"), SIZE)
+             for i in range(count)]
+    return normalize(torch.from_numpy(np.stack(views)), ModelSpec(class_names=("NORMAL", "PNEUMONIA"), image_size=SIZE))
+
+
+def plant_in_cache(cache, data: bytes):
+    return plant(cache, SHA, SIZE, data)
+
+
+def test_a_tampered_cache_file_that_passes_the_probe_changes_no_prediction(private_model_cache):
+    model = tiny_model()
+    plant_in_cache(private_model_cache, tampered())
+    probe, x = backends.probe_batch(model, SIZE), xray_batch()
+    with EagerForward(model, model.layer4) as eager:
+        on_probe, on_xrays = eager(probe), eager(x)
+    assert backends.outputs_equal(*plain_session_outputs(tampered(), probe), *on_probe), \
+        "the tampered file must pass the noise probe, or this test proves nothing"
+    assert not torch.equal(plain_session_outputs(tampered(), x)[0].argmax(1), on_xrays[0].argmax(1))
+    with CamEngine(model) as reference:
+        expected = reference(x)
+    logged = []
+    with onnx_engine(model, log=logged.append) as engine:
+        actual = engine(x)
+        assert engine.backend == "eager" and engine.forward.file_sha256 is None
+    assert actual.targets.tolist() == expected.targets.tolist()
+    assert (actual.probabilities - expected.probabilities).abs().max() < 1e-6
+    assert any("disagrees with PyTorch on the run's first batch" in line for line in logged)
+
+
+def test_a_sound_cache_file_is_checked_on_the_first_batch_and_named_by_its_digest(private_model_cache):
+    model = tiny_model()
+    onnx_engine(model)
+    (cached,) = private_model_cache.glob("*.onnx")
+    x = xray_batch()
+    with onnx_engine(model) as engine, CamEngine(model) as eager:
+        assert (engine(x).probabilities - eager(x).probabilities).abs().max() < 1e-4
+        assert engine.backend == "onnx" and engine.forward.checked
+        assert engine.forward.file_sha256 == hashlib.sha256(cached.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("exposure", ["world-writable folder", "folder of another user", "group-writable file"])
+def test_a_cache_others_can_write_is_neither_read_nor_written(private_model_cache, exposure):
+    """As ssh refuses a key file others could have written: the planted file is never loaded; the
+    model is exported for the run alone."""
+    model = tiny_model()
+    planted = plant_in_cache(private_model_cache, tampered())
+    original = planted.read_bytes()
+    nobody = 65534
+    if exposure == "world-writable folder":
+        private_model_cache.chmod(0o777)
+    elif exposure == "folder of another user":
+        os.chown(private_model_cache, nobody, nobody)
+    else:
+        planted.chmod(0o664)
+    logged = []
+    loaded = []
+    real_checked_session = backends.checked_session
+
+    def recording(data, *args, **kwargs):
+        loaded.append(data)
+        return real_checked_session(data, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "checked_session", recording)
+        forward = make_forward("onnx", model, TARGET_LAYER, SHA, SIZE, explicit=True, log=logged.append)
+    assert len(loaded) == 1 and loaded[0] != original                   # only the fresh export was ever loaded
+    assert isinstance(forward, OnnxForward) and forward.file_sha256 != hashlib.sha256(original).hexdigest()
+    assert planted.read_bytes() == original
+    if "folder" in exposure:
+        assert [p.name for p in private_model_cache.iterdir()] == [planted.name]     # nothing cached there
+        assert any("is not used" in line and "chmod go-w" in line for line in logged)
+    else:
+        assert any(f"cached ONNX model {planted.name} not used" in line for line in logged)

@@ -28,10 +28,11 @@ import pytest
 from PIL import Image
 
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_FILE_MB
-from batchcam.decode import dataset as dataset_module
-from batchcam.decode.dataset import FileInFlux, FileTooLarge, ScanDataset, read_consistently, read_file_bounded
+from batchcam.decode.dataset import ScanDataset
 from batchcam.decode.imaging import decode_grayscale
 from batchcam.decode.pixels import DecodeError
+from batchcam.runtime import bounded
+from batchcam.runtime.bounded import FileInFlux, FileTooLarge, read_consistently, read_file_bounded
 from tests.dicom_films import empty_dataset
 
 HAVE_PYDICOM = importlib.util.find_spec("pydicom") is not None
@@ -268,7 +269,7 @@ def test_missing_files_and_read_errors_keep_their_meaning(tmp_path):
 
 def test_a_file_growing_past_the_cap_while_it_is_read_is_not_read_beyond_it(tmp_path, monkeypatch):
     path = write(tmp_path / "growing.png", b"x" * 900)
-    real = dataset_module._read_at_most
+    real = bounded._read_at_most
     asked: list[int] = []
 
     def read_while_a_writer_appends(fd: int, limit: int) -> bytes:
@@ -277,7 +278,7 @@ def test_a_file_growing_past_the_cap_while_it_is_read_is_not_read_beyond_it(tmp_
             f.write(b"y" * 300)
         return real(fd, limit)
 
-    monkeypatch.setattr(dataset_module, "_read_at_most", read_while_a_writer_appends)
+    monkeypatch.setattr(bounded, "_read_at_most", read_while_a_writer_appends)
     with pytest.raises(FileInFlux, match="changed while it was being read"):
         read_consistently(path, max_bytes=1000)
     with pytest.raises(FileTooLarge, match=r"^file too large: 1.5 KiB \(limit 1.4 KiB, --max-file-mb\)$"):
@@ -287,7 +288,7 @@ def test_a_file_growing_past_the_cap_while_it_is_read_is_not_read_beyond_it(tmp_
 
 def test_a_file_changed_while_it_is_read_is_in_flux(tmp_path, monkeypatch):
     path = write(tmp_path / "slow.png", b"x" * 100)
-    real = dataset_module._read_at_most
+    real = bounded._read_at_most
 
     def read_then_append(fd: int, limit: int) -> bytes:
         data = real(fd, limit)
@@ -295,7 +296,7 @@ def test_a_file_changed_while_it_is_read_is_in_flux(tmp_path, monkeypatch):
             f.write(b"more bytes from a slow writer")
         return data
 
-    monkeypatch.setattr(dataset_module, "_read_at_most", read_then_append)
+    monkeypatch.setattr(bounded, "_read_at_most", read_then_append)
     with pytest.raises(FileInFlux, match="changed while it was being read"):
         read_consistently(path)
 

@@ -9,7 +9,18 @@ import pytest
 import torch
 
 from batchcam.checks.metrics import expected_calibration_error, reliability_bins
-from batchcam.model.calibration import OodStatistics, fit_calibration, fit_ood, fit_temperature, ledoit_wolf
+from batchcam.model.calibration import (
+    MIN_FIT_PER_CLASS,
+    MIN_HELD_OUT,
+    OodStatistics,
+    fit_calibration,
+    fit_ood,
+    fit_temperature,
+    ledoit_wolf,
+    temperature_at_edge,
+    temperature_warning,
+    too_few_images,
+)
 from batchcam.model.checkpoint import load_checkpoint, save_calibrated
 from batchcam.records import CHECK_COLUMNS, OOD_COLUMNS, Row, columns, read_csv, write_csv
 from tests.conftest import tiny_checkpoint
@@ -122,3 +133,23 @@ def test_distances_cost_nothing_to_batch_shape(tmp_path):
     stats = fit_ood(*gaussian_features(100, dims=512), gaussian_features(20, dims=512, seed=1)[0], 2)
     out = stats.distances(torch.randn(7, 512))
     assert out.shape == (7,) and out.dtype == torch.float32 and np.isfinite(out.numpy()).all()
+
+
+def test_the_minimums_follow_from_the_statistics_they_protect():
+    assert MIN_HELD_OUT == 200          # 0.5% of 200 is one held-out distance beyond the 99.5th percentile
+    assert too_few_images([MIN_FIT_PER_CLASS] * 2, MIN_HELD_OUT, ("NORMAL", "PNEUMONIA")) is None
+    assert too_few_images([14, 14], 12, ("NORMAL", "PNEUMONIA")) == (
+        "the 99.5th-percentile threshold and the temperature need at least 200 held-out images (got 12); the class "
+        "means and the covariance need at least 30 fitting images in each class (got NORMAL 14, PNEUMONIA 14)")
+    assert "got PNEUMONIA 29" in too_few_images([500, 29], 300, ("NORMAL", "PNEUMONIA"))
+
+
+def test_a_held_out_set_the_model_never_gets_wrong_gives_no_temperature_and_an_odd_one_is_warned_about():
+    labels = torch.arange(300) % 2
+    logits = torch.stack([1.0 - 2.0 * labels, 2.0 * labels - 1.0], dim=1).float()   # every one right, margin 2
+    temperature = fit_temperature(logits, labels)
+    assert temperature < 0.06 and temperature_at_edge(temperature)
+    assert temperature_at_edge(fit_temperature(-logits, labels))                   # every one wrong
+    assert not temperature_at_edge(0.3) and "outside 0.5..5" in temperature_warning(0.3)
+    assert "sharpens every confidence towards 1" in temperature_warning(0.3)
+    assert temperature_warning(1.3) is None and "flattens" in temperature_warning(7.0)

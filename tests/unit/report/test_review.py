@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 
 import pytest
 
@@ -13,16 +14,22 @@ from batchcam.report.review import (
     Review,
     check_belongs,
     current_decisions,
+    formula_escaped,
+    formula_unescaped,
     mark_states,
     merge,
     parse_export,
+    read_stored,
     review_summary,
+    with_report_values,
     with_review,
+    write_reviews,
 )
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 SHA = {name: hashlib.sha256(name.encode()).hexdigest() for name in "abcx"}
-HEADER = "path,sha256,prediction,confidence,decision,note,reviewed_at\n"
+HEADER = "path,sha256,prediction,confidence,decision,note,reviewed_at,report_id\n"
+REPORT_ID = "r1"
 
 
 def review(path: str, sha: str, decision: str, at: str, note: str = "") -> Review:
@@ -36,21 +43,23 @@ def rows() -> list[Row]:
 
 
 def test_parse_export_normalises_times_to_utc_and_notes_to_one_line():
-    text = HEADER + f'a.png,{SHA["a"]},NORMAL,0.9,agree,"two\nlines",2026-12-02T09:00:00.5+01:00\n'
-    [parsed] = parse_export(text, "review.csv", CLASSES)
+    text = HEADER + f'a.png,{SHA["a"]},NORMAL,0.9,agree,"two\nlines",2026-12-02T09:00:00.5+01:00,r1\n'
+    [parsed] = parse_export(text, "review.csv", CLASSES, REPORT_ID)
     assert parsed.reviewed_at == "2026-12-02T08:00:00.500+00:00" and parsed.note == "two lines"
 
 
 @pytest.mark.parametrize(("line", "reason"), [
-    (f'a.png,{SHA["a"]},CAT,0.9,agree,,2026-12-02T08:00:00Z', "prediction 'CAT' is not a class of this report"),
-    (f'a.png,{SHA["a"]},NORMAL,1.5,agree,,2026-12-02T08:00:00Z', "confidence 1.5 is not within 0..1"),
-    (f'a.png,{SHA["a"]},NORMAL,0.9,agree,,yesterday', "reviewed_at 'yesterday' is not an ISO 8601 time"),
-    (f'a.png,{SHA["a"]},NORMAL,0.9,agree,,2026-12-02T08:00:00', "has no time zone"),
+    (f'a.png,{SHA["a"]},CAT,0.9,agree,,2026-12-02T08:00:00Z,r1', "prediction 'CAT' is not a class of this report"),
+    (f'a.png,{SHA["a"]},NORMAL,1.5,agree,,2026-12-02T08:00:00Z,r1', "confidence 1.5 is not within 0..1"),
+    (f'a.png,{SHA["a"]},NORMAL,0.9,agree,,yesterday,r1', "reviewed_at 'yesterday' is not an ISO 8601 time"),
+    (f'a.png,{SHA["a"]},NORMAL,0.9,agree,,2026-12-02T08:00:00,r1', "has no time zone"),
+    (f'a.png,{SHA["a"]},NORMAL,0.9,agree,,0001-01-01T00:00:00+23:59,r1', "is out of range in UTC"),
+    (f'a.png,{SHA["a"]},NORMAL,0.9,agree,,9999-12-31T23:59:59-00:01,r1', "is out of range in UTC"),
     (f'a.png,{SHA["a"]},NORMAL,0.9,agree', "wrong number of fields"),
 ])
 def test_parse_export_names_the_line_and_the_problem(line, reason):
     with pytest.raises(UsageError, match="line 2: ") as raised:
-        parse_export(HEADER + line + "\n", "review.csv", CLASSES)
+        parse_export(HEADER + line + "\n", "review.csv", CLASSES, REPORT_ID)
     assert reason in str(raised.value)
 
 
@@ -92,3 +101,43 @@ def test_summary_counts_and_agreement_by_predicted_class():
     assert with_review(None, rows(), {}) is None
     assert with_review(None, rows(), decisions)["review"] == summary
     assert "agreement" not in review_summary(rows(), {})
+
+
+def test_an_export_of_another_report_or_of_no_report_is_refused():
+    line = f'a.png,{SHA["a"]},NORMAL,0.9,agree,,2026-12-02T08:00:00Z,'
+    with pytest.raises(UsageError, match="was exported from another report .report_id 'r2'; this report's is 'r1'"):
+        parse_export(HEADER + line + "r2\n", "review.csv", CLASSES, REPORT_ID)
+    with pytest.raises(UsageError, match="no report_id column"):
+        parse_export(HEADER.replace(",report_id", "") + line[:-1] + "\n", "review.csv", CLASSES, REPORT_ID)
+
+
+@pytest.mark.parametrize("note", ["=1+1", "+1", "-1", "@A1", "\tx", "\rx", "'already quoted", "''", "plain", ""])
+def test_formula_escaping_is_undone_exactly(note):
+    escaped = formula_escaped(note)
+    assert not escaped.startswith(("=", "+", "-", "@", "\t", "\r"))
+    assert formula_unescaped(escaped) == note
+
+
+def test_stored_notes_round_trip_and_stored_times_compare_whatever_was_hand_edited():
+    stored = [review("a.png", "a", "agree", "2026-12-02T08:00:00.000+00:00", note="=cmd|' /C calc'!A0"),
+              review("b.png", "b", "agree", "2026-12-02T08:00:00", note="@SUM(1)")]
+    text = io.StringIO()
+    write_reviews(text, stored)
+    assert "'=cmd" in text.getvalue() and "'@SUM" in text.getvalue()
+    back = read_stored(text.getvalue())
+    assert [r.note for r in back] == ["=cmd|' /C calc'!A0", "@SUM(1)"]
+    assert back[1].reviewed_at == "2026-12-02T08:00:00.000+00:00"       # a naive time is taken as UTC
+    garbage = [review("a.png", "a", "agree", "not a time"), review("a.png", "a", "unsure", "0001-01-01T00:00:00+23:59")]
+    later = review("a.png", "a", "disagree", "2026-12-02T09:00:00.000+00:00")
+    assert merge(garbage, [later]) == [later]
+
+
+def test_prediction_and_confidence_come_from_the_report():
+    report_rows = [Row(path="a.png", status="ok", prediction="NORMAL", confidence=0.75, sha256=SHA["a"])]
+    [same] = with_report_values([review("a.png", "a", "agree", "t")], report_rows, "review.csv")
+    assert (same.prediction, same.confidence) == ("NORMAL", "0.750000")
+    [other_bytes] = with_report_values([review("a.png", "x", "agree", "t")], report_rows, "review.csv")
+    assert (other_bytes.prediction, other_bytes.confidence) == ("", "")
+    judged_otherwise = Review("a.png", SHA["a"], "PNEUMONIA", "0.9", "agree", "", "t")
+    with pytest.raises(UsageError, match="prediction 'PNEUMONIA', but the report predicts 'NORMAL'"):
+        with_report_values([judged_otherwise], report_rows, "review.csv")
