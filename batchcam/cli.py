@@ -17,6 +17,7 @@ from batchcam.config import (
     BACKENDS,
     CAM_METHODS,
     CHEST_MODALITIES,
+    CONCURRENT_REQUESTS_RANGE,
     DECODERS,
     DEFAULT_MAX_FILE_MB,
     DEFAULT_MAX_FILES,
@@ -34,11 +35,13 @@ from batchcam.config import (
     PRECISIONS,
     SELECT_MODES,
     UPLOAD_MB_RANGE,
+    UPLOADS_BUDGET_MB,
     CalibrateConfig,
     PredictConfig,
     ScanConfig,
     Selection,
     ServeConfig,
+    default_concurrent_requests,
     default_workers_for,
     shown,
 )
@@ -264,6 +267,11 @@ def add_serve_parser(commands) -> None:
                        f"{MEGAPIXELS_RANGE[0]} to {MEGAPIXELS_RANGE[1]} (default: {DEFAULT_MAX_MEGAPIXELS}); a "
                        "16-bit, float or DICOM image, decoded through 64-bit floats, may have a quarter of that (a "
                        "colour DICOM a twelfth); more get HTTP 413 before any pixel is decoded")
+    serve.add_argument("--max-concurrent-requests", type=int, default=None, metavar="N",
+                       help=f"requests read, decoded and explained at once, {CONCURRENT_REQUESTS_RANGE[0]} to "
+                       f"{CONCURRENT_REQUESTS_RANGE[1]}; one more gets HTTP 503 with a Retry-After header (default: as "
+                       f"many as keep their bodies within {UPLOADS_BUDGET_MB} MB, each counted twice: "
+                       f"{default_concurrent_requests(DEFAULT_MAX_UPLOAD_MB)} with the default --max-upload-mb)")
     add_selection_options(serve)
 
 
@@ -321,7 +329,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(model=args.model, host=args.host, port=args.port, device=args.device,
                          max_upload_mb=args.max_upload_mb, max_files=args.max_files,
-                         max_megapixels=args.max_megapixels, selection=selection(args))
+                         max_megapixels=args.max_megapixels, selection=selection(args),
+                         max_concurrent_requests=args.max_concurrent_requests)
     return serve(config, Console())
 
 
