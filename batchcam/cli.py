@@ -8,6 +8,7 @@ SIGINT/SIGTERM after saving; 1 only ever comes from an unexpected internal failu
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
@@ -65,13 +66,47 @@ def one_line(message: object) -> str:
     return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in str(message))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, naming an unknown option (and the option it is close to) before anything else:
+    argparse itself reports a missing required option first, so ``--ouput`` said only that --out is
+    required."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None:
+            self._refuse_unknown_options(args)
+        return super().parse_known_args(args, namespace)
+
+    def _refuse_unknown_options(self, args: list[str]) -> None:
+        if self._subparsers is not None:
+            return  # the top-level parser: each command's parser checks its own options
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        for token in args:
+            if token == "--":
+                return
+            name = token.split("=", 1)[0]
+            if not name.startswith("--") or any(option.startswith(name) for option in known):
+                continue  # argparse takes a unique prefix and refuses an ambiguous one itself
+            close = difflib.get_close_matches(name, known, n=1)
+            self.error(f"unrecognized option {name}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help already states its default or there
+    is none to state (None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchcam", description="Batch predictions and Grad-CAM "
-                                     "explanations over folders of chest X-rays.")
+    parser = Parser(prog="batchcam", description="Batch predictions and Grad-CAM explanations over folders of "
+                    "chest X-rays.")
     parser.add_argument("--version", action="version", version=f"batchcam {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     scan = commands.add_parser("scan", help="classify and explain every X-ray under ROOT, write a report",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=DefaultsHelpFormatter)
     scan.add_argument("root", type=path_argument, metavar="ROOT", help="folder to walk (recursively)")
     scan.add_argument("--out", type=path_argument, required=True, metavar="REPORT", help="report folder to write")
     scan.add_argument("--model", type=path_argument, default=None,

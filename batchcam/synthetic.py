@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m batchcam.synthetic OUT --count N``: write a synthetic ImageFolder tree."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=write_imagefolder.__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m batchcam.synthetic",
+                                     description=write_imagefolder.__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out", type=Path, help="folder to write train/, val/, test/ into")
     parser.add_argument("--count", type=int, default=200, help="images in all, split 70/15/15")
