@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+import time
 from pathlib import Path
 
 from batchcam import __version__
@@ -51,7 +52,8 @@ from batchcam.runtime.allocator import keep_freed_memory
 from batchcam.runtime.console import Console
 from batchcam.runtime.interrupt import Interrupted
 
-EXIT_OK, EXIT_USAGE, EXIT_IMAGE_ERRORS, EXIT_CANNOT_WRITE, EXIT_LOCKED, EXIT_SIGINT = 0, 2, 3, 74, 75, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_IMAGE_ERRORS = 0, 1, 2, 3
+EXIT_CANNOT_WRITE, EXIT_LOCKED, EXIT_SIGINT = 74, 75, 130
 
 
 def path_argument(text: str) -> Path:
@@ -382,12 +384,47 @@ def scan_config(args: argparse.Namespace, argv: list[str]) -> ScanConfig:
 
 
 def run_scan(config: ScanConfig) -> int:
+    """Scan, print the summary line, and end REPORT/batchcam.log with how the run ended, however it
+    ends (nothing is logged when the run never got as far as REPORT's log: a usage error, a lock)."""
     from batchcam.commands.scan import scan
 
     console = Console(quiet=config.quiet)
-    result = scan(config, console)
-    print(result.summary_line, flush=True)
-    return EXIT_OK if result.complete else EXIT_IMAGE_ERRORS
+    started = time.monotonic()
+    try:
+        result = scan(config, console)
+        code = EXIT_OK if result.complete else EXIT_IMAGE_ERRORS
+        console.log(f"run finished: {result.summary_line.removeprefix('batchcam: ')}; exit {code}")
+        print(result.summary_line, flush=True)
+        return code
+    except BaseException as e:
+        console.log(f"run ended: {how_it_ended(e)}; {console.work_done()}, {time.monotonic() - started:.1f} s; "
+                    f"exit {exit_code(e)}")
+        raise
+    finally:
+        console.close()
+
+
+def how_it_ended(error: BaseException) -> str:
+    if isinstance(error, (UsageError, ReportWriteError, ReportLocked, Interrupted)):
+        return one_line(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return f"internal failure: {type(error).__name__}: {one_line(error)}"
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code of a command that raised ``error``; 1 for an unexpected internal failure."""
+    if isinstance(error, UsageError):  # CheckpointError and NotOurFolder too
+        return EXIT_USAGE
+    if isinstance(error, ReportWriteError):
+        return EXIT_CANNOT_WRITE
+    if isinstance(error, ReportLocked):
+        return EXIT_LOCKED
+    if isinstance(error, Interrupted):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_SIGINT
+    return EXIT_INTERNAL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,20 +450,17 @@ def main(argv: list[str] | None = None) -> int:
             return run_calibrate(args)
         if args.command == "review":
             return run_review(args)
-    except UsageError as e:  # CheckpointError and NotOurFolder too
+    except (UsageError, ReportWriteError) as e:  # CheckpointError and NotOurFolder too
         print(f"batchcam: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
-    except ReportWriteError as e:
-        print(f"batchcam: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_CANNOT_WRITE
+        return exit_code(e)
     except ReportLocked as e:
         print(f"batchcam: {one_line(e)}; nothing was changed", file=sys.stderr)
-        return EXIT_LOCKED
+        return exit_code(e)
     except Interrupted as e:
         print(f"batchcam: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
+        return exit_code(e)
+    except KeyboardInterrupt as e:
         print("batchcam: interrupted; finished batches are saved and the next run resumes", file=sys.stderr)
-        return EXIT_SIGINT
+        return exit_code(e)
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
