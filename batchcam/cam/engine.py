@@ -45,10 +45,11 @@ TARGET_LAYER = "layer4"   # ResNet's; every architecture's is ``target_layer_of(
 
 LIBRARY_CALL_BUDGET = 512 * MEGABYTE   # what one pytorch-grad-cam call may allocate beyond the model
 SCORECAM_INNER_BUDGET = 256 * MEGABYTE  # what one of ScoreCAM's inner forward passes may allocate
-# Bytes a ResNet18 pass holds per byte of its input: with gradients, the autograd graph of a
-# gradient method; without, the largest live activations of ScoreCAM's inner passes.
-GRAPH_BYTES_PER_INPUT_BYTE = 64
-FORWARD_BYTES_PER_INPUT_BYTE = 24
+# What a pass holds per byte of an image's activations (every module's output, ``activation_bytes``),
+# with a margin over what ResNet18/50 and DenseNet-121 were measured to hold: with gradients, the
+# autograd graph keeps them all and the backward pass adds gradients; without, only a few are alive.
+GRAPH_BYTES_PER_ACTIVATION_BYTE = 1.5
+FORWARD_BYTES_PER_ACTIVATION_BYTE = 0.6
 FLOAT_BYTES = 4
 
 
@@ -131,6 +132,13 @@ class CamEngine:
         self.temperature = temperature
         use_given = forward is not None and self.exact
         self.forward = forward if use_given else EagerForward(model, self.layer, autocast)
+        self._image_bytes: dict[tuple[int, ...], int] = {}  # activation_bytes per image shape
+
+    def _activation_bytes(self, image_shape: tuple[int, ...]) -> int:
+        """``activation_bytes`` of this model, measured once per image shape."""
+        if image_shape not in self._image_bytes:
+            self._image_bytes[image_shape] = activation_bytes(self.model, image_shape)
+        return self._image_bytes[image_shape]
 
     @property
     def backend(self) -> str:
@@ -157,13 +165,14 @@ class CamEngine:
         logits, activations = self.forward(x)
         with torch.inference_mode():
             batch = from_forward(logits, activations, None, self.target, self.temperature)
-        chunk = library_chunk(self.method, tuple(x.shape), activations.shape[1])
-        maps = [self._library_maps(x[start:start + chunk], batch.targets[start:start + chunk])
+        image_bytes = self._activation_bytes(tuple(x.shape[1:]))
+        chunk = library_chunk(self.method, tuple(x.shape), activations.shape[1], image_bytes)
+        maps = [self._library_maps(x[start:start + chunk], batch.targets[start:start + chunk], image_bytes)
                 for start in range(0, x.shape[0], chunk)]
         batch.cams = torch.from_numpy(np.concatenate(maps)).float()
         return batch
 
-    def _library_maps(self, x: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    def _library_maps(self, x: torch.Tensor, targets: torch.Tensor, image_bytes: int) -> np.ndarray:
         """The library's raw maps of a few images, one per image."""
         import pytorch_grad_cam
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -173,7 +182,7 @@ class CamEngine:
         # Targets for every image, always: a short list silently yields all-zero maps.
         wanted = [ClassifierOutputTarget(int(t)) for t in targets]
         with torch.enable_grad(), method(model=self.model, target_layers=[self.layer]) as cam:
-            cam.batch_size = scorecam_inner_batch(tuple(x.shape))  # read by ScoreCAM only
+            cam.batch_size = scorecam_inner_batch(image_bytes)  # read by ScoreCAM only
             cam(input_tensor=x.clone(), targets=wanted)
         raw = cam.raw_map
         if raw is None or raw.shape[0] != x.shape[0]:
@@ -181,26 +190,47 @@ class CamEngine:
         return raw
 
 
-def library_chunk(method: str, input_shape: tuple[int, ...], channels: int) -> int:
+def library_chunk(method: str, input_shape: tuple[int, ...], channels: int, image_bytes: int) -> int:
     """Images per pytorch-grad-cam call, so that one call stays within ``LIBRARY_CALL_BUDGET``.
 
-    ``input_shape`` is the batch's (B, C, H, W), ``channels`` the target layer's K. ScoreCAM holds
-    (C + 2) x K x H x W floats an image: K masked copies of the input, the K upsampled masks and one
-    temporary while they are normalised. The other methods hold about ``GRAPH_BYTES_PER_INPUT_BYTE``
-    times the input's bytes an image (the autograd graph of a ResNet18).
+    ``input_shape`` is the batch's (B, C, H, W), ``channels`` the target layer's K, ``image_bytes``
+    an image's activations (``activation_bytes``). ScoreCAM holds (C + 2) x K x H x W floats an image:
+    K masked copies of the input, the K upsampled masks and one temporary while they are normalised
+    (it cannot take less than one image). The other methods hold their autograd graph.
     """
     batch, colours, height, width = input_shape
     if method == "scorecam":
         per_image = (colours + 2) * channels * height * width * FLOAT_BYTES
     else:
-        per_image = GRAPH_BYTES_PER_INPUT_BYTE * colours * height * width * FLOAT_BYTES
-    return max(1, min(batch, LIBRARY_CALL_BUDGET // per_image))
+        per_image = GRAPH_BYTES_PER_ACTIVATION_BYTE * image_bytes
+    return max(1, min(batch, int(LIBRARY_CALL_BUDGET // per_image)))
 
 
-def scorecam_inner_batch(input_shape: tuple[int, ...]) -> int:
+def scorecam_inner_batch(image_bytes: int) -> int:
     """Masked copies per ScoreCAM forward pass, within ``SCORECAM_INNER_BUDGET``."""
-    _, colours, height, width = input_shape
-    return max(1, SCORECAM_INNER_BUDGET // (FORWARD_BYTES_PER_INPUT_BYTE * colours * height * width * FLOAT_BYTES))
+    return max(1, int(SCORECAM_INNER_BUDGET // (FORWARD_BYTES_PER_ACTIVATION_BYTE * image_bytes)))
+
+
+def activation_bytes(model: nn.Module, image_shape: tuple[int, ...]) -> int:
+    """The bytes of every module's output for one image of ``image_shape`` (C, H, W): what a pass
+    through ``model`` allocates for its activations, whatever the architecture."""
+    total = 0
+
+    def add(module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: no compilation for this pass
+    leaves = [module for module in model.modules() if not any(True for _ in module.children())]
+    hooks = [module.register_forward_hook(add) for module in leaves]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, *image_shape, device=next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
 
 
 def _no_bar(iterable, *args, **kwargs):

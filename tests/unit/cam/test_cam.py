@@ -137,14 +137,15 @@ def test_library_maps_computed_in_chunks_equal_the_librarys_unchunked_maps(metho
     torch.manual_seed(0)
     x = torch.randn(5, 3, 32, 32)
     model = TinyNet().eval()
+    image_bytes = engine_module.activation_bytes(model, (3, 32, 32))
     monkeypatch.setattr(engine_module, "LIBRARY_CALL_BUDGET", 1)
-    monkeypatch.setattr(engine_module, "SCORECAM_INNER_BUDGET", 3 * engine_module.FORWARD_BYTES_PER_INPUT_BYTE
-                        * x[0].numel() * engine_module.FLOAT_BYTES)
+    monkeypatch.setattr(engine_module, "SCORECAM_INNER_BUDGET",
+                        3 * engine_module.FORWARD_BYTES_PER_ACTIVATION_BYTE * image_bytes)
     calls = []
     library_maps = engine_module.CamEngine._library_maps
     monkeypatch.setattr(engine_module.CamEngine, "_library_maps",
-                        lambda self, chunk, targets: calls.append(len(chunk)) or library_maps(self, chunk, targets))
-    with CamEngine(model, method, allow_exact=False) as engine:
+                        lambda self, chunk, *args: calls.append(len(chunk)) or library_maps(self, chunk, *args))
+    with CamEngine(model, method, allow_exact=False, target_layer="layer4") as engine:
         batch = engine(x)
     assert calls == [1, 1, 1, 1, 1]
     expected = library_maps_unchunked(model, method, x, batch.targets.tolist())
@@ -154,15 +155,20 @@ def test_library_maps_computed_in_chunks_equal_the_librarys_unchunked_maps(metho
     assert np.abs(actual - expected).max() < 1e-4
 
 
-def test_library_chunks_keep_scorecams_masks_within_the_budget():
-    """ScoreCAM on a 224 px batch of 32: one image a call (its K masked copies alone are 300 MB)."""
-    from batchcam.cam.engine import LIBRARY_CALL_BUDGET, SCORECAM_INNER_BUDGET, library_chunk, scorecam_inner_batch
+def test_library_chunks_keep_each_call_within_the_budget_whatever_the_architecture():
+    """ScoreCAM on a 224 px batch of 32: one image a call (its K masked copies alone are 300 MB);
+    the gradient methods: as many images as their autograd graphs fit, fewer for a deeper network."""
+    import torchvision
+
+    from batchcam.cam.engine import LIBRARY_CALL_BUDGET, activation_bytes, library_chunk, scorecam_inner_batch
 
     shape = (32, 3, 224, 224)
-    assert library_chunk("scorecam", shape, 512) == 1
-    assert 1 <= scorecam_inner_batch(shape) < 512
-    masks = (3 + 2) * 512 * 224 * 224 * 4
-    assert library_chunk("scorecam", shape, 512) * masks <= max(masks, LIBRARY_CALL_BUDGET)
-    assert 1 < library_chunk("gradcam++", shape, 512) < 32
-    assert library_chunk("gradcam++", (2, 3, 64, 64), 512) == 2
-    assert scorecam_inner_batch((1, 3, 4096, 4096)) == 1 and SCORECAM_INNER_BUDGET > 0
+    resnet18 = activation_bytes(build_model(2).eval(), shape[1:])
+    resnet50 = activation_bytes(torchvision.models.resnet50(num_classes=2).eval(), shape[1:])
+    assert 20 * 2**20 < resnet18 < resnet50 / 3
+    assert library_chunk("scorecam", shape, 512, resnet18) == 1
+    assert 1 < scorecam_inner_batch(resnet18) < 512
+    assert 1 < library_chunk("gradcam++", shape, 512, resnet50) < library_chunk("gradcam++", shape, 512, resnet18) < 32
+    assert library_chunk("gradcam++", shape, 512, resnet18) * 1.5 * resnet18 <= LIBRARY_CALL_BUDGET
+    assert library_chunk("gradcam++", (2, 3, 64, 64), 512, resnet18 // 12) == 2
+    assert scorecam_inner_batch(10**12) == 1
