@@ -332,14 +332,17 @@ def test_the_log_ends_with_the_runs_summary_line_and_its_exit_code(xray_folder, 
 
 
 def test_a_stopped_run_logs_how_far_it_got_and_its_exit_code(xray_folder, tiny_model, tmp_path, monkeypatch):
-    """SIGTERM as the engine sees it (the signal noted, the batch in flight finished): 143."""
-    from batchcam.runtime.interrupt import InterruptGuard
+    """SIGTERM while the first batch goes through the model: that batch is finished, the run exits 143."""
+    from batchcam.engines import local
 
-    def noted_at_once(guard):
-        guard.signum = signal.SIGTERM
-        return guard
+    explain_batch = local.explain_batch
 
-    monkeypatch.setattr(InterruptGuard, "__enter__", noted_at_once)
+    def terminated_during_the_first_batch(*args, **kwargs):
+        monkeypatch.setattr(local, "explain_batch", explain_batch)
+        os.kill(os.getpid(), signal.SIGTERM)  # scan's handler notes it; the batch goes on
+        return explain_batch(*args, **kwargs)
+
+    monkeypatch.setattr(local, "explain_batch", terminated_during_the_first_batch)
     out = tmp_path / "out"
     assert scan(xray_folder, out, tiny_model, "--batch-size", "2") == 143
     line = last_log_line(out)
