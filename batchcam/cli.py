@@ -8,7 +8,9 @@ SIGINT/SIGTERM after saving; 1 only ever comes from an unexpected internal failu
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+import time
 from pathlib import Path
 
 from batchcam import __version__
@@ -17,6 +19,7 @@ from batchcam.config import (
     BACKENDS,
     CAM_METHODS,
     CHEST_MODALITIES,
+    CONCURRENT_REQUESTS_RANGE,
     DECODERS,
     DEFAULT_MAX_FILE_MB,
     DEFAULT_MAX_FILES,
@@ -34,11 +37,13 @@ from batchcam.config import (
     PRECISIONS,
     SELECT_MODES,
     UPLOAD_MB_RANGE,
+    UPLOADS_BUDGET_MB,
     CalibrateConfig,
     PredictConfig,
     ScanConfig,
     Selection,
     ServeConfig,
+    default_concurrent_requests,
     default_workers_for,
     shown,
 )
@@ -47,7 +52,8 @@ from batchcam.runtime.allocator import keep_freed_memory
 from batchcam.runtime.console import Console
 from batchcam.runtime.interrupt import Interrupted
 
-EXIT_OK, EXIT_USAGE, EXIT_IMAGE_ERRORS, EXIT_CANNOT_WRITE, EXIT_LOCKED, EXIT_SIGINT = 0, 2, 3, 74, 75, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_IMAGE_ERRORS = 0, 1, 2, 3
+EXIT_CANNOT_WRITE, EXIT_LOCKED, EXIT_SIGINT = 74, 75, 130
 
 
 def path_argument(text: str) -> Path:
@@ -62,13 +68,47 @@ def one_line(message: object) -> str:
     return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in str(message))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, naming an unknown option (and the option it is close to) before anything else:
+    argparse itself reports a missing required option first, so ``--ouput`` said only that --out is
+    required."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None:
+            self._refuse_unknown_options(args)
+        return super().parse_known_args(args, namespace)
+
+    def _refuse_unknown_options(self, args: list[str]) -> None:
+        if self._subparsers is not None:
+            return  # the top-level parser: each command's parser checks its own options
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        for token in args:
+            if token == "--":
+                return
+            name = token.split("=", 1)[0]
+            if not name.startswith("--") or any(option.startswith(name) for option in known):
+                continue  # argparse takes a unique prefix and refuses an ambiguous one itself
+            close = difflib.get_close_matches(name, known, n=1)
+            self.error(f"unrecognized option {name}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help already states its default or there
+    is none to state (None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchcam", description="Batch predictions and Grad-CAM "
-                                     "explanations over folders of chest X-rays.")
+    parser = Parser(prog="batchcam", description="Batch predictions and Grad-CAM explanations over folders of "
+                    "chest X-rays.")
     parser.add_argument("--version", action="version", version=f"batchcam {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     scan = commands.add_parser("scan", help="classify and explain every X-ray under ROOT, write a report",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=DefaultsHelpFormatter)
     scan.add_argument("root", type=path_argument, metavar="ROOT", help="folder to walk (recursively)")
     scan.add_argument("--out", type=path_argument, required=True, metavar="REPORT", help="report folder to write")
     scan.add_argument("--model", type=path_argument, default=None,
@@ -264,6 +304,11 @@ def add_serve_parser(commands) -> None:
                        f"{MEGAPIXELS_RANGE[0]} to {MEGAPIXELS_RANGE[1]} (default: {DEFAULT_MAX_MEGAPIXELS}); a "
                        "16-bit, float or DICOM image, decoded through 64-bit floats, may have a quarter of that (a "
                        "colour DICOM a twelfth); more get HTTP 413 before any pixel is decoded")
+    serve.add_argument("--max-concurrent-requests", type=int, default=None, metavar="N",
+                       help=f"requests read, decoded and explained at once, {CONCURRENT_REQUESTS_RANGE[0]} to "
+                       f"{CONCURRENT_REQUESTS_RANGE[1]}; one more gets HTTP 503 with a Retry-After header (default: as "
+                       f"many as keep their bodies within {UPLOADS_BUDGET_MB} MB, each counted twice: "
+                       f"{default_concurrent_requests(DEFAULT_MAX_UPLOAD_MB)} with the default --max-upload-mb)")
     add_selection_options(serve)
 
 
@@ -321,7 +366,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(model=args.model, host=args.host, port=args.port, device=args.device,
                          max_upload_mb=args.max_upload_mb, max_files=args.max_files,
-                         max_megapixels=args.max_megapixels, selection=selection(args))
+                         max_megapixels=args.max_megapixels, selection=selection(args),
+                         max_concurrent_requests=args.max_concurrent_requests)
     return serve(config, Console())
 
 
@@ -338,12 +384,47 @@ def scan_config(args: argparse.Namespace, argv: list[str]) -> ScanConfig:
 
 
 def run_scan(config: ScanConfig) -> int:
+    """Scan, print the summary line, and end REPORT/batchcam.log with how the run ended, however it
+    ends (nothing is logged when the run never got as far as REPORT's log: a usage error, a lock)."""
     from batchcam.commands.scan import scan
 
     console = Console(quiet=config.quiet)
-    result = scan(config, console)
-    print(result.summary_line, flush=True)
-    return EXIT_OK if result.complete else EXIT_IMAGE_ERRORS
+    started = time.monotonic()
+    try:
+        result = scan(config, console)
+        code = EXIT_OK if result.complete else EXIT_IMAGE_ERRORS
+        console.log(f"run finished: {result.summary_line.removeprefix('batchcam: ')}; exit {code}")
+        print(result.summary_line, flush=True)
+        return code
+    except BaseException as e:
+        console.log(f"run ended: {how_it_ended(e)}; {console.work_done()}, {time.monotonic() - started:.1f} s; "
+                    f"exit {exit_code(e)}")
+        raise
+    finally:
+        console.close()
+
+
+def how_it_ended(error: BaseException) -> str:
+    if isinstance(error, (UsageError, ReportWriteError, ReportLocked, Interrupted)):
+        return one_line(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return f"internal failure: {type(error).__name__}: {one_line(error)}"
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code of a command that raised ``error``; 1 for an unexpected internal failure."""
+    if isinstance(error, UsageError):  # CheckpointError and NotOurFolder too
+        return EXIT_USAGE
+    if isinstance(error, ReportWriteError):
+        return EXIT_CANNOT_WRITE
+    if isinstance(error, ReportLocked):
+        return EXIT_LOCKED
+    if isinstance(error, Interrupted):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_SIGINT
+    return EXIT_INTERNAL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,20 +450,17 @@ def main(argv: list[str] | None = None) -> int:
             return run_calibrate(args)
         if args.command == "review":
             return run_review(args)
-    except UsageError as e:  # CheckpointError and NotOurFolder too
+    except (UsageError, ReportWriteError) as e:  # CheckpointError and NotOurFolder too
         print(f"batchcam: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
-    except ReportWriteError as e:
-        print(f"batchcam: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_CANNOT_WRITE
+        return exit_code(e)
     except ReportLocked as e:
         print(f"batchcam: {one_line(e)}; nothing was changed", file=sys.stderr)
-        return EXIT_LOCKED
+        return exit_code(e)
     except Interrupted as e:
         print(f"batchcam: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
+        return exit_code(e)
+    except KeyboardInterrupt as e:
         print("batchcam: interrupted; finished batches are saved and the next run resumes", file=sys.stderr)
-        return EXIT_SIGINT
+        return exit_code(e)
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE

@@ -55,6 +55,17 @@ DEFAULT_MAX_FILES = 32           # serve: files in one request
 MAX_FILES_RANGE = (1, 1024)
 DEFAULT_MAX_MEGAPIXELS = 100     # serve: pixels in one request, in millions, from the images' headers
 MEGAPIXELS_RANGE = (1, 4096)
+# serve: requests read, decoded and explained at once; more get 503. By default as many as keep
+# their bodies within UPLOADS_BUDGET_MB, counting each body twice (while it is parsed, the parser's
+# buffer and the bytes taken from it).
+UPLOADS_BUDGET_MB = 400
+CONCURRENT_REQUESTS_RANGE = (1, 64)
+
+
+def default_concurrent_requests(max_upload_mb: float) -> int:
+    """--max-concurrent-requests when not given: 4 with the default --max-upload-mb of 50."""
+    low, high = CONCURRENT_REQUESTS_RANGE
+    return max(low, min(high // 4, int(UPLOADS_BUDGET_MB // (2 * max_upload_mb))))
 
 
 # Which DICOM films are scored (decode.selection applies the rule; files without tags are always scored).
@@ -289,6 +300,7 @@ class ServeConfig:
     max_files: int = DEFAULT_MAX_FILES              # files in one request
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS  # pixels in one request, in millions
     selection: Selection = Selection()
+    max_concurrent_requests: int | None = None      # None: default_concurrent_requests(max_upload_mb)
 
     def validate(self) -> None:
         check_model(self.model)
@@ -296,6 +308,15 @@ class ServeConfig:
         check_in_range("--max-upload-mb", self.max_upload_mb, *UPLOAD_MB_RANGE, unit="MB")
         check_count("--max-files", self.max_files, *MAX_FILES_RANGE)
         check_in_range("--max-megapixels", self.max_megapixels, *MEGAPIXELS_RANGE, unit="megapixels")
+        if self.max_concurrent_requests is not None:
+            check_count("--max-concurrent-requests", self.max_concurrent_requests, *CONCURRENT_REQUESTS_RANGE)
+
+    @property
+    def concurrent_requests(self) -> int:
+        """Requests in the decoding stage at once (validate first)."""
+        if self.max_concurrent_requests is None:
+            return default_concurrent_requests(self.max_upload_mb)
+        return self.max_concurrent_requests
 
     @property
     def max_upload_bytes(self) -> int:

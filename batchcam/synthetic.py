@@ -16,6 +16,7 @@ from PIL import Image, ImageFilter
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 SPLITS = {"train": 0.7, "val": 0.15, "test": 0.15}
+MASKS_FOLDER = ".masks"  # hidden: scanning or training on the output never finds the masks
 
 
 @dataclass
@@ -54,8 +55,9 @@ def write_imagefolder(root: str | Path, count: int, *, seed: int = 0, splits: di
     ``count`` images are divided between the splits by their fractions and alternate between the
     classes; formats alternate through ``formats`` ("png", "jpg") independently of the class. A
     split named "" writes the class folders directly under ``root``. Masks, when asked for, go to
-    ``root/masks/split/CLASS/NAME.png``, outside the class folders, so no reader trains on them.
-    Returns the written image paths.
+    ``root/.masks/split/CLASS/NAME.png``: a hidden folder, which batchcam's discovery never enters,
+    so neither a scan of ``root`` nor training takes a mask for a labelled X-ray. Returns the
+    written image paths.
     """
     root = Path(root)
     fractions = splits or SPLITS
@@ -75,7 +77,7 @@ def write_imagefolder(root: str | Path, count: int, *, seed: int = 0, splits: di
             path = folder / f"{split or 'xray'}_{index:05d}.{ext}"
             save(xray.image, path)
             if save_masks:
-                mask_dir = root / "masks" / split / label
+                mask_dir = root / MASKS_FOLDER / split / label
                 mask_dir.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(xray.mask.astype(np.uint8) * 255).save(mask_dir / f"{path.stem}.png")
             written.append(path)
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m batchcam.synthetic OUT --count N``: write a synthetic ImageFolder tree."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=write_imagefolder.__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m batchcam.synthetic",
+                                     description=write_imagefolder.__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out", type=Path, help="folder to write train/, val/, test/ into")
     parser.add_argument("--count", type=int, default=200, help="images in all, split 70/15/15")
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default="png,jpg", help="comma-separated file formats, alternated")
     parser.add_argument("--min-size", type=int, default=512, help="smallest side length drawn, px")
     parser.add_argument("--max-size", type=int, default=2048, help="largest side length drawn, px")
-    parser.add_argument("--masks", action="store_true", help="also save opacity masks under OUT/masks/")
+    parser.add_argument("--masks", action="store_true",
+                        help=f"also save opacity masks under OUT/{MASKS_FOLDER}/ (hidden: a scan of OUT skips them)")
     parser.add_argument("--no-splits", action="store_true",
                         help="write OUT/NORMAL and OUT/PNEUMONIA directly, without train/val/test")
     args = parser.parse_args(argv)

@@ -19,6 +19,15 @@ each row shows the peak during that request (what earlier requests left allocate
 last line gives the RSS after start-up and the highest of those peaks. Prints a markdown table.
 tests/e2e/test_serve_limits.py runs the same requests (marked slow) and asserts the
 bound the README states (under 2 GB).
+
+    python benchmarks/bench_serve_memory.py --concurrent 24
+
+Concurrent uploads instead: 24 clients send one large upload each at the same moment (a 16-bit
+DX film of 5000x5000, 47.7 MB, the largest the defaults accept; a PNG of noise without pydicom),
+once to a server whose --max-concurrent-requests is 24 (no request waits: no limit in effect) and
+once to one with the default limit. Per server: the answers (200, or 503 with Retry-After), the
+server's peak RSS over the burst and its RSS after the last answer (and 5 s later).
+tests/e2e/test_serve_limits.py fires concurrent uploads beyond the limit (marked slow).
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -83,8 +93,9 @@ def float_tiff(side: int = TIFF_SIDE) -> bytes:
 
 
 def secondary_capture(side: int, samples: int, photometric: str, bits: int, pixels: np.ndarray,
-                      syntax: str | None = None) -> bytes:
-    """A side x side DICOM (needs pydicom; RLE also the pylibjpeg-rle encoder)."""
+                      syntax: str | None = None, modality: str | None = None) -> bytes:
+    """A side x side DICOM (needs pydicom; RLE also the pylibjpeg-rle encoder); without ``modality``
+    serve's default selection skips it (HTTP 200, "skipped") without decoding its pixels."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -100,6 +111,8 @@ def secondary_capture(side: int, samples: int, photometric: str, bits: int, pixe
         ds.PlanarConfiguration = 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, min(bits, 12), min(bits, 12) - 1, 0
     ds.PixelData = pixels.tobytes()
+    if modality is not None:
+        ds.Modality = modality
     if syntax is not None:
         ds.compress(syntax, pixels, encoding_plugin="pylibjpeg")
     buffer = io.BytesIO()
@@ -107,10 +120,10 @@ def secondary_capture(side: int, samples: int, photometric: str, bits: int, pixe
     return buffer.getvalue()
 
 
-def dicom16(side: int) -> bytes:
+def dicom16(side: int, modality: str | None = None) -> bytes:
     """A side x side 16-bit MONOCHROME2 DICOM, uncompressed."""
     pixels = (np.arange(side * side, dtype=np.uint32) % 4096).astype(np.uint16).reshape(side, side)
-    return secondary_capture(side, 1, "MONOCHROME2", 16, pixels)
+    return secondary_capture(side, 1, "MONOCHROME2", 16, pixels, modality=modality)
 
 
 def dicom_rgb_rle(side: int) -> bytes:
@@ -196,11 +209,17 @@ def stop_server(process: subprocess.Popen) -> None:
 
 def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
             timeout: float = REQUEST_TIMEOUT) -> tuple[int, bytes]:
+    status, _, answer = request_with_headers(port, method, path, body, headers, timeout)
+    return status, answer
+
+
+def request_with_headers(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                         timeout: float = REQUEST_TIMEOUT) -> tuple[int, dict[str, str], bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
-        return response.status, response.read()
+        return response.status, dict(response.getheaders()), response.read()
     finally:
         connection.close()
 
@@ -259,6 +278,104 @@ def run(names: list[str], log, extra: tuple[str, ...] = ()) -> tuple[list[Outcom
     return outcomes, figures
 
 
+# --- concurrent uploads --------------------------------------------------------------------------
+
+
+CONCURRENT_SETTLE_SECONDS = 5.0
+
+
+@dataclass
+class Burst:
+    """What a server did with N uploads sent at once."""
+
+    label: str
+    statuses: list[int]
+    retry_after: list[str | None]   # the Retry-After header of each answer
+    results: list[int]              # results in each answer's JSON (0 for a refusal)
+    seconds: float
+    rss_after_start_mb: float
+    peak_rss_mb: float
+    rss_after_mb: float             # right after the last answer
+    rss_settled_mb: float           # CONCURRENT_SETTLE_SECONDS later
+
+    def count(self, status: int) -> int:
+        return self.statuses.count(status)
+
+
+def large_upload() -> tuple[str, bytes]:
+    """The largest upload the defaults accept in bytes: a 5000x5000 16-bit DX film (47.7 MB,
+    decoded through 64-bit floats), or without pydicom a 7000x7000 8-bit PNG of noise (47 MB)."""
+    if importlib.util.find_spec("pydicom") is not None:
+        return "large.dcm", dicom16(5000, modality="DX")
+    noise = np.random.default_rng(0).integers(0, 256, (7000, 7000), dtype=np.uint8)
+    return "large.png", png_bytes(Image.fromarray(noise))
+
+
+def send_at_once(port: int, body: bytes, content_type: str, clients: int) -> list[tuple[int, dict, bytes]]:
+    """``clients`` threads POST the same body, released together by a barrier; answers in client order."""
+    answers: list[tuple[int, dict, bytes] | None] = [None] * clients
+    start = threading.Barrier(clients)
+
+    def client(index: int) -> None:
+        start.wait()
+        try:
+            answers[index] = request_with_headers(port, "POST", "/api/predict", body, {"Content-Type": content_type})
+        except OSError as e:
+            answers[index] = (0, {}, str(e).encode())
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def result_count(answer: bytes) -> int:
+    try:
+        return len(json.loads(answer).get("results", []))
+    except (ValueError, AttributeError):
+        return 0
+
+
+def burst(label: str, clients: int, upload: tuple[str, bytes], log, extra: tuple[str, ...] = ()) -> Burst:
+    """Start a server with ``extra`` arguments, send ``clients`` copies of ``upload`` at once, stop it."""
+    body, content_type = multipart([upload])
+    port = free_port()
+    process = start_server(port, log, extra)
+    try:
+        wait_until_healthy(port, process)
+        started_kb = status_kb(process.pid, "VmRSS") or 0
+        reset_peak(process.pid)
+        started = time.perf_counter()
+        answers = send_at_once(port, body, content_type, clients)
+        seconds = time.perf_counter() - started
+        peak_kb, after_kb = status_kb(process.pid, "VmHWM") or 0, status_kb(process.pid, "VmRSS") or 0
+        time.sleep(CONCURRENT_SETTLE_SECONDS)
+        settled_kb = status_kb(process.pid, "VmRSS") or 0
+    finally:
+        stop_server(process)
+    return Burst(label, [a[0] for a in answers], [a[1].get("retry-after") for a in answers],
+                 [result_count(a[2]) for a in answers], seconds, started_kb / 1024, peak_kb / 1024, after_kb / 1024,
+                 settled_kb / 1024)
+
+
+def burst_table(bursts: list[Burst], clients: int, upload: tuple[str, bytes]) -> str:
+    name, data = upload
+    lines = [f"{clients} concurrent uploads of one {name} ({len(data) / 2**20:.1f} MB) each.\n",
+             "| server | 200 (with results) | 503 (with Retry-After) | other | seconds | RSS after start-up (MB) | "
+             "peak RSS (MB) | RSS after the requests (MB) | 5 s later (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for b in bursts:
+        with_results = sum(1 for status, n in zip(b.statuses, b.results) if status == 200 and n == 1)
+        with_retry = sum(1 for status, retry in zip(b.statuses, b.retry_after) if status == 503 and retry)
+        other = len(b.statuses) - b.count(200) - b.count(503)
+        lines.append(f"| {b.label} | {b.count(200)} ({with_results}) | {b.count(503)} ({with_retry}) | {other} | "
+                     f"{b.seconds:.1f} | {b.rss_after_start_mb:.0f} | {b.peak_rss_mb:.0f} | {b.rss_after_mb:.0f} | "
+                     f"{b.rss_settled_mb:.0f} |")
+    return "\n".join(lines)
+
+
 def table(outcomes: list[Outcome], figures: dict) -> str:
     lines = ["| request | body | HTTP status | seconds | peak RSS (MB) | answer |",
              "|---|---:|---:|---:|---:|---|"]
@@ -284,7 +401,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated requests to send, in order (default: {','.join(available())})")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="an extra argument for `batchcam serve` (repeat for several)")
+    parser.add_argument("--concurrent", type=int, default=None, metavar="N",
+                        help="instead of the requests above: N concurrent large uploads, without and with the "
+                        "default --max-concurrent-requests")
     args = parser.parse_args(argv)
+    if args.concurrent is not None:
+        return main_concurrent(args.concurrent, tuple(args.serve_arg))
     names = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in names if name not in ATTACKS]
     if unknown:
@@ -298,6 +420,25 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     print(f"batchcam serve, demo model, --device cpu; {os.cpu_count()} CPUs; Python {sys.version.split()[0]}\n")
     print(table(outcomes, figures))
+    return 0
+
+
+def main_concurrent(clients: int, extra: tuple[str, ...]) -> int:
+    upload = large_upload()
+    servers = [(f"--max-concurrent-requests {clients} (no limit in effect)",
+                ("--max-concurrent-requests", str(clients))), ("default --max-concurrent-requests", ())]
+    bursts = []
+    with tempfile.TemporaryFile("w+") as log:
+        try:
+            for label, arguments in servers:
+                bursts.append(burst(label, clients, upload, log, (*arguments, *extra)))
+        except (RuntimeError, OSError) as e:
+            log.seek(0)
+            print(f"bench_serve_memory: {e}\n{log.read()[-4000:]}", file=sys.stderr)
+            return 1
+    print(f"batchcam serve, demo model, --device cpu{' ' + ' '.join(extra) if extra else ''}; {os.cpu_count()} "
+          f"CPUs; Python {sys.version.split()[0]}\n")
+    print(burst_table(bursts, clients, upload))
     return 0
 
 

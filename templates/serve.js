@@ -3,6 +3,7 @@
 "use strict";
 
 const page = { maxUploadBytes: null, queue: [], busy: false };
+const BUSY_RETRIES = 10;  // a busy server (HTTP 503) is asked again after its Retry-After, this many times
 
 document.addEventListener("DOMContentLoaded", () => {
   const input = document.getElementById("file-input");
@@ -66,7 +67,14 @@ async function predict(file, card) {
   const form = new FormData();
   form.append("files", file, file.name);
   try {
-    const response = await fetch("api/predict", { method: "POST", body: form });
+    let response = await fetch("api/predict", { method: "POST", body: form });
+    for (let retry = 1; response.status === 503 && retry <= BUSY_RETRIES; retry++) {
+      const seconds = Math.max(1, Number(response.headers.get("Retry-After")) || 2);
+      card.querySelector(".status-text").textContent = `Server busy; trying again in ${seconds} s`;
+      await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+      card.querySelector(".status-text").textContent = "Working…";
+      response = await fetch("api/predict", { method: "POST", body: form });
+    }
     const body = await response.json().catch(() => ({}));
     if (!response.ok) {
       showError(card, body.detail ? String(body.detail) : `the server answered HTTP ${response.status}`);

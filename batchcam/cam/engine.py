@@ -13,19 +13,27 @@ head (an MLP), in batches.
 Every method returns the raw, un-normalised low-resolution map (>= 0); normalising and upsampling
 to an image's geometry is the overlay stage's job, done the same way for all methods.
 
+The library's memory grows with the images it is given at once, so a batch goes to it in chunks
+sized by ``LIBRARY_CALL_BUDGET`` (``library_chunk``): the gradient methods hold their chunk's
+autograd graph; ScoreCAM upsamples every one of the K channels to the input size and masks the
+input with each (K x 3 x H x W floats an image), so it takes one image at a time and puts its
+masked copies through the model in inner batches sized by ``SCORECAM_INNER_BUDGET``. A chunk's
+maps are the library's own for those images: no method mixes images of a batch.
+
 The same forward pass also gives the temperature-scaled probabilities and the pooled target-layer
 features that the out-of-distribution score reads (``batchcam.model.calibration``): no extra pass.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 
 from batchcam.cam.backends import EagerForward, OnnxForward
-from batchcam.config import CAM_METHODS
+from batchcam.config import CAM_METHODS, MEGABYTE
 from batchcam.model.architectures import cam_layers, globally_pooled
 from batchcam.model.calibration import scaled_probabilities
 
@@ -34,6 +42,15 @@ from batchcam.model.calibration import scaled_probabilities
 LIBRARY_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
                    "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM", "scorecam": "ScoreCAM"}
 TARGET_LAYER = "layer4"   # ResNet's; every architecture's is ``target_layer_of(model)`` (LoadedModel.target_layer)
+
+LIBRARY_CALL_BUDGET = 512 * MEGABYTE   # what one pytorch-grad-cam call may allocate beyond the model
+SCORECAM_INNER_BUDGET = 256 * MEGABYTE  # what one of ScoreCAM's inner forward passes may allocate
+# What a pass holds per byte of an image's activations (every module's output, ``activation_bytes``),
+# with a margin over what ResNet18/50 and DenseNet-121 were measured to hold: with gradients, the
+# autograd graph keeps them all and the backward pass adds gradients; without, only a few are alive.
+GRAPH_BYTES_PER_ACTIVATION_BYTE = 1.5
+FORWARD_BYTES_PER_ACTIVATION_BYTE = 0.6
+FLOAT_BYTES = 4
 
 
 @dataclass
@@ -115,6 +132,13 @@ class CamEngine:
         self.temperature = temperature
         use_given = forward is not None and self.exact
         self.forward = forward if use_given else EagerForward(model, self.layer, autocast)
+        self._image_bytes: dict[tuple[int, ...], int] = {}  # activation_bytes per image shape
+
+    def _activation_bytes(self, image_shape: tuple[int, ...]) -> int:
+        """``activation_bytes`` of this model, measured once per image shape."""
+        if image_shape not in self._image_bytes:
+            self._image_bytes[image_shape] = activation_bytes(self.model, image_shape)
+        return self._image_bytes[image_shape]
 
     @property
     def backend(self) -> str:
@@ -141,19 +165,85 @@ class CamEngine:
         logits, activations = self.forward(x)
         with torch.inference_mode():
             batch = from_forward(logits, activations, None, self.target, self.temperature)
+        image_bytes = self._activation_bytes(tuple(x.shape[1:]))
+        chunk = library_chunk(self.method, tuple(x.shape), activations.shape[1], image_bytes)
+        maps = [self._library_maps(x[start:start + chunk], batch.targets[start:start + chunk], image_bytes)
+                for start in range(0, x.shape[0], chunk)]
+        batch.cams = torch.from_numpy(np.concatenate(maps)).float()
+        return batch
+
+    def _library_maps(self, x: torch.Tensor, targets: torch.Tensor, image_bytes: int) -> np.ndarray:
+        """The library's raw maps of a few images, one per image."""
         import pytorch_grad_cam
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+        silence_library_progress()
         method = _raw_map_capturing(getattr(pytorch_grad_cam, LIBRARY_METHODS[self.method]))
-        # Targets for the whole batch, always: a short list silently yields all-zero maps.
-        wanted = [ClassifierOutputTarget(int(t)) for t in batch.targets]
+        # Targets for every image, always: a short list silently yields all-zero maps.
+        wanted = [ClassifierOutputTarget(int(t)) for t in targets]
         with torch.enable_grad(), method(model=self.model, target_layers=[self.layer]) as cam:
+            cam.batch_size = scorecam_inner_batch(image_bytes)  # read by ScoreCAM only
             cam(input_tensor=x.clone(), targets=wanted)
         raw = cam.raw_map
         if raw is None or raw.shape[0] != x.shape[0]:
             raise RuntimeError(f"{self.method} produced no map for this batch")
-        batch.cams = torch.from_numpy(raw).float()
-        return batch
+        return raw
+
+
+def library_chunk(method: str, input_shape: tuple[int, ...], channels: int, image_bytes: int) -> int:
+    """Images per pytorch-grad-cam call, so that one call stays within ``LIBRARY_CALL_BUDGET``.
+
+    ``input_shape`` is the batch's (B, C, H, W), ``channels`` the target layer's K, ``image_bytes``
+    an image's activations (``activation_bytes``). ScoreCAM holds (C + 2) x K x H x W floats an image:
+    K masked copies of the input, the K upsampled masks and one temporary while they are normalised
+    (it cannot take less than one image). The other methods hold their autograd graph.
+    """
+    batch, colours, height, width = input_shape
+    if method == "scorecam":
+        per_image = (colours + 2) * channels * height * width * FLOAT_BYTES
+    else:
+        per_image = GRAPH_BYTES_PER_ACTIVATION_BYTE * image_bytes
+    return max(1, min(batch, int(LIBRARY_CALL_BUDGET // per_image)))
+
+
+def scorecam_inner_batch(image_bytes: int) -> int:
+    """Masked copies per ScoreCAM forward pass, within ``SCORECAM_INNER_BUDGET``."""
+    return max(1, int(SCORECAM_INNER_BUDGET // (FORWARD_BYTES_PER_ACTIVATION_BYTE * image_bytes)))
+
+
+def activation_bytes(model: nn.Module, image_shape: tuple[int, ...]) -> int:
+    """The bytes of every module's output for one image of ``image_shape`` (C, H, W): what a pass
+    through ``model`` allocates for its activations, whatever the architecture."""
+    total = 0
+
+    def add(module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: no compilation for this pass
+    leaves = [module for module in model.modules() if not any(True for _ in module.children())]
+    hooks = [module.register_forward_hook(add) for module in leaves]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, *image_shape, device=next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def _no_bar(iterable, *args, **kwargs):
+    return iterable
+
+
+def silence_library_progress() -> None:
+    """pytorch-grad-cam's ScoreCAM draws a tqdm bar on stderr for every image, whatever batchcam's
+    --quiet and whether stderr is a terminal. batchcam's own progress (runtime/console.py) already
+    counts the images, so the library's bars are turned off by replacing its module's ``tqdm``."""
+    from pytorch_grad_cam import score_cam
+
+    score_cam.tqdm = SimpleNamespace(tqdm=_no_bar)
 
 
 def _raw_map_capturing(method_class: type) -> type:

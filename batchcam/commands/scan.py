@@ -25,7 +25,8 @@ def scan(config: ScanConfig, console: Console) -> ScanResult:
 
     Raises UsageError (CheckpointError, NotOurFolder) leaving REPORT as it was, ReportLocked when
     another run holds REPORT, ReportWriteError when REPORT cannot be written, Interrupted after a
-    signal.
+    signal. The caller closes ``console`` (and with it REPORT/batchcam.log) once it has logged how
+    the run ended.
     """
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     config.validate()
@@ -47,8 +48,6 @@ def scan(config: ScanConfig, console: Console) -> ScanResult:
         where = f" ({e.filename})" if e.filename else ""
         raise ReportWriteError(f"cannot write the report in {config.out}: {e.strerror or e}{where}; "
                                "the previous report is unchanged") from None
-    finally:
-        console.close()
 
 
 def _inside(path: Path, folder: Path) -> bool:

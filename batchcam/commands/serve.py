@@ -5,11 +5,15 @@ The model is loaded once, before the server starts, and shared by every request 
 the body is parsed in memory as it arrives, under a size cap (Starlette's own form parser would
 spool any file over 1 MB to a temporary file), and overlays go back inline as data URLs.
 
-What one request may cost is bounded before any pixel is decoded (serve_uploads.py). Then files
-are decoded one at a time server-wide and go through the model in batches of at most
-``BATCH_SIZE``, decoded batch by batch, so memory does not grow with the number of files. With the
-defaults, the server's peak RSS stays under 2 GB with the demo model on the CPU
-(benchmarks/bench_serve_memory.py measures it).
+What one request may cost is bounded before any pixel is decoded (serve_uploads.py), and so is
+the number of requests in the decoding stage at once (``--max-concurrent-requests``; one more
+gets 503 with Retry-After), so memory does not grow with the number of clients either. Files are
+decoded one at a time server-wide and go through the model in batches of at most ``BATCH_SIZE``,
+decoded batch by batch, so memory does not grow with the number of files. After each request the
+memory it freed goes back to the operating system (``release_freed_memory``): without that, glibc
+keeps what the busiest moment needed for the server's whole life. With the defaults, the server's
+peak RSS stays under 2 GB with the demo model on the CPU (benchmarks/bench_serve_memory.py
+measures it).
 
 Every request must name this server in its Host header, and the API answers only this server's own
 page (serve_guard.py).
@@ -26,10 +30,13 @@ from batchcam.commands.explain import Explainer, Explanation, jpeg_data_url
 from batchcam.commands.serve_guard import RequestGuard, allowed_hosts_for, is_loopback
 from batchcam.commands.serve_uploads import (
     BATCH_SIZE,
+    RETRY_AFTER_SECONDS,
     UPLOAD_FIELD,
     Limits,
+    RequestSlots,
     UploadRejected,
     check_pixels,
+    discard_rest,
     image_extent,
     read_uploads,
 )
@@ -40,11 +47,13 @@ from batchcam.config import (
     MEGABYTE,
     MEGAPIXEL,
     ServeConfig,
+    default_concurrent_requests,
 )
 from batchcam.decode.dataset import Sample
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import load_model
 from batchcam.resources import templates_dir
+from batchcam.runtime.allocator import release_freed_memory
 from batchcam.runtime.console import Console
 from batchcam.runtime.devices import resolve_device
 
@@ -76,14 +85,15 @@ def serve(config: ServeConfig, console: Console) -> int:
     explainer = Explainer(load_model(config.model, console.warn), device, selection=config.selection)
     app = create_app(explainer, config.max_upload_bytes, max_files=config.max_files,
                      max_pixels_per_request=config.max_pixels_per_request,
-                     allowed_hosts=allowed_hosts_for(config.host, config.port))
+                     allowed_hosts=allowed_hosts_for(config.host, config.port),
+                     max_concurrent_requests=config.concurrent_requests)
     if not is_loopback(config.host):
         console.warn(f"serving on {config.host}, not a loopback address: anyone who can reach this machine "
                      "can upload images and read predictions (there is no authentication)")
     console.info(f"batchcam: serving {explainer.loaded.path.name} on {device} at "
                  f"http://{_url_host(config.host)}:{config.port}/ (OpenAPI schema at /openapi.json; a request "
                  f"may hold {config.max_files} files, {config.max_upload_mb:g} MB, {config.max_megapixels:g} "
-                 "megapixels); Ctrl-C stops")
+                 f"megapixels; {config.concurrent_requests} requests are decoded at once, more get 503); Ctrl-C stops")
     try:
         uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     except SystemExit as e:  # uvicorn exits 1 when it cannot bind (port taken, address not local)
@@ -108,7 +118,8 @@ DEFAULT_ALLOWED_HOSTS = allowed_hosts_for(ServeConfig.host, ServeConfig.port)
 
 def create_app(explainer: Explainer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * MEGABYTE, *,
                max_files: int = DEFAULT_MAX_FILES, max_pixels_per_request: int = DEFAULT_MAX_MEGAPIXELS * MEGAPIXEL,
-               allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS, batch_size: int = BATCH_SIZE) -> "FastAPI":
+               allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS, batch_size: int = BATCH_SIZE,
+               max_concurrent_requests: int = default_concurrent_requests(DEFAULT_MAX_UPLOAD_MB)) -> "FastAPI":
     """The web app around an already loaded model: the page, ``POST /api/predict`` and ``/healthz``.
 
     ``allowed_hosts``: the ``host:port`` values requests must name in Host (and in Origin, when they
@@ -117,10 +128,12 @@ def create_app(explainer: Explainer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.background import BackgroundTask
 
     from batchcam import __version__
 
     limits = Limits(max_upload_bytes, max_files, max_pixels_per_request, batch_size)
+    slots = RequestSlots(max_concurrent_requests)
     decode_lock = threading.Lock()  # one full-resolution image in memory at a time, server-wide
     # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN. /openapi.json stays.
     app = FastAPI(title="batchcam", version=__version__, docs_url=None, redoc_url=None,
@@ -144,7 +157,8 @@ def create_app(explainer: Explainer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
     def healthz() -> dict:
         return {"status": "ok", "model": explainer.describe(), "device": str(explainer.device),
                 "max_upload_bytes": limits.max_upload_bytes, "max_files": limits.max_files,
-                "max_pixels_per_request": limits.max_pixels}
+                "max_pixels_per_request": limits.max_pixels, "max_concurrent_requests": slots.limit,
+                "busy_requests": slots.busy}
 
     @app.post("/api/predict", summary="predict and explain one or more uploaded X-rays",
               openapi_extra={"requestBody": REQUEST_BODY_SCHEMA},
@@ -154,9 +168,23 @@ def create_app(explainer: Explainer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
                          400: {"description": "not multipart, no file, or a file that is not an image"},
                          403: {"description": "a Host that is not this server's address, or a cross-origin call"},
                          413: {"description": "more than --max-upload-mb, more than --max-files files, or more "
-                                              "pixels than --max-megapixels allows"}})
+                                              "pixels than --max-megapixels allows"},
+                         503: {"description": "--max-concurrent-requests requests are being decoded: retry after "
+                                              "the seconds the Retry-After header gives"}})
     async def predict(request: Request) -> JSONResponse:
         """Every file must be an image; results come back in upload order with inline JPEG overlays."""
+        if not slots.take():
+            await discard_rest(request.stream(), limits.max_upload_bytes)  # the answer, not a reset connection
+            return JSONResponse({"detail": slots.busy_reason()}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        try:
+            answer = await explained(request)
+        finally:
+            slots.give_back()
+        answer.background = BackgroundTask(release_freed_memory)  # once the answer is sent
+        return answer
+
+    async def explained(request: Request) -> JSONResponse:
         try:
             uploads = await read_uploads(request, limits)
             results = await run_in_threadpool(explain_uploads, explainer, uploads, limits, decode_lock)

@@ -1,5 +1,9 @@
-"""What one ``serve`` request may hold, checked before any pixel is decoded.
+"""What one ``serve`` request may hold, checked before any pixel is decoded, and how many requests
+may be in the decoding stage at once.
 
+  * at most ``--max-concurrent-requests`` requests are read, decoded and explained at once
+    (``RequestSlots``); one more is answered 503 with Retry-After before its body is kept, so the
+    bodies held at any moment are bounded, whatever the number of clients;
   * at most ``max_files`` files, counted while the body is parsed, so a body of 100,000 tiny parts
     is refused at the 33rd part, never materialised whole (HTTP 413);
   * at most ``max_pixels`` pixels in all, as the images' headers state them (Pillow's
@@ -15,6 +19,7 @@ The body is parsed in memory as it arrives (Starlette's own form parser would sp
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
@@ -23,6 +28,7 @@ from batchcam.config import MEGABYTE, MEGAPIXEL
 from batchcam.decode.imaging import ALLOWED_FORMATS, EIGHT_BIT_MODES
 from batchcam.decode.pixels import has_dicom_magic, is_dicom
 
+RETRY_AFTER_SECONDS = 2              # what a 503 for a busy server asks the client to wait
 FLOAT_DECODE_WEIGHT = 4              # an image decoded through 64-bit floats may hold 1/4 of the pixel cap
 BATCH_SIZE = 8                       # images a forward pass; memory does not grow with a request's files
 MAX_FORM_FIELDS = 16                 # non-file parts of a request (the page sends none)
@@ -42,6 +48,35 @@ class Limits:
     def max_float_pixels(self) -> int:
         """Pixels of one image decoded through 64-bit floats."""
         return self.max_pixels // FLOAT_DECODE_WEIGHT
+
+
+class RequestSlots:
+    """At most ``limit`` requests in the decoding stage at once; ``take`` never waits."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    def take(self) -> bool:
+        """A slot for this request, or False when all are taken (the request gets 503)."""
+        with self._lock:
+            if self._busy >= self.limit:
+                return False
+            self._busy += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._busy -= 1
+
+    def busy_reason(self) -> str:
+        return (f"busy: {self.limit} request{'s are' if self.limit != 1 else ' is'} being decoded, the most at once "
+                f"(see --max-concurrent-requests); retry after {RETRY_AFTER_SECONDS} s")
 
 
 class UploadRejected(Exception):
@@ -212,7 +247,25 @@ async def read_uploads(request, limits: Limits) -> list[tuple[str, bytes]]:
     file (or form field) too many; with 400 when it is not multipart or is malformed. After a
     refusal that is not about size, the rest of the body is read and dropped (up to the cap), so the
     client gets the answer rather than a reset connection.
+
+    The parser and its callbacks form a reference cycle (python-multipart's FormParser and the
+    closures it hands its MultipartParser), which only Python's cycle collector frees, some requests
+    later: the list the callbacks fill is handed over as a copy and emptied, so the bodies are freed
+    with the request whatever happens to the parser.
     """
+    filled: list[tuple[str, bytes]] = []
+    try:
+        await parse_uploads(request, limits, filled)
+        uploads = filled.copy()
+    finally:
+        filled.clear()
+    if not uploads:
+        raise UploadRejected(400, f"no file in the upload (expected '{UPLOAD_FIELD}' file parts)")
+    return uploads
+
+
+async def parse_uploads(request, limits: Limits, uploads: list[tuple[str, bytes]]) -> None:
+    """Parse the body into ``uploads``; see read_uploads."""
     from python_multipart.exceptions import FormParserError
 
     limit = limits.max_upload_bytes
@@ -220,7 +273,6 @@ async def read_uploads(request, limits: Limits) -> list[tuple[str, bytes]]:
     if declared.isdigit() and int(declared) > limit:
         raise UploadRejected(413, too_large(limit))
     stream = request.stream()
-    uploads: list[tuple[str, bytes]] = []
     received = 0
     try:
         parser = upload_parser(request.headers.get("content-type", ""), limits, uploads)
@@ -241,6 +293,3 @@ async def read_uploads(request, limits: Limits) -> list[tuple[str, bytes]]:
         if e.status == 400:
             await discard_rest(stream, limit - received)
         raise
-    if not uploads:
-        raise UploadRejected(400, f"no file in the upload (expected '{UPLOAD_FIELD}' file parts)")
-    return uploads

@@ -17,6 +17,8 @@ class Console:
         self.stream = stream or sys.stderr
         self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._log = None
+        self.images_total: int | None = None  # of the last ``progress``: for the log's last line
+        self.images_done = 0                  # images handed on, counted as each batch is
 
     def attach_log(self, open_log: Callable[[], IO]) -> None:
         """Append this run's details to the stream ``open_log()`` opens (REPORT/batchcam.log); best
@@ -52,6 +54,8 @@ class Console:
 
     def progress(self, batches: Iterable[T], total_images: int, sizes) -> Iterator[T]:
         """Yield batches while showing progress in images (``sizes(batch)`` counts one batch)."""
+        self.images_total, self.images_done = total_images, 0
+        batches = self._counted(batches, sizes)
         if self.quiet:
             yield from batches
         elif self.interactive:
@@ -62,6 +66,18 @@ class Console:
                     bar.update(sizes(batch))
         else:
             yield from self._lines(batches, total_images, sizes)
+
+    def work_done(self) -> str:
+        """How far the run got, for the log's last line: "64 of 240 images processed"."""
+        if self.images_total is None:
+            return "no image processed"
+        return f"{self.images_done} of {self.images_total} images processed"
+
+    def _counted(self, batches: Iterable[T], sizes) -> Iterator[T]:
+        """A batch counts once it is handed on: a stopped run finishes the batch it holds."""
+        for batch in batches:
+            self.images_done += sizes(batch)
+            yield batch
 
     def _lines(self, batches: Iterable[T], total: int, sizes) -> Iterator[T]:
         """At most one line per tenth of the work, so a cron mail stays short."""

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from batchcam.cli import main
+from batchcam.errors import ReportWriteError
 from batchcam.report.generations import NewGeneration
 from conftest import lock_held_elsewhere, tiny_checkpoint, write_xrays
 
@@ -309,6 +310,81 @@ def test_quiet_run_prints_only_the_summary_and_logs_details_in_the_report(xray_f
     assert "processed 5/5" not in captured.err and "scanning" not in captured.err
     log = (out / "batchcam.log").read_text()
     assert "run started" in log and "NORMAL/broken.png" in log
+
+
+def last_log_line(out: Path) -> str:
+    return (out / "batchcam.log").read_text().splitlines()[-1]
+
+
+def test_the_log_ends_with_the_runs_summary_line_and_its_exit_code(xray_folder, tiny_model, tmp_path, capsys):
+    """The README says batchcam.log keeps each run's counts: its last line says how the run ended."""
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model) == 0
+    summary = capsys.readouterr().out.strip()
+    assert summary.startswith("batchcam: 4 found, 4 ok, 0 error")
+    assert last_log_line(out).endswith(f" run finished: {summary.removeprefix('batchcam: ')}; exit 0")
+    (xray_folder / "NORMAL" / "broken.png").write_bytes(b"garbage")
+    assert scan(xray_folder, out, tiny_model, "--quiet") == 3
+    assert " run finished: 5 found, 4 ok, 1 error, " in last_log_line(out)
+    assert last_log_line(out).endswith(f"-> {out}; exit 3")
+    log = (out / "batchcam.log").read_text()
+    assert log.count("run started") == log.count("run finished") == 2
+
+
+def test_a_stopped_run_logs_how_far_it_got_and_its_exit_code(xray_folder, tiny_model, tmp_path, monkeypatch):
+    """SIGTERM while the first batch goes through the model: that batch is finished, the run exits 143."""
+    from batchcam.engines import local
+
+    explain_batch = local.explain_batch
+
+    def terminated_during_the_first_batch(*args, **kwargs):
+        monkeypatch.setattr(local, "explain_batch", explain_batch)
+        os.kill(os.getpid(), signal.SIGTERM)  # scan's handler notes it; the batch goes on
+        return explain_batch(*args, **kwargs)
+
+    monkeypatch.setattr(local, "explain_batch", terminated_during_the_first_batch)
+    out = tmp_path / "out"
+    assert scan(xray_folder, out, tiny_model, "--batch-size", "2") == 143
+    line = last_log_line(out)
+    assert " run ended: stopped by SIGTERM; finished batches are saved" in line
+    assert "; 2 of 4 images processed, " in line and line.endswith(" s; exit 143")
+
+
+@pytest.mark.parametrize("failure, ending", [
+    (ReportWriteError("cannot write the report in R: No space left on device (R/index.html); the previous report "
+                      "is unchanged"), "run ended: cannot write the report in R: No space left on device"),
+    (RuntimeError("a bug"), "run ended: internal failure: RuntimeError: a bug"),
+    (KeyboardInterrupt(), "run ended: interrupted"),
+])
+def test_a_run_that_fails_after_opening_its_log_says_so_there(tmp_path, monkeypatch, failure, ending):
+    """Whatever ends a run once REPORT's log is open (a write failure, a bug, a second Ctrl-C),
+    the log's last line says so, with how far the run got and the exit code."""
+    from batchcam.commands import scan as scan_command
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def failing_scan(config, console):
+        console.attach_log(lambda: open(out / "batchcam.log", "a", encoding="utf-8"))
+        console.log("run started: batchcam scan")
+        list(console.progress([[1, 2], [3]], 5, len))
+        raise failure
+
+    monkeypatch.setattr(scan_command, "scan", failing_scan)
+    code = {ReportWriteError: 74, RuntimeError: 1, KeyboardInterrupt: 130}[type(failure)]
+    if code == 1:
+        with pytest.raises(RuntimeError):
+            main(["scan", str(tmp_path), "--out", str(out)])
+    else:
+        assert main(["scan", str(tmp_path), "--out", str(out)]) == code
+    line = last_log_line(out)
+    assert f" {ending}" in line and "; 3 of 5 images processed, " in line and line.endswith(f" s; exit {code}")
+
+
+def test_a_refused_run_writes_no_log(xray_folder, tmp_path):
+    out = tmp_path / "out"
+    assert main(["scan", str(xray_folder), "--out", str(out), "--model", str(tmp_path / "missing.pt")]) == 2
+    assert not out.exists()
 
 
 @pytest.mark.slow

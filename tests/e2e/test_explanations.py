@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from batchcam.model.checkpoint import load_checkpoint
 from batchcam.records import ATTENTION_THRESHOLD, Row, from_csv_dict, to_csv_dict
 from batchcam.resources import DEMO_MODEL
 from batchcam.synthetic import generate
+from conftest import write_xrays
 
 HELD_OUT_SEED = 90_000  # the demo model was trained on seeds 1_000_003 onwards
 COUNT = 6
@@ -390,3 +393,50 @@ def test_attention_flag_fires_on_a_corner_marker_shortcut_and_stays_quiet_on_pla
     # plain images, scanned with the demo model (held_out): quiet
     with open(held_out[1] / "predictions.csv", newline="") as f:
         assert all(row["attention_flag"] == "false" for row in csv.DictReader(f))
+
+
+# --- pytorch-grad-cam's methods at default settings ----------------------------------------------
+
+
+def scan_subprocess(args: list[str], tmp_path) -> tuple[subprocess.CompletedProcess, int]:
+    """``python -m batchcam scan ARGS`` in a process of its own (stderr not a terminal), and that
+    process's peak RSS in MB: the helper process's only child is the scan (no DataLoader workers)."""
+    measure = ("import resource, subprocess, sys\n"
+               "done = subprocess.run([sys.executable, '-m', 'batchcam', 'scan', *sys.argv[1:]], capture_output=True)\n"
+               "sys.stdout.buffer.write(done.stdout); sys.stderr.buffer.write(done.stderr)\n"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)\n"
+               "sys.exit(done.returncode)\n")
+    done = subprocess.run([sys.executable, "-c", measure, *args, "--workers", "0", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=3600)
+    *output, peak = done.stdout.splitlines()
+    return subprocess.CompletedProcess(done.args, done.returncode, "\n".join(output), done.stderr), int(peak)
+
+
+@pytest.mark.parametrize("quiet", [["--quiet"], []])
+def test_scorecam_prints_no_library_progress_bars(tiny_model, xray_folder, tmp_path, quiet):
+    """pytorch-grad-cam draws a tqdm bar per image for ScoreCAM; batchcam's rules allow none under
+    --quiet or when stderr is not a terminal (here it is a pipe)."""
+    done, _ = scan_subprocess([str(xray_folder), "--out", str(tmp_path / "report"), "--model", str(tiny_model),
+                               "--cam", "scorecam", *quiet], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "it/s" not in done.stderr and "%|" not in done.stderr and "\r" not in done.stderr
+    if quiet:
+        assert done.stderr.strip() == ""
+    assert "4 ok" in done.stdout
+
+
+@pytest.mark.slow
+def test_scorecam_at_the_default_batch_size_needs_no_more_memory_than_at_batch_size_1(tmp_path):
+    """ScoreCAM holds K x 3 x H x W masked copies an image (ResNet18 at 224 px: 300 MB); a batch of 4
+    given to the library at once held four times that. Now one image at a time: the demo model over
+    4 images at the default --batch-size peaks within 300 MB of a run with --batch-size 1."""
+    root = tmp_path / "xrays"
+    write_xrays(root, count=4, size=(320, 288))
+    single, single_peak = scan_subprocess([str(root / "NORMAL"), "--out", str(tmp_path / "one"), "--cam", "scorecam",
+                                           "--batch-size", "1", "--quiet"], tmp_path)
+    assert single.returncode == 0, single.stderr
+    batch, batch_peak = scan_subprocess([str(root), "--out", str(tmp_path / "all"), "--cam", "scorecam", "--quiet"],
+                                        tmp_path)
+    assert batch.returncode == 0, batch.stderr
+    assert "4 ok" in batch.stdout
+    assert batch_peak < single_peak + 300, (single_peak, batch_peak)

@@ -293,3 +293,13 @@ def test_roc_curve_is_thinned_for_large_runs_and_spans_the_unit_square():
     points = roc.points.split()
     assert len(points) <= ROC_MAX_POINTS
     assert points[0] == "0.0,220.0" and points[-1] == "220.0,0.0"
+
+
+def test_the_summary_says_how_many_images_had_lung_fields_and_how_many_of_those_were_flagged():
+    """"0 of 24 images with lung fields" meant 0 flagged of 24 measured and read as no lungs found."""
+    rows = [ok_row(f"NORMAL/{i}.png", "NORMAL", 0.9, "NORMAL") for i in range(4)] + [error_row("NORMAL/x.png")]
+    for row, outside in zip(rows, (0.2, 0.3, 0.7, None)):
+        row.attention_outside = outside
+    text = " ".join("".join(Page(render(rows)["index.html"]).text).split())
+    assert ("3 of 4 images with lung fields found (1 without: not like a frontal chest film, see batchcam.log); "
+            "1 with most heat off the lungs") in text

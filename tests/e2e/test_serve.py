@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.client
 import importlib.util
 import io
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -253,13 +257,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
-    """``python -m batchcam serve`` (demo model) on a free loopback port, stopped in teardown."""
+@contextlib.contextmanager
+def running_serve(tmp_path: Path, *extra: str):
+    """``python -m batchcam serve`` (demo model) on a free loopback port; yields its URL, stops it after."""
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
     process = subprocess.Popen([sys.executable, "-m", "batchcam", "serve", "--host", "127.0.0.1", "--port",
-                                str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                                str(port), *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_healthy(url, process, log)
@@ -272,6 +276,12 @@ def server(tmp_path):
             process.kill()
             process.wait()
         log.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    with running_serve(tmp_path) as url:
+        yield url
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, log, timeout: float = 120) -> None:
@@ -346,6 +356,84 @@ def test_page_uploads_files_shows_predictions_overlays_and_toggles(server, brows
     assert first.get_attribute("data-showing") == "overlay" and image.get_attribute("src") == overlay_src
 
     save_screenshot(browser.get_screenshot_as_png(), tmp_path / "serve.png")
+
+
+def displayed(card, selector: str) -> bool:
+    return card.find_element("css selector", selector).is_displayed()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(browser_missing()), reason=browser_missing() or "browser available")
+def test_an_error_card_shows_its_reason_and_no_result_controls(server, browser, tmp_path):
+    """A file the server refuses: the card says why, and shows no empty bar, no "Show original" and
+    no "Download overlay" link that leads nowhere (the hidden attribute against .card-body's flex)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    notes = tmp_path / "notes.png"
+    notes.write_bytes(b"not an image")
+    browser.get(server)
+    WebDriverWait(browser, 30).until(lambda d: "demo_model.pt" in d.find_element(By.ID, "model-info").text)
+    browser.find_element(By.ID, "file-input").send_keys(str(notes))
+    WebDriverWait(browser, 120).until(lambda d: d.find_element(By.CSS_SELECTOR, ".card").get_attribute("data-status")
+                                      == "error")
+    card = browser.find_element(By.CSS_SELECTOR, ".card")
+    assert card.find_element(By.CSS_SELECTOR, ".status-text").text == "Not processed"
+    assert displayed(card, ".error-text")
+    assert card.find_element(By.CSS_SELECTOR, ".error-text").text.startswith("notes.png: not a supported image")
+    assert [selector for selector in (".card-body", ".confidence", ".toggle", ".download", ".result-image")
+            if displayed(card, selector)] == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(browser_missing()), reason=browser_missing() or "browser available")
+def test_the_page_waits_for_a_busy_server_and_then_shows_the_result(browser, tmp_path):
+    """With --max-concurrent-requests 1 and the one slot held by a half-sent upload, the page's
+    request is answered 503: the card says the server is busy, asks again after Retry-After, and
+    shows the result once the slot is free."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    sample = REPO / "samples" / "PNEUMONIA" / "xray_00001.png"
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"held.png\"\r\n\r\n"
+            + sample.read_bytes() + b"\r\n--b--\r\n")
+    with running_serve(tmp_path, "--max-concurrent-requests", "1") as url:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        held = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        try:
+            held.putrequest("POST", "/api/predict")
+            held.putheader("Content-Type", "multipart/form-data; boundary=b")
+            held.putheader("Content-Length", str(len(body)))
+            held.endheaders()
+            held.send(body[:100])
+
+            def busy() -> int:
+                with urllib.request.urlopen(url + "healthz", timeout=10) as response:
+                    return json.loads(response.read())["busy_requests"]
+
+            WebDriverWait(None, 60, poll_frequency=0.1).until(lambda _: busy() == 1)
+            browser.get(url)
+            WebDriverWait(browser, 30).until(lambda d: "demo_model.pt" in d.find_element(By.ID, "model-info").text)
+            browser.find_element(By.ID, "file-input").send_keys(str(sample))
+            WebDriverWait(browser, 60).until(
+                lambda d: d.find_element(By.CSS_SELECTOR, ".status-text").text.startswith("Server busy; trying again"))
+            held.send(body[100:])
+            assert held.getresponse().status == 200
+        finally:
+            held.close()
+        WebDriverWait(browser, 120).until(lambda d: d.find_element(By.CSS_SELECTOR, ".card").get_attribute(
+            "data-status") == "done")
+        card = browser.find_element(By.CSS_SELECTOR, ".card")
+        assert card.find_element(By.CSS_SELECTOR, ".prediction").text in ("NORMAL", "PNEUMONIA")
+        assert displayed(card, ".card-body") and displayed(card, ".download")
+
+
+def test_every_stylesheet_lets_the_hidden_attribute_win():
+    """A class rule with ``display`` (``.card-body { display: flex }``) beats the user agent's
+    ``[hidden] { display: none }``: each stylesheet restates it with !important."""
+    for sheet in sorted((REPO / "templates").glob("*.css")):
+        rules = re.sub(r"/\*.*?\*/", "", sheet.read_text(), flags=re.S).replace(" ", "")
+        assert "[hidden]{display:none!important;}" in rules, sheet.name
 
 
 def save_screenshot(png: bytes, scratch: Path) -> None:

@@ -2,13 +2,18 @@
 option validation, no CDN docs page, and (slow) the server's peak memory under hostile requests."""
 from __future__ import annotations
 
+import gc
+import http.client
 import importlib.util
 import io
 import json
 import sys
 import tempfile
+import threading
 import time
+import tracemalloc
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +181,101 @@ def test_a_non_image_is_refused_before_any_model_time(client, explainer, monkeyp
     assert response.status_code == 400
     assert response.json()["detail"].startswith("notes.png: not a supported image")
     assert spy.batches() == []
+
+
+# --- requests at once ------------------------------------------------------------------------------
+
+
+def wait_until(condition, what: str, deadline_seconds: float = 120) -> None:
+    """Poll ``condition`` (a wait, not a timing assertion: the deadline only stops a hung test)."""
+    deadline = time.monotonic() + deadline_seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting until {what}")
+        time.sleep(0.05)
+
+
+def test_requests_beyond_the_concurrent_limit_get_503_with_retry_after_and_the_others_their_results(
+        explainer, monkeypatch):
+    """Two requests hold the two slots (their decoding is held back); three more are answered 503
+    with Retry-After before their bodies are kept; then the two finish with their results, and the
+    slots are free again."""
+    release = threading.Event()
+    decode = explainer.decode
+
+    def held_decode(name, data, *args, **kwargs):
+        release.wait()
+        return decode(name, data, *args, **kwargs)
+
+    monkeypatch.setattr(explainer, "decode", held_decode)
+    with make_client(explainer, max_concurrent_requests=2) as small, ThreadPoolExecutor(max_workers=2) as pool:
+        assert small.get("/healthz").json()["max_concurrent_requests"] == 2
+        held = [pool.submit(small.post, "/api/predict", files=parts((f"held{i}.png", xray(i)))) for i in range(2)]
+        wait_until(lambda: small.get("/healthz").json()["busy_requests"] == 2, "both requests hold a slot")
+        refused = [small.post("/api/predict", files=parts((f"more{i}.png", xray(i)))) for i in range(3)]
+        release.set()
+        answered = [future.result() for future in held]
+        after = small.post("/api/predict", files=parts(("after.png", xray(7))))
+        assert small.get("/healthz").json()["busy_requests"] == 0
+    assert [r.status_code for r in refused] == [503, 503, 503]
+    assert [r.headers.get("retry-after") for r in refused] == ["2", "2", "2"]
+    assert "--max-concurrent-requests" in refused[0].json()["detail"]
+    assert [r.status_code for r in answered] == [200, 200]
+    assert [[result["file"] for result in r.json()["results"]] for r in answered] == [["held0.png"], ["held1.png"]]
+    assert after.status_code == 200 and after.json()["results"][0]["status"] == "ok"
+
+
+def test_a_refused_or_failed_request_gives_its_slot_back(explainer):
+    with make_client(explainer, max_concurrent_requests=1) as small:
+        assert small.post("/api/predict", files=parts(("notes.png", b"not an image"))).status_code == 400
+        assert small.post("/api/predict", content=b"x", headers={"content-type": "text/plain"}).status_code == 400
+        assert small.post("/api/predict", files=parts(("a.png", xray()))).status_code == 200
+        assert small.get("/healthz").json()["busy_requests"] == 0
+
+
+class StreamedRequest:
+    """What read_uploads reads of a Starlette request: its headers and its body in chunks."""
+
+    def __init__(self, body: bytes, content_type: str, chunk: int = 65536):
+        self.headers = {"content-type": content_type, "content-length": str(len(body))}
+        self._chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)]
+
+    async def stream(self):
+        while self._chunks:
+            yield self._chunks.pop(0)
+
+
+def test_an_uploads_bytes_are_freed_with_its_request():
+    """Not some requests later, when Python's cycle collector runs: python-multipart's parser and its
+    callbacks form a reference cycle, and the bodies must not hang on it (a server kept 48 MB more
+    after each of 8 requests of a 48 MB file)."""
+    import asyncio
+
+    from batchcam.commands.serve_uploads import Limits, read_uploads
+
+    data = np.random.default_rng(2).bytes(4_000_000)
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        body, content_type = multipart_body([("noise.png", data)])
+        uploads = asyncio.run(read_uploads(StreamedRequest(body, content_type), Limits(50 * 2**20, 32, 10**8)))
+        assert uploads == [("noise.png", data)]
+        del uploads, body
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert after - before < len(data) // 4, (after - before, len(data))
+
+
+@pytest.mark.parametrize("upload_mb, expected", [(50, 4), (1, 16), (100, 2), (4096, 1)])
+def test_the_default_concurrent_limit_follows_the_upload_cap(upload_mb, expected):
+    from batchcam.config import ServeConfig
+
+    assert ServeConfig(max_upload_mb=upload_mb).concurrent_requests == expected
+    assert ServeConfig(max_upload_mb=upload_mb, max_concurrent_requests=9).concurrent_requests == 9
 
 
 # --- pixels per request --------------------------------------------------------------------------
@@ -385,6 +485,8 @@ def test_bad_upload_caps_exit_2_before_binding(extra, message, capsys, monkeypat
     ({"max_megapixels": 0.5}, "--max-megapixels must be at least 1 (megapixels), got 0.5"),
     ({"max_megapixels": float("inf")}, "--max-megapixels must be a finite number, got inf"),
     ({"max_megapixels": 5000}, "--max-megapixels must be at most 4096 (megapixels), got 5000"),
+    ({"max_concurrent_requests": 0}, "--max-concurrent-requests must be at least 1, got 0"),
+    ({"max_concurrent_requests": 65}, "--max-concurrent-requests must be at most 64, got 65"),
 ])
 def test_serve_config_refuses_limits_out_of_range(fields, message):
     from batchcam.config import ServeConfig
@@ -403,15 +505,16 @@ def test_serve_config_limits_reach_the_app(tiny_model, monkeypatch):
 
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kwargs: apps.append(app))
-    config = ServeConfig(model=tiny_model, port=8123, max_upload_mb=2, max_files=3, max_megapixels=7)
+    config = ServeConfig(model=tiny_model, port=8123, max_upload_mb=2, max_files=3, max_megapixels=7,
+                         max_concurrent_requests=5)
     assert config.max_pixels_per_request == 7_000_000
     assert serve(config, Console()) == 0
     from fastapi.testclient import TestClient
 
     with TestClient(apps[0], base_url="http://localhost:8123") as test_client:
         health = test_client.get("/healthz").json()
-    assert (health["max_upload_bytes"], health["max_files"], health["max_pixels_per_request"]) == \
-        (2 * 1024 * 1024, 3, 7_000_000)
+    assert (health["max_upload_bytes"], health["max_files"], health["max_pixels_per_request"],
+            health["max_concurrent_requests"]) == (2 * 1024 * 1024, 3, 7_000_000, 5)
 
 
 def test_the_cli_limits_reach_the_app_and_bad_ones_exit_2(tiny_model, monkeypatch, capsys):
@@ -421,14 +524,15 @@ def test_the_cli_limits_reach_the_app_and_bad_ones_exit_2(tiny_model, monkeypatc
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kwargs: apps.append(app))
     assert main(["serve", "--model", str(tiny_model), "--max-files", "3", "--max-megapixels", "7",
-                 "--max-upload-mb", "2"]) == 0
+                 "--max-upload-mb", "2", "--max-concurrent-requests", "6"]) == 0
     with TestClient(apps[0], base_url=f"http://{HOST}") as test_client:
         health = test_client.get("/healthz").json()
-    assert (health["max_upload_bytes"], health["max_files"], health["max_pixels_per_request"]) == \
-        (2 * 1024 * 1024, 3, 7_000_000)
+    assert (health["max_upload_bytes"], health["max_files"], health["max_pixels_per_request"],
+            health["max_concurrent_requests"]) == (2 * 1024 * 1024, 3, 7_000_000, 6)
     capsys.readouterr()
     for extra, message in ((["--max-files", "0"], "--max-files must be at least 1, got 0"),
-                           (["--max-megapixels", "inf"], "--max-megapixels must be a finite number, got inf")):
+                           (["--max-megapixels", "inf"], "--max-megapixels must be a finite number, got inf"),
+                           (["--max-concurrent-requests", "0"], "--max-concurrent-requests must be at least 1")):
         assert main(["serve", "--model", str(tiny_model), *extra]) == 2
         assert message in capsys.readouterr().err
     assert len(apps) == 1
@@ -497,3 +601,63 @@ def test_a_real_server_answers_its_own_page_and_refuses_foreign_hosts_and_origin
             assert bench.request(port, "GET", "/openapi.json")[0] == 200
         finally:
             bench.stop_server(process)
+
+
+def start_upload(port: int, body: bytes, content_type: str) -> http.client.HTTPConnection:
+    """A POST whose headers and first half of the body are sent; the rest waits for finish_upload."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    connection.putrequest("POST", "/api/predict")
+    connection.putheader("Content-Type", content_type)
+    connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders()
+    connection.send(body[:len(body) // 2])
+    return connection
+
+
+def finish_upload(connection: http.client.HTTPConnection, body: bytes) -> tuple[int, dict]:
+    connection.send(body[len(body) // 2:])
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc for the peak RSS")
+def test_a_real_server_answers_uploads_beyond_its_concurrent_limit_with_503_and_stays_under_2_gb():
+    """The tester's attack: 24 uploads of 48 MB at once. The default limit's requests hold their
+    slots while their bodies are half sent; the 20 others, sent at once, are each answered 503
+    with Retry-After; then the held ones finish and each gets its result. The server's peak RSS
+    stays under the README's 2 GB (24 such uploads at once took it to 2.3 GB before the limit)."""
+    bench = load_benchmark()
+    body, content_type = bench.multipart([bench.large_upload()])
+    port = bench.free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        process = bench.start_server(port, log)
+        held: list[http.client.HTTPConnection] = []
+        try:
+            bench.wait_until_healthy(port, process)
+
+            def health() -> dict:
+                return json.loads(bench.request(port, "GET", "/healthz")[1])
+
+            limit = health()["max_concurrent_requests"]
+            assert limit == 4
+            bench.reset_peak(process.pid)
+            held = [start_upload(port, body, content_type) for _ in range(limit)]
+            wait_until(lambda: health()["busy_requests"] == limit, f"{limit} uploads hold the slots")
+            refused = bench.send_at_once(port, body, content_type, 24 - limit)
+            finished = [finish_upload(connection, body) for connection in held]
+            peak_mb = (bench.status_kb(process.pid, "VmHWM") or 0) / 1024
+            alive = process.poll() is None
+        except RuntimeError as e:
+            log.seek(0)
+            pytest.fail(f"{e}\n{log.read()[-4000:]}")
+        finally:
+            for connection in held:
+                connection.close()
+            bench.stop_server(process)
+    assert [status for status, _, _ in refused] == [503] * 20
+    assert [headers.get("retry-after") for _, headers, _ in refused] == ["2"] * 20
+    assert [status for status, _ in finished] == [200] * limit
+    assert [[r["status"] for r in answer["results"]] for _, answer in finished] == [["ok"]] * limit
+    assert alive
+    assert 0 < peak_mb < MEMORY_BOUND_MB

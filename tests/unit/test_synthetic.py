@@ -132,7 +132,7 @@ def test_save_masks_writes_one_mask_per_image_outside_the_class_folders(tmp_path
     paths = write_imagefolder(tmp_path, 12, seed=6, size_range=(64, 96), save_masks=True)
     for path in paths:
         split, label = path.parent.parent.name, path.parent.name
-        mask_path = tmp_path / "masks" / split / label / f"{path.stem}.png"
+        mask_path = tmp_path / ".masks" / split / label / f"{path.stem}.png"
         assert mask_path.is_file(), mask_path
         with Image.open(mask_path) as mask_image, Image.open(path) as image:
             mask = np.asarray(mask_image)
@@ -148,4 +148,19 @@ def test_save_masks_writes_one_mask_per_image_outside_the_class_folders(tmp_path
 
 def test_without_save_masks_no_masks_are_written(tmp_path):
     write_imagefolder(tmp_path, 8, seed=6, size_range=(64, 80))
-    assert not (tmp_path / "masks").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test", "train", "val"]
+
+
+@pytest.mark.parametrize("splits", [[], ["--no-splits"]])
+def test_scanning_the_generators_output_finds_only_the_xrays_not_the_masks(tmp_path, splits):
+    """A mask under OUT/masks/train/PNEUMONIA/ was scored as a labelled PNEUMONIA X-ray."""
+    from batchcam.decode.discover import discover
+    from batchcam.synthetic import main
+
+    out = tmp_path / "synthetic"
+    assert main([str(out), "--count", "8", "--min-size", "64", "--max-size", "80", "--masks", *splits]) == 0
+    masks = sorted(p for p in out.rglob("*.png") if ".masks" in p.parts)
+    images = sorted(p for p in out.rglob("*") if p.is_file() and ".masks" not in p.parts)
+    assert len(masks) == len(images) >= 8
+    found = [candidate.path for candidate in discover(out).candidates]
+    assert sorted(found) == images

@@ -99,3 +99,76 @@ def test_a_head_that_is_not_pool_plus_linear_falls_back_to_the_library():
 def test_unknown_method_is_refused_with_the_list():
     with pytest.raises(ValueError, match="gradcam"):
         CamEngine(build_model(2), "nosuchcam")
+
+
+class TinyNet(torch.nn.Module):
+    """A CNN with a ResNet-like ``layer4`` of 8 channels: ScoreCAM needs 8 masked copies an image."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.ReLU())
+        self.layer4 = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, stride=2, padding=1), torch.nn.ReLU())
+        self.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.avgpool(self.layer4(self.stem(x))).flatten(1))
+
+
+def library_maps_unchunked(model: torch.nn.Module, method: str, x: torch.Tensor, targets: list[int]) -> np.ndarray:
+    """pytorch-grad-cam's own result for the whole batch at once (min-max scaled, at the input size)."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    method_class = getattr(pytorch_grad_cam, LIBRARY_METHODS[method])
+    with method_class(model=model, target_layers=[model.layer4]) as cam:
+        return cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(t) for t in targets])
+
+
+@pytest.mark.parametrize("method", [m for m in LIBRARY_METHODS if m != "gradcam"])
+def test_library_maps_computed_in_chunks_equal_the_librarys_unchunked_maps(method, monkeypatch):
+    """One image a call, ScoreCAM's inner passes 3 masked copies each (the last 2): the same maps as
+    the library's one call for the whole batch."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    from batchcam.cam import engine as engine_module
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 32, 32)
+    model = TinyNet().eval()
+    image_bytes = engine_module.activation_bytes(model, (3, 32, 32))
+    monkeypatch.setattr(engine_module, "LIBRARY_CALL_BUDGET", 1)
+    monkeypatch.setattr(engine_module, "SCORECAM_INNER_BUDGET",
+                        3 * engine_module.FORWARD_BYTES_PER_ACTIVATION_BYTE * image_bytes)
+    calls = []
+    library_maps = engine_module.CamEngine._library_maps
+    monkeypatch.setattr(engine_module.CamEngine, "_library_maps",
+                        lambda self, chunk, *args: calls.append(len(chunk)) or library_maps(self, chunk, *args))
+    with CamEngine(model, method, allow_exact=False, target_layer="layer4") as engine:
+        batch = engine(x)
+    assert calls == [1, 1, 1, 1, 1]
+    expected = library_maps_unchunked(model, method, x, batch.targets.tolist())
+    actual = scale_cam_image(scale_cam_image(batch.cams.numpy(), (32, 32)))  # as the library aggregates its layer
+    assert actual.shape == expected.shape == (5, 32, 32)
+    assert np.abs(expected).max() > 0
+    assert np.abs(actual - expected).max() < 1e-4
+
+
+def test_library_chunks_keep_each_call_within_the_budget_whatever_the_architecture():
+    """ScoreCAM on a 224 px batch of 32: one image a call (its K masked copies alone are 300 MB);
+    the gradient methods: as many images as their autograd graphs fit, fewer for a deeper network."""
+    import torchvision
+
+    from batchcam.cam.engine import LIBRARY_CALL_BUDGET, activation_bytes, library_chunk, scorecam_inner_batch
+
+    shape = (32, 3, 224, 224)
+    resnet18 = activation_bytes(build_model(2).eval(), shape[1:])
+    resnet50 = activation_bytes(torchvision.models.resnet50(num_classes=2).eval(), shape[1:])
+    assert 20 * 2**20 < resnet18 < resnet50 / 3
+    assert library_chunk("scorecam", shape, 512, resnet18) == 1
+    assert 1 < scorecam_inner_batch(resnet18) < 512
+    assert 1 < library_chunk("gradcam++", shape, 512, resnet50) < library_chunk("gradcam++", shape, 512, resnet18) < 32
+    assert library_chunk("gradcam++", shape, 512, resnet18) * 1.5 * resnet18 <= LIBRARY_CALL_BUDGET
+    assert library_chunk("gradcam++", (2, 3, 64, 64), 512, resnet18 // 12) == 2
+    assert scorecam_inner_batch(10**12) == 1
