@@ -71,7 +71,7 @@ def default_concurrent_requests(max_upload_mb: float) -> int:
     """--max-concurrent-requests when not given: 4 with the default --max-upload-mb of 50 (1 for a cap that
     ``validate`` refuses, so a configuration with one can still be made and refused)."""
     low, high = CONCURRENT_REQUESTS_RANGE
-    if not (isinstance(max_upload_mb, (int, float)) and 0 < max_upload_mb < math.inf):
+    if not 0 < max_upload_mb < math.inf:  # NaN too
         return low
     return max(low, min(high // 4, int(UPLOADS_BUDGET_MB // (2 * max_upload_mb))))
 

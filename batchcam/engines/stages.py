@@ -63,12 +63,12 @@ def explain_batch(samples: list[Sample], views: torch.Tensor | None, engine: Cam
     ``measures`` (the scan's options that add measurements to a row): ``faithfulness`` adds the drops of
     ``attention.faithfulness`` (two more forward passes).
     """
-    cam_batch = None
+    cam_batch, x = None, None
     if views is not None:
         x = normalize(views.to(device, non_blocking=True), loaded.spec).contiguous(memory_format=torch.channels_last)
         cam_batch = engine(x)
     results = batch_rows(samples, cam_batch, loaded, settings_key)
-    if measures.faithfulness and cam_batch is not None:
+    if measures.faithfulness and cam_batch is not None and x is not None:
         ok = [row for row, _, cam in results if cam is not None]
         drops = attention.faithfulness(engine.model, x, cam_batch.cams, cam_batch.targets, cam_batch.probabilities,
                                        [attention.seed_of(f"{row.relpath}:{row.sha256}") for row in ok],
