@@ -1,5 +1,8 @@
-"""Every command's configuration: parsed once from the command line, validated here, then frozen.
+"""The table of options and every command's configuration: parsed once, validated here, then frozen.
 
+Each option is declared once below (``batchcam.options.Option``: flag, type, help, validation,
+whether it changes a row); each command's configuration binds the options it takes with its
+defaults, and the command line, the row-reuse key and the manifest's settings derive from them.
 Nothing heavy is imported: the command line builds and checks these before any library loads, so a
 mistake (or a locked REPORT) is reported at once. What needs torch to check (is CUDA there?) is
 checked by the command once it has resolved the device (``runtime.devices``).
@@ -12,10 +15,12 @@ import os
 import re
 import socket
 import stat
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from batchcam.errors import UsageError
+from batchcam.options import Config, Group, Option, check_choice, nested, path_argument, switch
 from batchcam.records import display_path
 
 # CAM methods: the exact fast path (gradcam) and pytorch-grad-cam's classes (cam.engine maps them).
@@ -63,8 +68,11 @@ CONCURRENT_REQUESTS_RANGE = (1, 64)
 
 
 def default_concurrent_requests(max_upload_mb: float) -> int:
-    """--max-concurrent-requests when not given: 4 with the default --max-upload-mb of 50."""
+    """--max-concurrent-requests when not given: 4 with the default --max-upload-mb of 50 (1 for a cap that
+    ``validate`` refuses, so a configuration with one can still be made and refused)."""
     low, high = CONCURRENT_REQUESTS_RANGE
+    if not 0 < max_upload_mb < math.inf:  # NaN too
+        return low
     return max(low, min(high // 4, int(UPLOADS_BUDGET_MB // (2 * max_upload_mb))))
 
 
@@ -101,6 +109,13 @@ class Selection:
         return cls(mode="chest", modalities=parse_codes("--modalities", modalities, CHEST_MODALITIES),
                    views=chosen_views)
 
+    def as_options(self) -> dict[str, str | None]:
+        """The options that make this rule, as they would be typed (the manifest's settings)."""
+        if self.everything:
+            return {"select": "all", "modalities": None, "views": None}
+        return {"select": self.mode, "modalities": ",".join(self.modalities),
+                "views": ",".join(self.views) if self.views else ANY_VIEW}
+
     @property
     def everything(self) -> bool:
         return self.mode == "all"
@@ -136,33 +151,222 @@ def default_workers_for(engine: str) -> int:
     return default_workers() if engine == "local" else 0
 
 
-@dataclass(frozen=True)
-class ScanConfig:
-    root: Path
-    out: Path
-    model: Path | None = None        # None: the bundled demo model
-    device: str = "auto"
-    batch_size: int = 32
-    workers: int = 1
-    cam: str = "gradcam"
-    target: str = "predicted"        # "predicted" or a class name
-    save_cams: bool = False
-    full: bool = False               # recompute every image instead of reusing unchanged rows
-    quiet: bool = False
-    page_size: int = DEFAULT_PAGE_SIZE   # images per gallery page
-    faithfulness: bool = False       # two extra forward passes per batch (batchcam.checks.attention)
-    heat_scale: str = "image"        # "image": each map alone; "run": one run-wide constant (keeps cams.npz)
-    overlay_size: int = OVERLAY_LONG_SIDE  # overlays' longer side, px (never enlarged)
-    precision: str = "auto"          # the forward pass: auto = bf16 (else fp16) autocast on CUDA, fp32 on the CPU
-    compile: bool = False            # torch.compile the model: slow to start, faster on long GPU runs
-    decode: str = "cpu"              # "gpu": JPEGs decoded in batches on the GPU (batchcam.decode.gpu_decode)
-    backend: str = "auto"            # the exact path's model step: "eager" (PyTorch), "onnx" (ONNX Runtime)
-    engine: str = "local"            # "local": this process and its DataLoader; "ray": a Ray cluster
-    ray_address: str | None = None   # None: the ray engine starts a local Ray cluster on this machine
-    gpus_per_worker: float | None = None  # ray engine; None: 1 when the cluster has GPUs, else 0
-    max_file_mb: float = DEFAULT_MAX_FILE_MB  # a larger file is an error row, never read
-    selection: Selection = Selection()        # which DICOM films are scored; the rest are skipped rows
-    argv: tuple[str, ...] = ()
+# ---------------------------------------------------------------- how options are checked
+
+def counted(low: int, high: int) -> Callable[[str, int], None]:
+    return lambda name, value: check_count(name, value, low, high)
+
+
+def within(low: float, high: float, unit: str = "") -> Callable[[str, float], None]:
+    return lambda name, value: check_in_range(name, value, low, high, unit)
+
+
+def existing_folder(name: str, root: Path) -> None:
+    if not root.exists():
+        raise UsageError(f"{name} {shown(root)} does not exist")
+    if not root.is_dir():
+        raise UsageError(f"{name} {shown(root)} is not a folder")
+
+
+def folder_or_new(name: str, out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{name} {shown(out)} exists and is not a folder")
+
+
+def labelled_tree(name: str, root: Path) -> None:
+    if not root.is_dir():
+        raise UsageError(f"{shown(root)} is not a folder (expected one sub-folder per class)")
+
+
+def model_file(name: str, model: Path) -> None:
+    check_model(model)
+
+
+def overlay_side(name: str, size: int) -> None:
+    low, high = OVERLAY_SIZES
+    if not low <= size <= high:
+        raise UsageError(f"{name} must be between {low} and {high} px, got {size}")
+
+
+# ---------------------------------------------------------------- the options
+# affects_rows: the option changes what a scan's row holds (or its overlay), so it is part of the key
+# rows are reused under (report.store); every scan option says so, and tests/unit/test_options.py checks
+# each against a real re-run.
+
+MODEL = Option(flag="--model", parse=path_argument, help="batchcam checkpoint or ResNet18 state dict",
+               none_means="the bundled demo model", check=model_file, affects_rows=True,
+               keyed_resolved=True)  # keyed as the model's sha256, target layer and preprocessing
+DEVICE = Option(flag="--device", parse=str, help="auto (CUDA when present), cpu, cuda or cuda:N",
+                affects_rows=False)  # keyed through the precision it resolves to
+BATCH_SIZE = Option(flag="--batch-size", parse=int, help="images per model batch", check=counted(1, 4096),
+                    affects_rows=False)
+WORKERS = Option(flag="--workers", parse=int, check=counted(0, MAX_WORKERS), affects_rows=False,
+                 help=f"0..{MAX_WORKERS}. local engine: DataLoader processes decoding images (0: decode in the main "
+                 "process); ray engine: model actors")
+CAM = Option(flag="--cam", parse=str, choices=CAM_METHODS, metavar="METHOD", affects_rows=True,
+             help=f"CAM method, one of: {', '.join(CAM_METHODS)}")
+TARGET = Option(flag="--target", parse=str, help="class the heatmap explains: 'predicted' or a class name",
+                affects_rows=True, keyed_resolved=True)  # keyed as the class it names in the model
+MAX_FILE_MB = Option(flag="--max-file-mb", parse=float, metavar="MB", check=within(*MAX_FILE_MB_RANGE),
+                     affects_rows=False,  # a file over it is a transient error row, decided again every run
+                     help="a larger file is an error row and is never read, in MB of 2^20 bytes (default: "
+                     "{default}; far above any real X-ray)")
+SELECT = Option(flag="--select", parse=str, choices=SELECT_MODES, affects_rows=True,
+                help="chest: score only DICOM films that are frontal chest radiographs (by their Modality, "
+                "BodyPartExamined and ViewPosition), the others become 'skipped' rows with the reason; all: "
+                "score every file. Files without DICOM tags (JPEG, PNG, ...) are always scored")
+MODALITIES = Option(flag="--modalities", parse=str, metavar="LIST", none_means=",".join(CHEST_MODALITIES),
+                    help="with --select chest: the DICOM modalities scored", affects_rows=True)
+VIEWS = Option(flag="--views", parse=str, metavar="LIST", none_means=",".join(FRONTAL_VIEWS), affects_rows=True,
+               help="with --select chest: the ViewPosition values scored, or 'any' (default: {default}); a film "
+               "without ViewPosition is scored")
+# A DICOM row records the rule that decided it; a changed rule decides only those rows again.
+SELECTION = Group((SELECT.bound("chest"), MODALITIES.bound(None), VIEWS.bound(None)), Selection.from_options,
+                  Selection.as_options, decided_per_row=True)
+
+# scan
+ROOT = Option(flag="root", parse=path_argument, metavar="ROOT", help="folder to walk (recursively)",
+              check=existing_folder, affects_rows=False)  # rows are of files relative to it
+REPORT_OUT = Option(flag="--out", parse=path_argument, metavar="REPORT", help="report folder to write",
+                    check=folder_or_new, affects_rows=False)
+SAVE_CAMS = switch("--save-cams", "also write cams.npz with the raw low-resolution map of every ok image",
+                   affects_rows=False)  # a row whose map cams.npz lacks is redone (scan_run.write_scan)
+FULL = switch("--full", "recompute every image (default: reuse rows of unchanged files and settings)",
+              affects_rows=False)
+QUIET = switch("--quiet", "print only warnings, errors and the summary line", affects_rows=False)
+PAGE_SIZE = Option(flag="--page-size", parse=int, help="images per gallery page", check=counted(1, 10**6),
+                   affects_rows=False)
+HEAT_SCALE = Option(flag="--heat-scale", parse=str, choices=HEAT_SCALES, affects_rows=True,
+                    help="image: each heatmap scaled to its own range; run: every heatmap scaled by one run-wide "
+                    "constant (99th percentile of raw map values) so heat compares across images (keeps cams.npz, "
+                    "re-renders every overlay at the end of the run)")
+FAITHFULNESS = switch("--faithfulness", "also measure the probability drop when the top 20% of each map (and a "
+                      "random region of the same size) is removed: two extra forward passes per batch",
+                      affects_rows=True)
+ENGINE = Option(flag="--engine", parse=str, choices=ENGINES, affects_rows=False,
+                help="local: this machine (DataLoader + model in this process); ray: a Ray cluster (needs the "
+                "'ray' extra; REPORT must be on storage every node sees)")
+RAY_ADDRESS = Option(flag="--ray-address", parse=str, metavar="ADDR", affects_rows=False,
+                     none_means="start a local Ray cluster for this run",
+                     help="with --engine ray: the cluster to join, e.g. head-node:6379, or 'auto' for the one "
+                     "`ray start` runs on this machine")
+GPUS_PER_WORKER = Option(flag="--gpus-per-worker", parse=float, metavar="G", affects_rows=False,
+                         none_means="1 when the cluster has GPUs, else 0",
+                         help="with --engine ray: GPUs per model actor (0: CPU actors; 0.5: two actors share a GPU)")
+OVERLAY_SIZE = Option(flag="--overlay-size", parse=int, metavar="PX", check=overlay_side, affects_rows=True,
+                      help="longer side of the overlays, px (never enlarged); 1024 is sharper in the large view "
+                      "and costs about three times the CPU time per image")
+PRECISION = Option(flag="--precision", parse=str, choices=PRECISIONS, affects_rows=True,
+                   keyed_resolved=True,  # keyed as the autocast dtype it resolves to on the run's device
+                   help="the forward pass's precision: auto is bf16 (else fp16) autocast on CUDA and fp32 on the "
+                   "CPU; the heatmap is always computed in fp32")
+COMPILE = switch("--compile", "torch.compile the model (a minute or more of compilation; pays off on long GPU "
+                 "runs)", affects_rows=False)
+DECODE = Option(flag="--decode", parse=str, choices=DECODERS,
+                affects_rows=True,  # the batched decoder's pixels differ slightly from Pillow's
+                help="gpu: decode JPEGs in batches on the GPU (nvJPEG) when CPU decoding is the bottleneck; other "
+                "formats are still decoded on the CPU")
+BACKEND = Option(flag="--backend", parse=str, choices=BACKENDS, affects_rows=False,
+                 help="the exact gradcam path's model step: onnx runs it in ONNX Runtime (CPU, fp32; pip install "
+                 "'batchcam[onnx]'), eager in PyTorch; auto is onnx for CPU runs of "
+                 f"{BACKEND_AUTO_MIN_IMAGES} images or more when onnxruntime is installed, else eager")
+
+# predict
+FILES = Option(flag="files", parse=str, metavar="FILE", affects_rows=False,
+               help="X-ray images (JPEG, PNG, BMP, TIFF, 16-bit too; DICOM with the dicom extra)")
+OVERLAYS_OUT = Option(flag="--out", parse=path_argument, metavar="DIR", check=folder_or_new, affects_rows=False,
+                      help="write each overlay (JPEG) into DIR", none_means="no files are written")
+JSON = switch("--json", "print one JSON object per file instead of a table", affects_rows=False)
+
+# evaluate, review
+REPORT = Option(flag="report", parse=path_argument, metavar="REPORT", help="a report folder written by scan",
+                affects_rows=False)
+BOXES = Option(flag="--boxes", parse=path_argument, metavar="BOXES.csv", affects_rows=False,
+               help="boxes: path,x0,y0,x1,y1 (path as in predictions.csv) or RSNA patientId,x,y,width,height,Target")
+IMPORT = Option(flag="--import", dest="import_csv", parse=path_argument, metavar="REVIEW.csv", affects_rows=False,
+                help="the file the gallery's \"Export decisions\" downloaded; later decisions win")
+
+# sanity
+SAMPLE_ROOT = replace(ROOT, help="folder of X-rays to sample from", check=None)
+SAMPLE = Option(flag="--sample", parse=int, help="images to sample", affects_rows=False)
+SANITY_OUT = Option(flag="--out", parse=path_argument, metavar="DIR", check=folder_or_new, affects_rows=False,
+                    help="folder for sanity.md, sanity.json and sanity.png")
+
+# serve
+HOST = Option(flag="--host", parse=str, affects_rows=False,
+              help="address to bind (default: {default}); anything but loopback exposes the page to the network. "
+              "Requests must name this address (or localhost, when it is loopback) in their Host header")
+PORT = Option(flag="--port", parse=int, help="TCP port", check=counted(0, 65535), affects_rows=False)
+MAX_UPLOAD_MB = Option(flag="--max-upload-mb", parse=float, metavar="MB", check=within(*UPLOAD_MB_RANGE, unit="MB"),
+                       affects_rows=False,
+                       help=f"largest request accepted, in MB of 2^20 bytes, {UPLOAD_MB_RANGE[0]} to "
+                       f"{UPLOAD_MB_RANGE[1]} (default: {{default}}); larger ones get HTTP 413")
+MAX_FILES = Option(flag="--max-files", parse=int, metavar="N", check=counted(*MAX_FILES_RANGE), affects_rows=False,
+                   help=f"most files in one request, {MAX_FILES_RANGE[0]} to {MAX_FILES_RANGE[1]} (default: "
+                   "{default}); more get HTTP 413 before any is decoded")
+MAX_MEGAPIXELS = Option(flag="--max-megapixels", parse=float, metavar="MP", affects_rows=False,
+                        check=within(*MEGAPIXELS_RANGE, unit="megapixels"),
+                        help=f"most pixels in one request, in millions, as the images' headers state them, "
+                        f"{MEGAPIXELS_RANGE[0]} to {MEGAPIXELS_RANGE[1]} (default: {{default}}); a 16-bit, float or "
+                        "DICOM image, decoded through 64-bit floats, may have a quarter of that (a colour DICOM a "
+                        "twelfth); more get HTTP 413 before any pixel is decoded")
+MAX_CONCURRENT_REQUESTS = Option(flag="--max-concurrent-requests", parse=int, metavar="N", affects_rows=False,
+                                 check=counted(*CONCURRENT_REQUESTS_RANGE),
+                                 help=f"requests read, decoded and explained at once, {CONCURRENT_REQUESTS_RANGE[0]} "
+                                 f"to {CONCURRENT_REQUESTS_RANGE[1]}; one more gets HTTP 503 with a Retry-After "
+                                 "header")
+
+# calibrate
+LABELLED_ROOT = Option(flag="root", parse=path_argument, metavar="LABELLED_ROOT", check=labelled_tree,
+                       affects_rows=False,
+                       help="ImageFolder tree: one sub-folder per class of the model (NORMAL/, PNEUMONIA/)")
+MODEL_TO_CALIBRATE = replace(MODEL, help="the checkpoint or state dict to calibrate")
+CALIBRATED_OUT = Option(flag="--out", parse=path_argument, metavar="MODEL_OUT", affects_rows=False,
+                        help="the new checkpoint to write (never --model itself, never through a link)")
+FORCE = switch("--force", "replace MODEL_OUT when it exists (default: refuse; never --model, never a link)",
+               affects_rows=False)
+DECODING_WORKERS = replace(WORKERS, help=f"DataLoader processes decoding images, 0..{MAX_WORKERS} (default: "
+                           "{default}, decode in this process)")
+
+
+# ---------------------------------------------------------------- the commands' configurations
+
+@dataclass(frozen=True, kw_only=True)
+class Measures(Config):
+    """What each row measures besides the prediction and its map (``engines.stages.explain_batch``)."""
+
+    faithfulness: bool = FAITHFULNESS.field(False)   # two extra forward passes per batch (checks.attention)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanConfig(Config):
+    root: Path = ROOT.required()
+    out: Path = REPORT_OUT.required()
+    model: Path | None = MODEL.optional()
+    device: str = DEVICE.field("auto")
+    batch_size: int = BATCH_SIZE.field(32)
+    workers: int = WORKERS.derived(lambda config: default_workers_for(config.engine),
+                                   shown="CPU cores - 1, 1..8, with the local engine; one per GPU of the cluster, "
+                                   "or half its CPUs without GPUs, with the ray engine")
+    cam: str = CAM.field("gradcam")
+    target: str = TARGET.field("predicted")
+    save_cams: bool = SAVE_CAMS.field(False)
+    full: bool = FULL.field(False)
+    quiet: bool = QUIET.field(False)
+    page_size: int = PAGE_SIZE.field(DEFAULT_PAGE_SIZE)
+    heat_scale: str = HEAT_SCALE.field("image")
+    measures: Measures = nested(Measures())
+    max_file_mb: float = MAX_FILE_MB.field(float(DEFAULT_MAX_FILE_MB))
+    selection: Selection = SELECTION.field(Selection())
+    engine: str = ENGINE.field("local")
+    ray_address: str | None = RAY_ADDRESS.optional()
+    gpus_per_worker: float | None = GPUS_PER_WORKER.optional()
+    overlay_size: int = OVERLAY_SIZE.field(OVERLAY_LONG_SIDE)
+    precision: str = PRECISION.field("auto")
+    compile: bool = COMPILE.field(False)
+    decode: str = DECODE.field("cpu")
+    backend: str = BACKEND.field("auto")
+    argv: tuple[str, ...] = ()   # as given, for the manifest and the log
 
     @property
     def max_file_bytes(self) -> int:
@@ -173,32 +377,10 @@ class ScanConfig:
         """Raw maps are kept (cams.npz): asked for, or needed for the run-wide heat scale."""
         return self.save_cams or self.heat_scale == "run"
 
-    def validate(self) -> None:
-        if not self.root.exists():
-            raise UsageError(f"ROOT {shown(self.root)} does not exist")
-        if not self.root.is_dir():
-            raise UsageError(f"ROOT {shown(self.root)} is not a folder")
-        if self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"--out {shown(self.out)} exists and is not a folder")
-        check_count("--batch-size", self.batch_size, 1, 4096)
-        check_count("--page-size", self.page_size, 1, 10**6)
-        check_count("--workers", self.workers, 0, MAX_WORKERS)
-        check_choice("--heat-scale", self.heat_scale, HEAT_SCALES)
-        check_choice("--cam", self.cam, CAM_METHODS)
-        check_model(self.model)
-        check_in_range("--max-file-mb", self.max_file_mb, *MAX_FILE_MB_RANGE)
-        self.validate_engine()
-        self.validate_performance()
-
-    def validate_performance(self) -> None:
-        low, high = OVERLAY_SIZES
-        if not low <= self.overlay_size <= high:
-            raise UsageError(f"--overlay-size must be between {low} and {high} px, got {self.overlay_size}")
-        check_choice("--precision", self.precision, PRECISIONS)
-        check_choice("--decode", self.decode, DECODERS)
-        check_choice("--backend", self.backend, BACKENDS)
+    def check(self) -> None:
         if self.backend == "onnx" and self.compile:
             raise UsageError("--compile and --backend onnx both build the model step; choose one")
+        self.check_engine()
 
     def validate_device(self, device_type: str) -> None:
         """What can only be checked once ``--device`` is resolved (it needs torch)."""
@@ -206,8 +388,7 @@ class ScanConfig:
             raise UsageError("--decode gpu needs a CUDA device and the local engine "
                              f"(this run: device {device_type}, engine {self.engine})")
 
-    def validate_engine(self) -> None:
-        check_choice("--engine", self.engine, ENGINES)
+    def check_engine(self) -> None:
         if self.engine != "ray":
             if self.ray_address is not None or self.gpus_per_worker is not None:
                 raise UsageError("--ray-address and --gpus-per-worker need --engine ray")
@@ -223,58 +404,93 @@ class ScanConfig:
             raise UsageError(f"--ray-address {self.ray_address}: cannot reach the Ray cluster's head node: {problem}")
 
 
-@dataclass(frozen=True)
-class PredictConfig:
-    files: tuple[str, ...]
-    model: Path | None = None        # None: the bundled demo model
-    out: Path | None = None          # None: no overlay is written anywhere
-    json: bool = False
-    device: str = "auto"
-    cam: str = "gradcam"
-    target: str = "predicted"
-    batch_size: int = 16
-    max_file_mb: float = DEFAULT_MAX_FILE_MB
-    selection: Selection = Selection()
+@dataclass(frozen=True, kw_only=True)
+class PredictConfig(Config):
+    files: tuple[str, ...] = FILES.many()
+    model: Path | None = MODEL.optional()
+    device: str = DEVICE.field("auto")
+    out: Path | None = OVERLAYS_OUT.optional()
+    json: bool = JSON.field(False)
+    batch_size: int = BATCH_SIZE.field(16)
+    cam: str = CAM.field("gradcam")
+    target: str = TARGET.field("predicted")
+    max_file_mb: float = MAX_FILE_MB.field(float(DEFAULT_MAX_FILE_MB))
+    selection: Selection = SELECTION.field(Selection())
 
     @property
     def max_file_bytes(self) -> int:
         return int(self.max_file_mb * MEGABYTE)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if not self.files:
             raise UsageError("predict needs at least one FILE")
-        if self.out is not None and self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"--out {shown(self.out)} exists and is not a folder")
-        check_model(self.model)
-        check_count("--batch-size", self.batch_size, 1, 4096)
-        check_choice("--cam", self.cam, CAM_METHODS)
-        check_in_range("--max-file-mb", self.max_file_mb, *MAX_FILE_MB_RANGE)
 
 
-@dataclass(frozen=True)
-class CalibrateConfig:
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(Config):
+    report: Path = REPORT.required()
+    boxes: Path = BOXES.required()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SanityConfig(Config):
+    root: Path = SAMPLE_ROOT.required()
+    model: Path | None = MODEL.optional()
+    device: str = DEVICE.field("auto")
+    sample: int = SAMPLE.field(DEFAULT_SANITY_SAMPLE)
+    out: Path = SANITY_OUT.field(Path("batchcam-sanity"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(Config):
+    model: Path | None = MODEL.optional()
+    device: str = DEVICE.field("auto")
+    host: str = HOST.field("127.0.0.1")
+    port: int = PORT.field(8000)
+    max_upload_mb: float = MAX_UPLOAD_MB.field(float(DEFAULT_MAX_UPLOAD_MB))
+    max_files: int = MAX_FILES.field(DEFAULT_MAX_FILES)                  # files in one request
+    max_megapixels: float = MAX_MEGAPIXELS.field(float(DEFAULT_MAX_MEGAPIXELS))  # pixels in one request, in millions
+    max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS.derived(
+        lambda config: default_concurrent_requests(config.max_upload_mb),
+        shown=f"as many as keep their bodies within {UPLOADS_BUDGET_MB} MB, each counted twice: "
+        f"{default_concurrent_requests(DEFAULT_MAX_UPLOAD_MB)} with the default --max-upload-mb")
+    selection: Selection = SELECTION.field(Selection())
+
+    @property
+    def concurrent_requests(self) -> int:
+        """Requests in the decoding stage at once."""
+        return self.max_concurrent_requests
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MEGABYTE)
+
+    @property
+    def max_pixels_per_request(self) -> int:
+        return int(self.max_megapixels * MEGAPIXEL)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrateConfig(Config):
     """``batchcam calibrate ROOT --model M --out M2``: M's weights with statistics and a temperature."""
 
-    root: Path
-    model: Path
-    out: Path
-    device: str = "auto"
-    batch_size: int = 32
-    workers: int = 0
-    max_file_mb: float = DEFAULT_MAX_FILE_MB
-    selection: Selection = Selection()  # the films the statistics describe: those scan would score
-    force: bool = False                 # replace an existing --out (never --model, never through a link)
+    root: Path = LABELLED_ROOT.required()
+    model: Path = MODEL_TO_CALIBRATE.required()
+    out: Path = CALIBRATED_OUT.required()
+    force: bool = FORCE.field(False)    # replace an existing --out (never --model, never through a link)
+    device: str = DEVICE.field("auto")
+    batch_size: int = BATCH_SIZE.field(32)
+    workers: int = DECODING_WORKERS.field(0)
+    max_file_mb: float = MAX_FILE_MB.field(float(DEFAULT_MAX_FILE_MB))
+    selection: Selection = SELECTION.field(Selection())  # the films the statistics describe: those scan would score
 
     @property
     def max_file_bytes(self) -> int:
         return int(self.max_file_mb * MEGABYTE)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         """The input checkpoint is never replaced, nothing is written through a link, and an existing
         file only with ``force``."""
-        if not self.root.is_dir():
-            raise UsageError(f"{shown(self.root)} is not a folder (expected one sub-folder per class)")
-        check_model(self.model)
         if self.out.is_symlink():
             raise UsageError(f"--out {shown(self.out)} is a symbolic link; batchcam never writes through one")
         if self.out.exists() and (self.out.is_dir() or os.path.samefile(self.out, self.model)):
@@ -285,46 +501,12 @@ class CalibrateConfig:
             raise UsageError(f"--out {shown(self.out)} exists: give --force to replace it, or name a new file")
         if not self.out.parent.is_dir():
             raise UsageError(f"--out {shown(self.out)}: folder {shown(self.out.parent)} does not exist")
-        check_count("--batch-size", self.batch_size, 1, 4096)
-        check_count("--workers", self.workers, 0, MAX_WORKERS)
-        check_in_range("--max-file-mb", self.max_file_mb, *MAX_FILE_MB_RANGE)
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    model: Path | None = None        # None: the bundled demo model
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"
-    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
-    max_files: int = DEFAULT_MAX_FILES              # files in one request
-    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS  # pixels in one request, in millions
-    selection: Selection = Selection()
-    max_concurrent_requests: int | None = None      # None: default_concurrent_requests(max_upload_mb)
-
-    def validate(self) -> None:
-        check_model(self.model)
-        check_count("--port", self.port, 0, 65535)
-        check_in_range("--max-upload-mb", self.max_upload_mb, *UPLOAD_MB_RANGE, unit="MB")
-        check_count("--max-files", self.max_files, *MAX_FILES_RANGE)
-        check_in_range("--max-megapixels", self.max_megapixels, *MEGAPIXELS_RANGE, unit="megapixels")
-        if self.max_concurrent_requests is not None:
-            check_count("--max-concurrent-requests", self.max_concurrent_requests, *CONCURRENT_REQUESTS_RANGE)
-
-    @property
-    def concurrent_requests(self) -> int:
-        """Requests in the decoding stage at once (validate first)."""
-        if self.max_concurrent_requests is None:
-            return default_concurrent_requests(self.max_upload_mb)
-        return self.max_concurrent_requests
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * MEGABYTE)
-
-    @property
-    def max_pixels_per_request(self) -> int:
-        return int(self.max_megapixels * MEGAPIXEL)
+@dataclass(frozen=True, kw_only=True)
+class ReviewConfig(Config):
+    report: Path = REPORT.required()
+    import_csv: Path = IMPORT.required()
 
 
 def check_model(model: Path | None) -> None:
@@ -359,12 +541,6 @@ def shown(path: str | os.PathLike) -> str:
     """A path as one line of text: a newline or other control character in it is escaped, as the report shows
     names (``records.display_path``)."""
     return display_path(os.fspath(path))
-
-
-
-def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UsageError(f"{option} {value!r} is not one of: {', '.join(choices)}")
 
 
 def check_in_range(option: str, value: float, low: float, high: float, unit: str = "") -> None:

@@ -24,9 +24,9 @@ import torch
 from batchcam.cam.engine import CamEngine
 from batchcam.checks.metrics import expected_calibration_error
 from batchcam.config import CalibrateConfig, shown
+from batchcam.decode.dataset import ScanDataset
 from batchcam.decode.discover import Candidate, discover
-from batchcam.engines.job import DecodeSettings
-from batchcam.engines.stages import decode_loader, scan_dataset
+from batchcam.engines.stages import decode_loader
 from batchcam.errors import UsageError
 from batchcam.model.calibration import (
     MIN_FIT_PER_CLASS,
@@ -43,6 +43,7 @@ from batchcam.records import display_path
 from batchcam.runtime.console import Console
 from batchcam.runtime.devices import resolve_device
 
+CALIBRATION_DISPLAY_SIDE = 256  # the display copy decoding makes and calibration never shows: kept small
 HELD_OUT_SHARE = 0.3       # of each class: temperature and threshold; the rest fits means and covariance
 
 
@@ -145,14 +146,13 @@ def labelled_files(root: Path, class_names: tuple[str, ...], console: Console) -
 def forward_all(files: list[LabelledFile], loaded: LoadedModel, config: CalibrateConfig, device: torch.device,
                 console: Console) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Features, logits, labels and held-out marks of every readable file (decoded as scan decodes)."""
-    decode = DecodeSettings(image_size=loaded.spec.image_size, overlay_size=256,
-                            max_file_bytes=config.max_file_bytes, batch_size=config.batch_size,
-                            workers=config.workers, selection=config.selection)
+    dataset = ScanDataset(files, loaded.spec.image_size, CALIBRATION_DISPLAY_SIDE,
+                          max_file_bytes=config.max_file_bytes, selection=config.selection)
     by_relpath = {f.relpath: f for f in files}
     features, logits, labels, held_out, unreadable = [], [], [], [], 0
     model = loaded.model.to(device)
     with CamEngine(model) as engine:
-        for samples, views in decode_loader(scan_dataset(files, decode), decode):
+        for samples, views in decode_loader(dataset, config.batch_size, config.workers):
             for sample in samples:
                 if not sample.ok:
                     unreadable += 1
@@ -175,7 +175,7 @@ def forward_all(files: list[LabelledFile], loaded: LoadedModel, config: Calibrat
 def _ece(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float | None:
     probabilities = scaled_probabilities(logits, temperature)
     confidence, predicted = probabilities.max(1)
-    return expected_calibration_error((predicted == labels).numpy(), confidence.numpy())
+    return expected_calibration_error((predicted == labels).tolist(), confidence.tolist())
 
 
 def _round(value: float | None) -> str:

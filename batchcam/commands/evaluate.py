@@ -3,6 +3,7 @@ ground-truth boxes, then publish a new generation of the report (under its lock)
 metrics.json and gallery, and the scan's own CSV, manifest and maps."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from batchcam.checks.localisation import Boxes, localisation, read_boxes
@@ -10,6 +11,7 @@ from batchcam.config import DEFAULT_PAGE_SIZE
 from batchcam.errors import ReportWriteError, UsageError
 from batchcam.report.folder import ReportFolder, json_content, published_but
 from batchcam.report.gallery import render_gallery
+from batchcam.report.generations import Content
 from batchcam.report.lock import ReportLock
 from batchcam.report.review import current_decisions
 from batchcam.report.summary import scan_metrics
@@ -56,10 +58,10 @@ def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn,
             warn(f"{report_path / 'metrics.json'} is unreadable; computing it again from predictions.csv")
         metrics = scan_metrics(rows, class_names) or {}
     metrics["localisation"] = results
-    drawn = {row.path: found for row in rows if (found := boxes.for_row(row))}
+    drawn: dict[str, Sequence[Sequence[float]]] = {row.path: found for row in rows if (found := boxes.for_row(row))}
     decisions = current_decisions(report.read_reviews(), rows)
-    files = render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest), drawn,
-                           reviews=decisions, runs=report.read_runs())
+    files: dict[str, Content] = dict(render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest),
+                                                    drawn, reviews=decisions, runs=report.read_runs()))
     files["metrics.json"] = json_content(metrics)
     report.publish(files, reuse=KEPT, stop=stop)
     try:
@@ -70,14 +72,10 @@ def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn,
 
 
 def page_size_of(manifest: dict) -> int:
-    """The page size the scan used (its --page-size argument), so re-rendering keeps the pages."""
-    args = list(manifest.get("args", []))
-    for i, arg in enumerate(args):
-        try:
-            if arg == "--page-size":
-                return max(1, int(args[i + 1]))
-            if arg.startswith("--page-size="):
-                return max(1, int(arg.split("=", 1)[1]))
-        except (IndexError, ValueError):
-            break
+    """The page size the scan used (its manifest's settings), so re-rendering keeps the pages; the default for
+    a report written before manifests held their settings."""
+    settings = manifest.get("settings")
+    page_size = settings.get("page_size") if isinstance(settings, dict) else None
+    if isinstance(page_size, int) and not isinstance(page_size, bool) and page_size >= 1:
+        return page_size
     return DEFAULT_PAGE_SIZE

@@ -4,23 +4,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchcam.checks.sanity import CASCADE, sanity_check, write_sanity
-from batchcam.config import check_model, shown
-from batchcam.errors import ReportWriteError, UsageError
+from batchcam.config import SanityConfig, shown
+from batchcam.errors import ReportWriteError
 from batchcam.model.checkpoint import load_model
 from batchcam.runtime.console import Console
 
 
-def sanity(root: Path, model: Path | None, sample: int, device: str, out: Path) -> tuple[str, Path]:
-    """Run the check and write its files into ``out``; returns a one-line summary and sanity.md's path.
+def sanity(config: SanityConfig, console: Console) -> tuple[str, Path]:
+    """Run the check and write its files into ``config.out``; returns a one-line summary and sanity.md's path.
 
     UsageError for a bad model or an ``out`` that is not a folder; ReportWriteError (exit 74) when
     the files cannot be written.
     """
-    check_model(model)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {shown(out)} exists and is not a folder")
-    loaded = load_model(model, Console().warn)
-    result = sanity_check(loaded, root, sample, device)
+    config.validate()
+    out = config.out
+    loaded = load_model(config.model, console.warn)
+    result = sanity_check(loaded, config.root, config.sample, config.device)
     try:
         write_sanity(result, out, loaded.path.name)
     except OSError as e:

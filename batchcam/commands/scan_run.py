@@ -23,17 +23,19 @@ from batchcam.config import ScanConfig, resolve_target
 from batchcam.decode.discover import IMAGE_EXTENSIONS, Discovery, discover
 from batchcam.engines import local
 from batchcam.engines.heat_scale import rescale_overlays
-from batchcam.engines.job import DecodeSettings, RayOptions, ScanJob
+from batchcam.engines.job import Resolved, ScanJob
 from batchcam.engines.stages import prepared_model
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import LoadedModel, load_model
+from batchcam.options import settings
 from batchcam.records import Row, display_path, status_counts
 from batchcam.report.changes import mark_changes, run_record
 from batchcam.report.folder import ReportFolder, cams_content, csv_content, json_content, published_but
 from batchcam.report.gallery import render_gallery
+from batchcam.report.generations import Content
 from batchcam.report.lock import ReportLock
 from batchcam.report.review import Review, current_decisions, mark_states, with_review
-from batchcam.report.store import PlannedFile, RowStore, Settings, make_plan, stat_candidates
+from batchcam.report.store import PlannedFile, RowStore, make_plan, settings_key, stat_candidates
 from batchcam.report.summary import manifest, now_iso, scan_metrics
 from batchcam.runtime.console import Console
 from batchcam.runtime.devices import precision_name, resolve_device, resolve_precision
@@ -74,7 +76,7 @@ class Ready:
     device: torch.device
     autocast: torch.dtype | None
     target: int | None
-    settings: Settings
+    settings_key: str                # the rows' (report.store.settings_key)
     forward: EagerForward | OnnxForward | None = None  # built here only for an explicit --backend onnx
     problems: tuple[str, ...] = ()   # discovery's warnings, said once the run's log is open
     unlisted: tuple[str, ...] = ()   # folders that could not be listed (relative to ROOT)
@@ -92,17 +94,32 @@ def prepare(config: ScanConfig, console: Console) -> Ready:
     loaded = load_model(config.model, console.warn)
     target = resolve_target(config.target, loaded.spec.class_names)
     autocast = resolve_precision(config.precision, device)
-    settings = Settings(model_sha256=loaded.sha256, cam=config.cam, target=config.target,
-                        target_layer=TARGET_LAYER, image_size=loaded.spec.image_size, mean=loaded.spec.mean,
-                        std=loaded.spec.std, faithfulness=config.faithfulness, heat_scale=config.heat_scale,
-                        precision=precision_name(autocast), decode=config.decode, overlay_size=config.overlay_size)
+    key = settings_key(config, resolved={"model": model_identity(loaded), "precision": precision_name(autocast),
+                                         "target": "predicted" if target is None else loaded.spec.class_names[target]})
     forward = None
-    if config.backend == "onnx":
-        choose_backend("onnx", device, exact_path(config, loaded), autocast, len(files))
-        forward = make_forward("onnx", prepared_model(loaded, device), TARGET_LAYER, loaded.sha256,
+    if config.backend == "onnx":  # asked for by name: a reason it cannot run is exit 2, REPORT untouched
+        backend = backend_for(config, loaded, device, autocast, len(files))
+        forward = make_forward(backend, prepared_model(loaded, device), TARGET_LAYER, loaded.sha256,
                                loaded.spec.image_size, explicit=True, log=console.log)
-    return Ready(files, loaded, device, autocast, target, settings, forward, problems=tuple(discovery.problems),
+    return Ready(files, loaded, device, autocast, target, key, forward, problems=tuple(discovery.problems),
                  unlisted=tuple(discovery.unlisted))
+
+
+def model_identity(loaded: LoadedModel) -> dict[str, object]:
+    """What the model contributes to the row key: its file, the layer its maps come from, its preprocessing."""
+    spec = loaded.spec
+    return {"sha256": loaded.sha256, "target_layer": TARGET_LAYER, "image_size": spec.image_size,
+            "mean": list(spec.mean), "std": list(spec.std), "channels": spec.channels, "resize": spec.resize}
+
+
+def backend_for(config: ScanConfig, loaded: LoadedModel, device: torch.device, autocast: torch.dtype | None,
+                images: int) -> str:
+    """The exact path's model step of this run, decided here only: ``--backend eager`` or ``onnx`` as asked
+    (onnx refused where it cannot apply), ``auto`` by the device, the CAM and the ``images`` to process
+    (``cam.backends.choose_backend``); the ray engine's actors run onnx only when it is asked for by name."""
+    exact = exact_path(config, loaded) and not config.compile
+    backend = choose_backend(config.backend, device, exact, autocast, images)
+    return backend if config.engine == "local" or config.backend == "onnx" else "eager"
 
 
 def exact_path(config: ScanConfig, loaded: LoadedModel) -> bool:
@@ -146,7 +163,7 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
     files, loaded, device = ready.files, ready.loaded, ready.device
     report.prepare()
     previous_cams = report.read_cams() if config.keeps_cams else {}
-    with InterruptGuard() as guard, RowStore(report.state(), ready.settings.key) as store:
+    with InterruptGuard() as guard, RowStore(report.state(), ready.settings_key) as store:
         plan = make_plan(files, store.load(), full=config.full, selection=config.selection.key,
                          row_is_complete=lambda row: report.has_overlays(row)
                          and (not config.keeps_cams or not row.ok or row.path in previous_cams),
@@ -155,25 +172,27 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
                      f"{len(plan.process)} to process, {len(plan.reuse)} unchanged")
         guard.check()
         job = scan_job(config, console, ready, report, store, images=len(plan.process))
-        engine = local
-        if config.engine == "ray":
-            from batchcam.engines import ray_engine as engine  # Ray is imported only when asked for
-        processed, new_cams = engine.process(plan.process, job)
+        processed, new_cams = process(plan.process, job)
         rows = sorted(plan.reuse + processed, key=lambda row: row.path)
         runs_before = report.read_runs()
         changes = mark_changes(rows, store.last_run(), started_at)
         counts = {"found": len(files), "processed": len(processed), "reused": len(plan.reuse),
                   **status_counts(rows)}
         seconds = time.monotonic() - started
-        cam_info = {"method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
-                    "exact_fast_path": job.engine.exact, "heat_scale": config.heat_scale,
-                    "backend": job.ray.backend if job.ray else job.engine.backend,
-                    "backend_file_sha256": None if job.ray else job.engine.forward.file_sha256}
+        forward = job.cam_engine.forward if config.engine == "local" else None  # ray: the actors build their own
+        backend = forward.name if forward is not None else job.resolved.backend
+        cam_info: dict[str, object] = {
+            "method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
+            "exact_fast_path": job.cam_engine.exact, "heat_scale": config.heat_scale, "backend": backend,
+            "backend_file_sha256": forward.file_sha256 if forward is not None else None}
         if config.heat_scale == "run":
             cam_info["run_scale"] = rescale_overlays(rows, files, {**previous_cams, **new_cams}, job)
         report_manifest = manifest(root=config.root, argv=config.argv, loaded=loaded, cam=cam_info,
                                    device=str(device), counts=counts, started_at=started_at,
                                    finished_at=now_iso(), seconds=seconds, selection=config.selection, rows=rows)
+        report_manifest["settings"] = settings(config, resolved={
+            "model": str(loaded.path), "device": str(device), "precision": precision_name(ready.autocast),
+            "backend": backend})
         report_manifest["report_id"] = report.report_id()
         report_manifest["unlisted"] = {"folders": [display_path(folder) for folder in ready.unlisted],
                                        "rows_kept": len(plan.kept)}
@@ -183,35 +202,38 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
                                cams={**previous_cams, **new_cams} if config.keeps_cams else None,
                                page_size=config.page_size, runs=[*runs_before, this_run], stop=guard.check)
         after_publishing(report, rows, store, this_run, reviews)
-    if guard.requested:
+    if guard.signum is not None:
         raise Interrupted(guard.signum, published=True)
     report_errors(rows, processed, console)
     return ScanResult(report=config.out, rows=rows, counts=counts, seconds=seconds, unlisted=ready.unlisted,
                       kept=len(plan.kept))
 
 
+def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str, np.ndarray]]:
+    """The engine the scan asks for processes ``files``: this machine, or a Ray cluster."""
+    if job.config.engine == "ray":
+        from batchcam.engines import ray_engine  # Ray is imported only when asked for
+
+        return ray_engine.process(files, job)
+    return local.process(files, job)
+
+
 def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportFolder, store: RowStore,
              images: int) -> ScanJob:
-    """The few things the engines use, with the model prepared once on its device and its backend chosen
-    for the ``images`` this run processes (the ray engine's actors build theirs)."""
-    model = prepared_model(ready.loaded, ready.device, config.compile)
-    backend = ready.forward.name if ready.forward else choose_backend(
-        config.backend, ready.device, exact_path(config, ready.loaded) and not config.compile, ready.autocast, images)
+    """The scan's options and what the run resolved, with the model prepared once on its device and its
+    backend chosen for the ``images`` this run processes (the ray engine's actors build theirs)."""
+    loaded, device, autocast = ready.loaded, ready.device, ready.autocast
+    model = prepared_model(loaded, device, config.compile)
+    backend = ready.forward.name if ready.forward else backend_for(config, loaded, device, autocast, images)
     forward = ready.forward
     if forward is None and config.engine == "local":
-        forward = make_forward(backend, model, TARGET_LAYER, ready.loaded.sha256, ready.loaded.spec.image_size,
-                               ready.autocast, log=console.log)
-    engine = CamEngine(model, config.cam, ready.target, autocast=ready.autocast,
-                       temperature=ready.loaded.temperature, forward=forward if config.engine == "local" else None)
-    decode = DecodeSettings(image_size=ready.loaded.spec.image_size, overlay_size=config.overlay_size,
-                            max_file_bytes=config.max_file_bytes, batch_size=config.batch_size,
-                            workers=config.workers, on_gpu=config.decode == "gpu", selection=config.selection)
-    ray = (RayOptions(root=config.root, address=config.ray_address, gpus_per_worker=config.gpus_per_worker,
-                      compile=config.compile, backend=backend if config.backend == "onnx" else "eager")
-           if config.engine == "ray" else None)
-    return ScanJob(loaded=ready.loaded, engine=engine, device=ready.device, report=report, store=store,
-                   console=console, decode=decode, settings_key=ready.settings.key,
-                   faithfulness=config.faithfulness, keeps_cams=config.keeps_cams, ray=ray)
+        forward = make_forward(backend, model, TARGET_LAYER, loaded.sha256, loaded.spec.image_size, autocast,
+                               log=console.log)
+    cam_engine = CamEngine(model, config.cam, ready.target, autocast=autocast, temperature=loaded.temperature,
+                           forward=forward if config.engine == "local" else None)
+    resolved = Resolved(autocast=autocast, target=ready.target, backend=backend, settings_key=ready.settings_key)
+    return ScanJob(config=config, resolved=resolved, loaded=loaded, device=device, cam_engine=cam_engine,
+                   report=report, store=store, console=console)
 
 
 def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, report_manifest: dict,
@@ -225,7 +247,8 @@ def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, rep
     reviews = mark_states(stored_reviews, rows)
     decisions = current_decisions(reviews, rows)
     metrics = with_review(scan_metrics(rows, class_names), rows, decisions)
-    files = render_gallery(rows, class_names, report_manifest, metrics, page_size, reviews=decisions, runs=runs)
+    files: dict[str, Content] = dict(render_gallery(rows, class_names, report_manifest, metrics, page_size,
+                                                     reviews=decisions, runs=runs))
     files["predictions.csv"] = csv_content(rows, class_names)
     files["manifest.json"] = json_content(report_manifest)
     if metrics is not None:

@@ -31,15 +31,15 @@ def rescale_overlays(rows: list[Row], files: list[PlannedFile], cams: dict[str, 
     pages keep showing their own overlays until the new CSV and gallery replace them. A file that
     changed since the first pass keeps its per-image overlay (logged); the next run redoes it.
     """
-    decode, report, console = job.decode, job.report, job.console
+    config, report, console = job.config, job.report, job.console
     scale = run_heat_scale([cams[row.path] for row in rows if row.ok and row.path in cams])
     by_relpath = {planned.relpath: planned for planned in files}
     todo = {row.relpath: row for row in rows if row.ok and row.path in cams and row.relpath in by_relpath}
-    dataset = scan_dataset([by_relpath[relpath] for relpath in todo], decode)
+    dataset = scan_dataset([by_relpath[relpath] for relpath in todo], config, job.loaded.spec.image_size)
     console.info(f"heat scale for the run: {scale:.6g} (99th percentile of raw map values); re-rendering "
                  f"{len(todo)} overlays")
     with OverlayStage(report, scale=scale) as stage:
-        for samples, _ in decode_loader(dataset, decode):
+        for samples, _ in decode_loader(dataset, config.batch_size, config.workers):
             batch = []
             for sample in samples:
                 row = todo[sample.relpath]

@@ -1,13 +1,12 @@
-"""What an engine is given: ``process(files, job)`` and nothing else of the scan's configuration."""
+"""What an engine is given: ``process(files, job)`` with the scan's configuration and what the run resolved."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from batchcam.cam.engine import CamEngine
-from batchcam.config import Selection
+from batchcam.config import ScanConfig
 from batchcam.model.checkpoint import LoadedModel
 from batchcam.report.folder import ReportFolder
 from batchcam.report.store import RowStore
@@ -15,45 +14,32 @@ from batchcam.runtime.console import Console
 
 
 @dataclass(frozen=True)
-class RayOptions:
-    """Only ``--engine ray``: where the cluster is and how its model actors are built."""
+class Resolved:
+    """What the driver resolved once for the whole run, the same for every engine, actor and pass.
 
-    root: Path
-    address: str | None = None          # None: a local cluster for the run
-    gpus_per_worker: float | None = None
-    compile: bool = False
-    backend: str = "eager"              # the model actors' exact-path backend (batchcam.cam.backends)
+    ``settings_key`` is the row store's key (it goes into overlay names, so a changed setting never
+    reuses one); ``backend`` the exact path's model step that the model actors build (``cam.backends``).
+    """
 
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """How files become samples, the same in every engine and in the heat-scale pass."""
-
-    image_size: int
-    overlay_size: int
-    max_file_bytes: int
-    batch_size: int
-    workers: int
-    on_gpu: bool = False                # scan --decode gpu: plain JPEGs decoded in batches on the device
-    selection: Selection = Selection()  # which DICOM films are scored; the others are skipped rows
+    autocast: torch.dtype | None
+    target: int | None
+    backend: str
+    settings_key: str
 
 
 @dataclass(frozen=True)
 class ScanJob:
-    """The model, where results go, and the few settings the engines use.
+    """The scan's options (``config``), what the run resolved, the model, and where results go."""
 
-    ``settings_key`` names the row store's settings (it goes into overlay names, so a changed setting
-    never reuses one); ``keeps_cams``: the raw maps come back too (cams.npz, --heat-scale run).
-    """
-
+    config: ScanConfig
+    resolved: Resolved
     loaded: LoadedModel
-    engine: CamEngine
     device: torch.device
+    cam_engine: CamEngine       # model + CAM on ``device`` (the ray engine's actors build their own)
     report: ReportFolder
     store: RowStore
     console: Console
-    decode: DecodeSettings
-    settings_key: str
-    faithfulness: bool = False
-    keeps_cams: bool = False
-    ray: RayOptions | None = None
+
+    @property
+    def settings_key(self) -> str:
+        return self.resolved.settings_key

@@ -10,7 +10,7 @@ from batchcam.engines.job import ScanJob
 from batchcam.engines.stages import OverlayStage, decode_loader, explain_batch, log_decode_warnings, scan_dataset
 from batchcam.records import Row
 from batchcam.report.store import PlannedFile
-from batchcam.runtime.interrupt import Interrupted, InterruptGuard
+from batchcam.runtime.interrupt import InterruptGuard
 
 
 def render_device(job: ScanJob):
@@ -27,31 +27,31 @@ def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str
     cams: dict[str, np.ndarray] = {}
     if not files:
         return rows, cams
-    on_gpu = job.decode.on_gpu
-    dataset = scan_dataset(files, job.decode, can_defer=gpu_decode.can_defer if on_gpu else None)
-    loader = decode_loader(dataset, job.decode, pin_memory=job.device.type == "cuda")
-    decode_deferred = (gpu_decode.BatchedJpegDecoder(job.device, job.decode.image_size, job.decode.overlay_size,
+    config, image_size = job.config, job.loaded.spec.image_size
+    on_gpu = config.decode == "gpu"
+    dataset = scan_dataset(files, config, image_size, can_defer=gpu_decode.can_defer if on_gpu else None)
+    loader = decode_loader(dataset, config.batch_size, config.workers, pin_memory=job.device.type == "cuda")
+    decode_deferred = (gpu_decode.BatchedJpegDecoder(job.device, image_size, config.overlay_size,
                                                      dataset.decode_deferred) if on_gpu else None)
 
     def keep(finished: list[Row]) -> None:
         job.store.append(finished)
         rows.extend(finished)
 
-    with InterruptGuard() as guard, job.engine, OverlayStage(job.report, render_on=render_device(job)) as stage:
+    with InterruptGuard() as guard, job.cam_engine, OverlayStage(job.report, render_on=render_device(job)) as stage:
         for samples, views in job.console.progress(loader, len(dataset), lambda batch: len(batch[0])):
             if decode_deferred is not None:
                 samples, views = decode_deferred(samples)
-            results = explain_batch(samples, views, job.engine, job.loaded, job.device, settings_key=job.settings_key,
-                                    faithfulness=job.faithfulness)
+            results = explain_batch(samples, views, job.cam_engine, job.loaded, job.device,
+                                    settings_key=job.settings_key, measures=config.measures)
             log_decode_warnings(samples, job.console)
             job.store.announce(name for row, _, cam in results if cam is not None
                                for name in (row.overlay, row.thumb, row.original))
             keep(stage.submit(results))
-            if job.keeps_cams:
+            if config.keeps_cams:
                 cams.update((row.path, cam.numpy()) for row, _, cam in results if cam is not None)
             if guard.requested:
                 break
         keep(stage.drain())
-    if guard.requested:
-        raise Interrupted(guard.signum)
+    guard.check()  # stopped by a signal: Interrupted, once the finished batches are journaled
     return rows, cams

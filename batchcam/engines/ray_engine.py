@@ -17,7 +17,7 @@ import copy
 import logging
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,9 +28,9 @@ import torch
 
 from batchcam.cam.backends import make_forward
 from batchcam.cam.engine import TARGET_LAYER, CamEngine
-from batchcam.config import RAY_EXTRA_HINT
+from batchcam.config import RAY_EXTRA_HINT, ScanConfig
 from batchcam.decode.dataset import Sample, ScanDataset, collate_samples
-from batchcam.engines.job import DecodeSettings, ScanJob
+from batchcam.engines.job import Resolved, ScanJob
 from batchcam.engines.shared_storage import new_token, node_problems, remove_token, report_problem, write_token
 from batchcam.engines.stages import (
     OverlayStage,
@@ -47,7 +47,7 @@ from batchcam.report.folder import ReportFolder
 from batchcam.report.store import PlannedFile, RowStore
 from batchcam.runtime.allocator import keep_freed_memory
 from batchcam.runtime.console import Console
-from batchcam.runtime.interrupt import Interrupted, InterruptGuard
+from batchcam.runtime.interrupt import InterruptGuard
 
 DECODE_MEMORY = 512 * 2**20  # reserved per decode task: a batch of display copies plus one large decode
 
@@ -58,24 +58,17 @@ class SharedStorageError(ReportWriteError):
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What every model actor needs. ``model`` is an ObjectRef of the driver's LoadedModel (on the
-    CPU), so actors need neither the checkpoint file nor a path to it, and all use the weights
-    whose sha256 the rows carry; ``target`` and ``autocast`` are as the driver resolved them, so
-    the rows match the settings they are journaled under."""
+    """What every model actor needs: the scan's options and what the driver resolved (so the rows
+    match the settings they are journaled under), and where REPORT is. ``model`` is an ObjectRef of
+    the driver's LoadedModel (on the CPU), so actors need neither the checkpoint file nor a path to
+    it, and all use the weights whose sha256 the rows carry."""
 
+    config: ScanConfig
+    resolved: Resolved
+    model: Any
     report: str
     token: str
-    model: Any
-    decode: DecodeSettings
-    cam: str
-    target: int | None
-    autocast: torch.dtype | None
-    compile: bool
-    faithfulness: bool
-    keeps_cams: bool
-    settings_key: str
     gpus: float
-    backend: str = "eager"            # the exact path's model step on CPU actors (batchcam.cam.backends)
 
 
 @dataclass
@@ -96,21 +89,18 @@ def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str
     """
     if not files:
         return [], {}  # nothing to do: no cluster is started
-    options, console = job.ray, job.console
-    with InterruptGuard() as guard, ray_session(options.address) as ray:
-        gpus = gpus_per_actor(ray, options.gpus_per_worker)
-        actors = actor_count(ray, job.decode.workers, gpus, batches=math.ceil(len(files) / job.decode.batch_size))
+    config, console = job.config, job.console
+    with InterruptGuard() as guard, ray_session(config.ray_address) as ray:
+        gpus = gpus_per_actor(ray, config.gpus_per_worker)
+        actors = actor_count(ray, config.workers, gpus, batches=math.ceil(len(files) / config.batch_size))
         console.info(f"ray engine: {actors} model actor(s) with {gpus:g} GPU(s) each, "
                      f"{ray.cluster_resources().get('CPU', 0):g} CPU(s) in the cluster")
         folder = job.report.path.absolute()
-        with SharedFolders(ray, options.root.absolute(), folder) as shared:
+        with SharedFolders(ray, config.root.absolute(), folder) as shared:
             model = ray.put(replace(job.loaded, model=copy.deepcopy(job.loaded.model).cpu()))
-            spec = WorkerSpec(report=str(folder), token=shared.token, model=model, decode=job.decode,
-                              cam=job.engine.method, target=job.engine.target, autocast=job.engine.autocast,
-                              compile=options.compile, backend=options.backend,
-                              faithfulness=job.faithfulness, keeps_cams=job.keeps_cams,
-                              settings_key=job.settings_key, gpus=gpus)
-            batches = explained_batches(ray, files, spec, actors)
+            spec = WorkerSpec(config=config, resolved=job.resolved, model=model, report=str(folder),
+                              token=shared.token, gpus=gpus)
+            batches = explained_batches(ray, files, spec, actors, job.loaded.spec.image_size)
             try:
                 return journal(batches, len(files), job.store, console, guard)
             except ray.exceptions.ActorDiedError:
@@ -118,7 +108,7 @@ def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str
                 raise
 
 
-def journal(batches: Iterator[list[Explained]], total: int, store: RowStore, console: Console,
+def journal(batches: Generator[list[Explained], None, None], total: int, store: RowStore, console: Console,
             guard: InterruptGuard) -> tuple[list[Row], dict[str, np.ndarray]]:
     """Journal each batch the moment it arrives, as ``pipeline.process`` does.
 
@@ -137,8 +127,7 @@ def journal(batches: Iterator[list[Explained]], total: int, store: RowStore, con
             cams.update((item.row.path, item.cam) for item in batch if item.cam is not None)
             if guard.requested:
                 break
-    if guard.requested:
-        raise Interrupted(guard.signum)
+    guard.check()  # stopped by a signal: Interrupted, once the arrived batches are journaled
     return rows, cams
 
 
@@ -257,18 +246,19 @@ def raise_report_problems(problems: list[str], report: Path) -> None:
                                  f"(NFS or another shared file system): {'; '.join(problems)}")
 
 
-def explained_batches(ray, files: list[PlannedFile], spec: WorkerSpec, actors: int) -> Iterator[list[Explained]]:
+def explained_batches(ray, files: list[PlannedFile], spec: WorkerSpec, actors: int,
+                      image_size: int) -> Generator[list[Explained], None, None]:
     """The Ray Data pipeline: one list of Explained per model batch, in completion order.
 
     Decode tasks reserve memory, so Ray never packs more of them onto a node than it holds; the
     different resources also keep Ray from fusing decoding into the actors, so decoding the next
     batches overlaps the model.
     """
-    batch_size = spec.decode.batch_size
+    batch_size = spec.config.batch_size
     absolute = [replace(planned, path=planned.path.absolute()) for planned in files]  # workers' cwd differs
     dataset = ray.data.from_items([{"file": planned} for planned in absolute],
                                   override_num_blocks=math.ceil(len(files) / batch_size))
-    dataset = dataset.map_batches(decode_batch, fn_kwargs={"decode": spec.decode},
+    dataset = dataset.map_batches(decode_batch, fn_kwargs={"config": spec.config, "image_size": image_size},
                                   batch_size=batch_size, batch_format="numpy", num_cpus=1, memory=DECODE_MEMORY)
     dataset = dataset.map_batches(CamWorker, fn_constructor_kwargs={"spec": spec}, batch_size=batch_size,
                                   batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
@@ -284,9 +274,9 @@ def objects(items: list) -> np.ndarray:
     return array
 
 
-def decode_batch(batch: dict[str, np.ndarray], decode: DecodeSettings) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], config: ScanConfig, image_size: int) -> dict[str, np.ndarray]:
     """Decode task: files -> Samples, with ``ScanDataset``'s reading and decoding."""
-    dataset = scan_dataset(list(batch["file"]), decode)
+    dataset = scan_dataset(list(batch["file"]), config, image_size)
     return {"sample": objects([decode_safely(dataset, index) for index in range(len(dataset))])}
 
 
@@ -311,11 +301,12 @@ class CamWorker:
         self.spec = spec
         self.device = torch.device("cuda" if spec.gpus else "cpu")
         self.loaded: LoadedModel = ray.get(spec.model)
-        model = prepared_model(self.loaded, self.device, spec.compile)
-        backend = spec.backend if self.device.type == "cpu" else "eager"  # ONNX Runtime runs CPU actors only
+        config, resolved = spec.config, spec.resolved
+        model = prepared_model(self.loaded, self.device, config.compile)
+        backend = resolved.backend if self.device.type == "cpu" else "eager"  # ONNX Runtime runs CPU actors only
         forward = make_forward(backend, model, TARGET_LAYER, self.loaded.sha256, self.loaded.spec.image_size,
-                               spec.autocast)
-        self.engine = CamEngine(model, spec.cam, spec.target, autocast=spec.autocast,
+                               resolved.autocast)
+        self.engine = CamEngine(model, config.cam, resolved.target, autocast=resolved.autocast,
                                 temperature=self.loaded.temperature, forward=forward)
         self.report = ReportFolder(Path(spec.report))
 
@@ -331,11 +322,11 @@ class CamWorker:
         _, views = collate_samples(samples)
         with self.engine:
             results = explain_batch(samples, views, self.engine, self.loaded, self.device,
-                                    settings_key=self.spec.settings_key, faithfulness=self.spec.faithfulness)
+                                    settings_key=self.spec.resolved.settings_key, measures=self.spec.config.measures)
         with OverlayStage(self.report) as stage:
             stage.submit(results)
             stage.drain()
-        keeps_cams = self.spec.keeps_cams
+        keeps_cams = self.spec.config.keeps_cams
         return [Explained(row, cam.numpy() if keeps_cams and cam is not None else None, sample.warnings)
                 for row, sample, cam in results]
 
@@ -345,4 +336,4 @@ class CamWorker:
                 sample.error = f"internal error while explaining its batch: {type(error).__name__}: {error}"[:240]
                 sample.transient = True
         return [Explained(row, None, sample.warnings)
-                for row, sample, _ in batch_rows(samples, None, self.loaded, self.spec.settings_key)]
+                for row, sample, _ in batch_rows(samples, None, self.loaded, self.spec.resolved.settings_key)]

@@ -3,19 +3,22 @@
 ``rows.jsonl`` holds every row of the last complete run; ``journal.jsonl`` collects the rows of
 the run in progress, appended and fsynced batch by batch. A run killed at any instant leaves at
 most a torn last journal line (ignored on reading), so the next run redoes only the batches that
-were in flight. A row is reused when its file's size and mtime_ns and the run's settings (model
-sha256, CAM method, target, preprocessing) are unchanged, and its overlay files still exist.
+were in flight. A row is reused when its file's size and mtime_ns and the run's settings (the model
+and every option that affects rows: ``settings_key``) are unchanged, and its overlay files still exist.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import IO, Any
 
+from batchcam.config import ScanConfig
 from batchcam.decode.discover import Candidate
+from batchcam.options import row_settings
 from batchcam.records import Row, original_path, thumb_path
 from batchcam.runtime.fsutil import SafeDir
 
@@ -24,28 +27,15 @@ ROWS, JOURNAL = "rows.jsonl", "journal.jsonl"
 ROW_FIELDS = {f.name for f in fields(Row)}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything besides the file itself that a row depends on."""
+def settings_key(config: ScanConfig, resolved: Mapping[str, Any]) -> str:
+    """The key a run's rows are stored under: everything besides the file itself that a row depends on.
 
-    model_sha256: str
-    cam: str
-    target: str
-    target_layer: str
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    faithfulness: bool = False
-    heat_scale: str = "image"
-    precision: str = "fp32"      # of the forward pass (autocast dtype)
-    decode: str = "cpu"          # "gpu": the batched decoder's pixels differ slightly from Pillow's
-    overlay_size: int = 512
-    row_format: int = ROW_FORMAT
-
-    @property
-    def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    That is every option that ``affects_rows`` (``options.row_settings``; ``resolved`` gives the values
+    the run resolved, the model as what it contributes) and the row format. A DICOM row also records
+    the ``--select`` rule that decided it (``make_plan``).
+    """
+    text = json.dumps({**row_settings(config, resolved), "row_format": ROW_FORMAT}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -126,7 +116,7 @@ class RowStore:
     def __init__(self, state: SafeDir, settings_key: str):
         self.state = state
         self.settings_key = settings_key
-        self._journal = None
+        self._journal: IO[str] | None = None
 
     def load(self) -> dict[str, Row]:
         """Rows of the last complete run, then of an interrupted one, made with these settings."""
@@ -159,6 +149,12 @@ class RowStore:
                         names.update((overlay, thumb_path(overlay), original_path(overlay)))
         return names
 
+    @property
+    def journal(self) -> IO[str]:
+        if self._journal is None:
+            raise ValueError("the row store's journal is open only inside its with block")
+        return self._journal
+
     def __enter__(self) -> "RowStore":
         self._journal = self.state.open_append(JOURNAL, encoding="utf-8")
         return self
@@ -173,16 +169,16 @@ class RowStore:
         and a power cut at worst leaves a few files that are never removed)."""
         names = [name for name in overlays if name]
         if names:
-            self._journal.write(json.dumps({"overlays": names}) + "\n")
-            self._journal.flush()
+            self.journal.write(json.dumps({"overlays": names}) + "\n")
+            self.journal.flush()
 
     def append(self, rows: Iterable[Row]) -> None:
         """Journal finished rows durably: after this returns, a crash does not lose them."""
         lines = "".join(self._line(row) for row in rows)
         if lines:
-            self._journal.write(lines)
-            self._journal.flush()
-            os.fsync(self._journal.fileno())
+            self.journal.write(lines)
+            self.journal.flush()
+            os.fsync(self.journal.fileno())
 
     def commit(self, rows: Sequence[Row]) -> None:
         """The run is complete: its rows become the store, and an empty journal replaces the old one

@@ -22,10 +22,10 @@ import pytest
 from PIL import Image
 
 from batchcam.cli import main
-from batchcam.config import DEFAULT_MAX_FILE_BYTES
+from batchcam.config import ScanConfig
 from batchcam.decode.dataset import ScanDataset
 from batchcam.engines import ray_engine
-from batchcam.engines.job import DecodeSettings
+from batchcam.engines.job import Resolved
 from batchcam.engines.shared_storage import node_problems, token_path
 from batchcam.errors import ReportWriteError
 from batchcam.model.checkpoint import load_checkpoint
@@ -314,13 +314,14 @@ def test_an_actor_starting_without_the_report_refuses_to_work(tmp_path):
 
 # ------------------------------------------------------------------ worker exceptions become error rows
 
-DECODE = DecodeSettings(image_size=64, overlay_size=512, max_file_bytes=DEFAULT_MAX_FILE_BYTES, batch_size=4, workers=0)
+CONFIG = ScanConfig(root=Path("root"), out=Path("report"), batch_size=4, workers=0, save_cams=True)
+IMAGE_SIZE = 64
 
 
 def worker_spec(report: Path, model, token: str = "t") -> ray_engine.WorkerSpec:
-    return ray_engine.WorkerSpec(report=str(report), token=token, model=model, decode=DECODE, cam="gradcam",
-                                 target=None, autocast=None, compile=False, faithfulness=False, keeps_cams=True,
-                                 settings_key="k", gpus=0)
+    return ray_engine.WorkerSpec(config=CONFIG, resolved=Resolved(autocast=None, target=None, backend="eager",
+                                                                  settings_key="k"),
+                                 model=model, report=str(report), token=token, gpus=0)
 
 
 def planned(paths: list[Path], root: Path) -> np.ndarray:
@@ -337,7 +338,7 @@ def test_an_exception_while_decoding_costs_that_file_only(xray_folder, monkeypat
         return original(self, index)
 
     monkeypatch.setattr(ScanDataset, "__getitem__", failing)
-    samples = list(ray_engine.decode_batch({"file": planned(paths, xray_folder)}, DECODE)["sample"])
+    samples = list(ray_engine.decode_batch({"file": planned(paths, xray_folder)}, CONFIG, IMAGE_SIZE)["sample"])
     assert [s.ok for s in samples] == [True, False, True, True]
     assert samples[1].transient and "MemoryError: no room" in samples[1].error
 
@@ -350,7 +351,7 @@ def test_an_exception_in_an_actor_turns_its_batch_into_error_rows(ray_cluster, x
     token_path(report).write_text("t")
     worker = ray_engine.CamWorker(worker_spec(report, ray.put(load_checkpoint(tiny_model))))
     paths = sorted(xray_folder.rglob("*.png"))
-    batch = ray_engine.decode_batch({"file": planned(paths, xray_folder)}, DECODE)
+    batch = ray_engine.decode_batch({"file": planned(paths, xray_folder)}, CONFIG, IMAGE_SIZE)
 
     fine = list(worker(batch)["explained"])
     assert all(item.row.ok and item.cam is not None for item in fine)
