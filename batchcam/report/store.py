@@ -16,10 +16,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from batchcam.decode.discover import Candidate
-from batchcam.records import Row, original_path, thumb_path
+from batchcam.records import ROW_FORMAT, Row, original_path, thumb_path
 from batchcam.runtime.fsutil import SafeDir
 
-ROW_FORMAT = 5  # bump whenever a row's meaning or the overlay rendering changes (5: issue 15)
 ROWS, JOURNAL = "rows.jsonl", "journal.jsonl"
 ROW_FIELDS = {f.name for f in fields(Row)}
 
@@ -40,7 +39,7 @@ class Settings:
     precision: str = "fp32"      # of the forward pass (autocast dtype)
     decode: str = "cpu"          # "gpu": the batched decoder's pixels differ slightly from Pillow's
     overlay_size: int = 512
-    row_format: int = ROW_FORMAT
+    row_format: str = ROW_FORMAT     # follows the row's schema (records.ROW_FORMAT)
 
     @property
     def key(self) -> str:
