@@ -24,7 +24,8 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
-from typing import Any, ClassVar, Generic, TypeVar
+from operator import attrgetter
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 COLUMN = "batchcam_column"    # the key of a declaration in a field's metadata or a property getter's __dict__
 
@@ -213,6 +214,16 @@ class CsvColumn:
     categories: tuple[str, ...] = ()
 
 
+class Cells(NamedTuple):
+    """A column's CSV cells for given class names, and how its value is got, written and read."""
+
+    column: Column
+    get: Callable[[Any], Any]
+    names: list[str]
+    write: Callable[[Any], str]
+    read: Callable[[str], Any]
+
+
 RowT = TypeVar("RowT")
 
 
@@ -225,34 +236,44 @@ class Schema(Generic[RowT]):
         self.row_type = row_type
         self.columns = declared_columns(row_type)
         self.fields = [(f.name, str(f.type)) for f in fields(row_type)]   # what the row store keeps
+        self.shown = [column for column in self.columns if column.shown is not None]
+        self._layouts: dict[tuple[str, ...], list[Cells]] = {}
+
+    def _layout(self, class_names: Sequence[str]) -> list[Cells]:
+        """Each column's cells for these classes, made once (a CSV of 50,000 rows asks 50,000 times)."""
+        key = tuple(class_names)
+        if key not in self._layouts:
+            self._layouts[key] = [Cells(column, column.getter or attrgetter(column.name), column.csv_names(key),
+                                        column.kind.write, column.kind.read) for column in self.columns]
+        return self._layouts[key]
 
     # the CSV
 
     def csv_names(self, class_names: Sequence[str]) -> list[str]:
-        return [name for column in self.columns for name in column.csv_names(class_names)]
+        return [name for cells in self._layout(class_names) for name in cells.names]
 
     def to_csv(self, row: RowT, class_names: Sequence[str]) -> dict[str, str]:
-        cells: dict[str, str] = {}
-        for column in self.columns:
-            value = column.value(row)
-            if column.per_class:
-                values = value or [column.kind.empty] * len(class_names)
-                cells.update(zip(column.csv_names(class_names), map(column.kind.write, values)))
+        found: dict[str, str] = {}
+        for cells in self._layout(class_names):
+            value = cells.get(row)
+            if len(cells.names) == 1 and not cells.column.per_class:
+                found[cells.names[0]] = cells.write(value)
             else:
-                cells[column.name] = column.kind.write(value)
-        return cells
+                found.update(zip(cells.names, map(cells.write, value or [None] * len(cells.names))))
+        return found
 
-    def from_csv(self, cells: Mapping[str, str | None], class_names: Sequence[str]) -> RowT:
+    def from_csv(self, texts: Mapping[str, str | None], class_names: Sequence[str]) -> RowT:
         """The row a CSV line holds; a column the line lacks gets its empty value (a required one is a KeyError)."""
         values: dict[str, Any] = {}
-        for column in self.columns:
+        for cells in self._layout(class_names):
+            column = cells.column
             if not column.stored:
                 continue
-            texts = [cells[name] if column.required else cells.get(name) for name in column.csv_names(class_names)]
+            text = texts[cells.names[0]] if column.required else texts.get(cells.names[0])
             if column.per_class:
-                values[column.name] = [column.kind.read(text or "") for text in texts] if texts[0] else []
+                values[column.name] = [cells.read(texts.get(name) or "") for name in cells.names] if text else []
             else:
-                values[column.name] = column.kind.read(texts[0]) if texts[0] else column.kind.empty
+                values[column.name] = cells.read(text) if text else column.kind.empty
         return self.row_type(**values)
 
     def csv_dtypes(self, class_names: Sequence[str]) -> dict[str, CsvColumn]:
@@ -266,10 +287,11 @@ class Schema(Generic[RowT]):
         """The reported columns of a row, in CSV order: empty text as None, per-class values as a dict
         by class name (None when there are none)."""
         found: dict[str, Any] = {}
-        for column in self.columns:
+        for cells in self._layout(class_names):
+            column = cells.column
             if not column.report_key:
                 continue
-            value = column.value(row)
+            value = cells.get(row)
             if column.per_class:
                 value = dict(zip(class_names, value)) if value else None
             elif value == "":
@@ -278,10 +300,6 @@ class Schema(Generic[RowT]):
         return found
 
     # the gallery
-
-    @property
-    def shown(self) -> list[Column]:
-        return [column for column in self.columns if column.shown is not None]
 
     def shown_values(self, row: RowT) -> list[Any]:
         """The row's values for the gallery's data, in the order of ``shown``."""
