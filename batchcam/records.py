@@ -1,27 +1,45 @@
-"""The result row of one image: what predictions.csv holds, how it is written and read, and the
-names a file gets in the report (its displayed path, its overlays). Imports nothing heavy."""
+"""The result row of one image and its schema: each column of predictions.csv declared once, on
+the field (or the derived property) it is written from, and how a file is named in the report (its
+displayed path, its overlays). Imports nothing heavy.
+
+Everything that lists columns derives them from ``SCHEMA`` when it runs (``batchcam.schema``): the
+CSV writer and reader here, ``batchcam.read_report``'s dtypes, predict's and serve's JSON
+(``reported``), the gallery's data and its cards' attributes (``shown``), and the row format that
+keys the reuse of rows (``ROW_FORMAT``). Adding a column is one declaration here plus the code that
+computes its value.
+"""
 from __future__ import annotations
 
 import csv
 import hashlib
 import io
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-BASE_COLUMNS = ("path", "status", "error", "prediction", "confidence")
-TAIL_COLUMNS = ("label", "correct", "cam_target", "cam_peak_x", "cam_peak_y", "overlay", "width",
-                "height", "sha256", "model_sha256")
-# Beyond the contract, after its columns: the explanation checks (batchcam.checks.attention).
-CHECK_COLUMNS = ("attention_outside", "attention_flag", "faith_drop_top", "faith_drop_random")
+from batchcam.schema import (
+    Choice,
+    ClassName,
+    CsvColumn,
+    Flag,
+    Integer,
+    Number,
+    Schema,
+    Shown,
+    Text,
+    Time,
+    column,
+    derived,
+)
+from batchcam.schema import one_line as one_line  # the CSV's form of a reason, shared with report.review
+
 STATUSES = ("ok", "error", "skipped")   # skipped: read, but not what the model is for (decode.selection)
-# Then how far the image lies from the training images (batchcam.model.calibration); empty when the
-# checkpoint has no statistics.
-OOD_COLUMNS = ("ood_score", "ood_flag")
-# What changed since the last completed run (report.changes).
-CHANGE_COLUMNS = ("first_seen", "change")
 CHANGES = ("new", "changed", "prediction changed")  # "": same file, same prediction as the last run
 ATTENTION_THRESHOLD = 0.55    # attention_flag when more than this share of the heat is off the lungs
+# Changes in how a value is computed that the declarations cannot show (the overlay rendering, the
+# lung-field estimate, ...): bump it with them. Any change to a declaration changes ROW_FORMAT by itself.
+ROW_COMPUTATION = 5   # 5: issue 15
 
 
 def attention_flag(share: float | None) -> bool | None:
@@ -31,28 +49,38 @@ def attention_flag(share: float | None) -> bool | None:
 
 @dataclass
 class Row:
-    path: str
-    status: str                     # "ok", "error" or "skipped" (STATUSES)
-    error: str = ""
-    prediction: str = ""
-    confidence: float | None = None
-    probabilities: list[float] = field(default_factory=list)  # checkpoint class order
-    label: str = ""
-    cam_target: str = ""
-    cam_peak_x: int | None = None
-    cam_peak_y: int | None = None
-    overlay: str = ""
-    width: int | None = None
-    height: int | None = None
-    sha256: str = ""
-    model_sha256: str = ""
-    attention_outside: float | None = None   # share of the heat off the lungs (attention.py)
-    faith_drop_top: float | None = None      # only with --faithfulness
-    faith_drop_random: float | None = None
-    ood_score: float | None = None           # Mahalanobis distance to the nearest class mean
-    ood_flag: bool | None = None             # beyond the checkpoint's threshold: unlike the training images
-    first_seen: str = ""     # start of the run that first saw this path (ISO 8601, UTC)
-    change: str = ""         # one of CHANGES, or "" (report.changes)
+    """One image's result. The contract's columns come first, in the contract's order; then the
+    explanation checks (batchcam.checks.attention), how far the image lies from the training images
+    (batchcam.model.calibration; empty when the checkpoint has no statistics) and what changed since
+    the last completed run (report.changes)."""
+
+    path: str = field(metadata=column(Text(), reported="file", shown=Shown()))
+    status: str = field(metadata=column(Choice(STATUSES), reported=True, shown=Shown("status")))
+    error: str = field(default="", metadata=column(Text(one_line=True), reported=True, shown=Shown()))
+    prediction: str = field(default="", metadata=column(ClassName(), reported=True, shown=Shown("pred")))
+    confidence: float | None = field(default=None, metadata=column(Number(), reported=True,
+                                                                   shown=Shown("conf", digits=4)))
+    probabilities: list[float] = field(default_factory=list,            # checkpoint class order
+                                       metadata=column(Number(), per_class="p_", reported=True))
+    label: str = field(default="", metadata=column(ClassName(), shown=Shown("label")))
+    cam_target: str = field(default="", metadata=column(ClassName(), reported=True))
+    cam_peak_x: int | None = field(default=None, metadata=column(Integer(), reported=True))
+    cam_peak_y: int | None = field(default=None, metadata=column(Integer(), reported=True))
+    overlay: str = field(default="", metadata=column(Text(), shown=Shown()))
+    width: int | None = field(default=None, metadata=column(Integer(), reported=True))
+    height: int | None = field(default=None, metadata=column(Integer(), reported=True))
+    sha256: str = field(default="", metadata=column(Text(), reported=True, shown=Shown("sha")))
+    model_sha256: str = field(default="", metadata=column(Text()))
+    # share of the heat off the lungs (attention.py)
+    attention_outside: float | None = field(default=None, metadata=column(Number(), shown=Shown(digits=4)))
+    faith_drop_top: float | None = field(default=None, metadata=column(Number()))   # only with --faithfulness
+    faith_drop_random: float | None = field(default=None, metadata=column(Number()))
+    # Mahalanobis distance to the nearest class mean; beyond the checkpoint's threshold: unlike the training images
+    ood_score: float | None = field(default=None, metadata=column(Number(), reported=True, shown=Shown(digits=2)))
+    ood_flag: bool | None = field(default=None, metadata=column(Flag(), reported=True, shown=Shown()))
+    # start of the run that first saw this path (ISO 8601, UTC); one of CHANGES, or "" (report.changes)
+    first_seen: str = field(default="", metadata=column(Time(), shown=Shown("first-seen")))
+    change: str = field(default="", metadata=column(Choice(CHANGES), shown=Shown("change")))
     # Not CSV columns: what the incremental store needs to decide whether the row can be reused.
     relpath: str = ""        # the file's own relative path (``path`` may be an escaped form of it)
     size: int = -1           # bytes, as read
@@ -68,10 +96,12 @@ class Row:
         return self.status == "ok"
 
     @property
+    @derived(Flag(), after="label", shown=Shown("correct"))
     def correct(self) -> bool | None:
         return None if not (self.ok and self.label) else self.label == self.prediction
 
     @property
+    @derived(Flag(), after="attention_outside", shown=Shown())
     def attention_flag(self) -> bool | None:
         return attention_flag(self.attention_outside)
 
@@ -84,6 +114,11 @@ class Row:
         return original_path(self.overlay) if self.overlay else ""
 
 
+SCHEMA = Schema(Row)
+# What keys the reuse of stored rows (report.store.Settings): the declarations' digest and the computation.
+ROW_FORMAT = f"{ROW_COMPUTATION}-{SCHEMA.digest}"
+
+
 def status_counts(rows: Iterable[Row]) -> dict[str, int]:
     """Rows per status, every status present (manifest ``counts``; exit code 3 only for ``error``)."""
     counts = dict.fromkeys(STATUSES, 0)
@@ -92,42 +127,19 @@ def status_counts(rows: Iterable[Row]) -> dict[str, int]:
     return counts
 
 
+# ---- what derives from the schema (each reads SCHEMA when called) ---------------------------------
+
 def columns(class_names: Sequence[str]) -> list[str]:
-    """The contract's columns in order, with one p_<CLASS> column per class after confidence."""
-    return [*BASE_COLUMNS, *(f"p_{name}" for name in class_names), *TAIL_COLUMNS, *CHECK_COLUMNS, *OOD_COLUMNS,
-            *CHANGE_COLUMNS]
+    """The CSV's columns in order, with one p_<CLASS> column per class after confidence."""
+    return SCHEMA.csv_names(class_names)
 
 
 def to_csv_dict(row: Row, class_names: Sequence[str]) -> dict[str, str]:
-    values = {"path": row.path, "status": row.status, "error": one_line(row.error), "prediction": row.prediction,
-              "confidence": _number(row.confidence), "label": row.label,
-              "correct": "" if row.correct is None else str(row.correct).lower(), "cam_target": row.cam_target,
-              "cam_peak_x": _number(row.cam_peak_x), "cam_peak_y": _number(row.cam_peak_y),
-              "overlay": row.overlay, "width": _number(row.width), "height": _number(row.height),
-              "sha256": row.sha256, "model_sha256": row.model_sha256,
-              "attention_outside": _number(row.attention_outside),
-              "attention_flag": "" if row.attention_flag is None else str(row.attention_flag).lower(),
-              "faith_drop_top": _number(row.faith_drop_top), "faith_drop_random": _number(row.faith_drop_random),
-              "ood_score": _number(row.ood_score), "ood_flag": _boolean(row.ood_flag),
-              "first_seen": row.first_seen, "change": row.change}
-    for name, p in zip(class_names, row.probabilities or [None] * len(class_names)):
-        values[f"p_{name}"] = _number(p)
-    return values
+    return SCHEMA.to_csv(row, class_names)
 
 
-def from_csv_dict(values: dict[str, str], class_names: Sequence[str]) -> Row:
-    probabilities = [float(values[f"p_{n}"]) for n in class_names] if values.get(f"p_{class_names[0]}") else []
-    return Row(path=values["path"], status=values["status"], error=values.get("error", ""),
-               prediction=values.get("prediction", ""), confidence=_float(values.get("confidence")),
-               probabilities=probabilities, label=values.get("label", ""), cam_target=values.get("cam_target", ""),
-               cam_peak_x=_int(values.get("cam_peak_x")), cam_peak_y=_int(values.get("cam_peak_y")),
-               overlay=values.get("overlay", ""), width=_int(values.get("width")), height=_int(values.get("height")),
-               sha256=values.get("sha256", ""), model_sha256=values.get("model_sha256", ""),
-               attention_outside=_float(values.get("attention_outside")),
-               faith_drop_top=_float(values.get("faith_drop_top")),
-               faith_drop_random=_float(values.get("faith_drop_random")),
-               ood_score=_float(values.get("ood_score")), ood_flag=_parse_boolean(values.get("ood_flag")),
-               first_seen=values.get("first_seen") or "", change=values.get("change") or "")
+def from_csv_dict(values: Mapping[str, str | None], class_names: Sequence[str]) -> Row:
+    return SCHEMA.from_csv(values, class_names)
 
 
 def write_csv(stream: io.TextIOBase, rows: Iterable[Row], class_names: Sequence[str]) -> None:
@@ -139,6 +151,31 @@ def write_csv(stream: io.TextIOBase, rows: Iterable[Row], class_names: Sequence[
 
 def read_csv(stream: io.TextIOBase, class_names: Sequence[str]) -> list[Row]:
     return [from_csv_dict(values, class_names) for values in csv.DictReader(stream)]
+
+
+def csv_dtypes(class_names: Sequence[str]) -> dict[str, CsvColumn]:
+    """Each CSV column's pandas dtype, by name (batchcam.read_report)."""
+    return SCHEMA.csv_dtypes(class_names)
+
+
+def reported(row: Row, class_names: Sequence[str]) -> dict[str, Any]:
+    """The fields ``predict --json`` and serve's ``POST /api/predict`` report for a file."""
+    return SCHEMA.reported(row, class_names)
+
+
+def shown_columns() -> list[str]:
+    """The row's columns in the gallery's data, in order."""
+    return [column.name for column in SCHEMA.shown]
+
+
+def shown_values(row: Row) -> list[Any]:
+    """The row's values for the gallery's data, in the order of ``shown_columns``."""
+    return SCHEMA.shown_values(row)
+
+
+def shown_attributes() -> dict[str, str]:
+    """Shown column -> the name of the card's data attribute carrying it (``data-<name>``)."""
+    return SCHEMA.attributes()
 
 
 def overlay_path(relpath: str, version: str = "") -> str:
@@ -163,10 +200,6 @@ def thumb_path(overlay: str) -> str:
 def original_path(overlay: str) -> str:
     """The displayed X-ray without heat (a JPEG copy: the source may be 16-bit or DICOM)."""
     return overlay[: -len(".jpg")] + ".orig.jpg"
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 _NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -200,27 +233,3 @@ def _display_char(char: str) -> str:
     if code < 0x80:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
-
-
-def _number(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6f}"
-    return str(value)
-
-
-def _boolean(value: bool | None) -> str:
-    return "" if value is None else str(value).lower()
-
-
-def _parse_boolean(text: str | None) -> bool | None:
-    return None if not text else text == "true"
-
-
-def _float(text: str | None) -> float | None:
-    return float(text) if text else None
-
-
-def _int(text: str | None) -> int | None:
-    return int(text) if text else None

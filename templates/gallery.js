@@ -1,10 +1,13 @@
-/* batchcam gallery: filters and sorting (this page or the whole run), and the large view.
+/* batchcam gallery: the cards, filters and sorting (this page or the whole run), and the large view.
  *
- * A file of its own because the page's Content-Security-Policy refuses inline scripts. Every
- * view is built with createElement and textContent, never innerHTML, so no file name, class name
- * or error text can turn into markup. The whole-run view reads gallery/rows.js, loaded with a
- * <script src> on first use (fetch() of a data file fails on file://). Reviewers' decisions are
- * kept by review.js (window.BatchcamReview); the blocks marked "review" wire them in.
+ * A file of its own because the page's Content-Security-Policy refuses inline scripts. Every card,
+ * of a page or of the whole-run view, is built by buildCard from a row of the gallery's data: the
+ * page's own rows come in its JSON data block (#page-rows, never run), the whole run's in
+ * gallery/rows.js, loaded with a <script src> on first use (fetch() of a data file fails on
+ * file://); both hold records in one form (report/gallery.py: the columns, which of them are the
+ * card's data attributes, the rows). Every view is built with createElement and textContent, never
+ * innerHTML, so no file name, class name or error text can turn into markup. Reviewers' decisions
+ * are kept by review.js (window.BatchcamReview); the blocks marked "review" wire them in.
  */
 "use strict";
 (function () {
@@ -28,52 +31,165 @@
     return base + path.split("/").map(encodeURIComponent).join("/");
   }
 
-  function parseCorrect(text) {
-    return text === "true" ? true : text === "false" ? false : null;
+  // ---- the gallery's data: this page's rows and the whole run's ----------------------------------
+
+  /** The records of a data object as items: each reads its columns by name through getters on one
+   *  shared prototype (so 50,000 items copy nothing), and has its index in the run, the page it sits
+   *  on (pageOf(index)), the ground-truth boxes to draw, the decision imported into reviews.csv and,
+   *  once built, its card. report/gallery.py keeps these names out of the columns. */
+  function itemsOf(data, start, pageOf) {
+    const shared = { attributes: data.attributes };
+    data.columns.forEach((name, i) => {
+      Object.defineProperty(shared, name, { get() { return this.record[i]; }, enumerable: true });
+    });
+    return data.rows.map((record, i) => {
+      const item = Object.create(shared);
+      item.record = record;
+      item.index = start + i;
+      item.page = pageOf(start + i);
+      item.card = null;
+      item.groundTruth = boxesOf(item.width, item.height, item.boxes);
+      // review: the decision in reviews.csv, if any
+      item.review = item.decision ? { decision: item.decision, note: item.note || "", reviewed_at: item.reviewed_at || "" }
+                                  : null;
+      return item;
+    });
   }
 
-  function itemFromCard(card) {
-    const link = card.querySelector("a.thumb");
-    return {
-      index: Number(card.dataset.index), status: card.dataset.status, prediction: card.dataset.pred || "",
-      confidence: card.dataset.conf === undefined ? null : Number(card.dataset.conf),
-      label: card.dataset.label || "", correct: parseCorrect(card.dataset.correct),
-      path: card.querySelector(".name").textContent,
-      urls: { overlay: link ? link.getAttribute("href") : "", original: link ? link.dataset.original : "" },
-      boxes: link ? parseBoxes(link.dataset.boxes) : null,
-      card: card,
-      // review: the file's bytes, what changed in this run, the decision in reviews.csv
-      sha: card.dataset.sha || "", change: card.dataset.change || "", firstSeen: card.dataset.firstSeen || "",
-      review: card.dataset.review ? { decision: card.dataset.review, note: card.dataset.reviewNote || "",
-                                      reviewed_at: card.dataset.reviewedAt || "" } : null,
-    };
-  }
-
-  /** A card's data-boxes (after `batchcam evaluate --boxes`): {size: [w, h], boxes: [[x0, y0, x1, y1], ...]}. */
-  function parseBoxes(text) {
-    if (!text) return null;
-    try {
-      const data = JSON.parse(text);
-      return boxesOf(data.size[0], data.size[1], data.boxes);
-    } catch (error) {
-      return null;
-    }
-  }
-
-  /** Ground-truth boxes in the original image's pixels, or null when there are none to draw. */
+  /** Ground-truth boxes in the original image's pixels (after `batchcam evaluate --boxes`), or null
+   *  when there are none to draw. */
   function boxesOf(width, height, boxes) {
     if (!(width > 0) || !(height > 0) || !Array.isArray(boxes) || !boxes.length) return null;
     return { width: Number(width), height: Number(height), boxes: boxes };
   }
 
-  /** A card's image link; rows.js items keep report-relative paths and are encoded only when shown
+  /** A link to one of the item's images (thumb, overlay, original), encoded only when shown
    *  (encoding 150,000 paths up front would cost the whole-run view seconds). */
   function imageUrl(item, kind) {
-    if (item.urls) return item.urls[kind];
-    return item.paths[kind] ? reportUrl(item.paths[kind]) : "";
+    return item[kind] ? reportUrl(item[kind]) : "";
   }
 
-  const pageItems = Array.from(pageGrid.querySelectorAll(".card")).map(itemFromCard);
+  /** This page's rows, from its JSON data block; none when the block is missing or unreadable. */
+  function readPageItems() {
+    const block = byId("page-rows");
+    let data = null;
+    try {
+      data = JSON.parse(block ? block.textContent : "null");
+    } catch (error) {
+      data = null;
+    }
+    if (!data || !Array.isArray(data.rows)) return [];
+    const page = Number(body.dataset.page) || 1;
+    return itemsOf(data, data.start, () => page);
+  }
+
+  // ---- the card: one builder for the page and the whole-run view --------------------------------
+
+  function element(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function percentText(value) {
+    return value === null || value === undefined ? "n/a" : `${(100 * value).toFixed(1)}%`;
+  }
+
+  /** The card of an item. A page's cards carry the id the whole-run view links to (r<index>); a
+   *  whole-run result carries a link to the page it sits on. Every column the data names as an
+   *  attribute becomes data-<attribute> (left out when empty). */
+  function buildCard(item, inRun) {
+    const card = element("article", "card");
+    if (!inRun) card.id = `r${item.index}`;
+    card.dataset.index = String(item.index);
+    for (const [name, attribute] of Object.entries(item.attributes)) {
+      const value = item[name];
+      if (value !== null && value !== undefined && value !== "") card.setAttribute(`data-${attribute}`, String(value));
+    }
+    if (item.status === "ok") {
+      if (item.correct === false) card.classList.add("wrong");
+      card.append(thumbLink(item), element("p", "name", item.path), predictionLine(item));
+      if (item.label) card.appendChild(truthLine(item));
+      if (item.ood_flag) card.appendChild(mark("ood", "\u26a0 unlike the training images", oodTitle(item)));
+      if (item.attention_flag) {
+        card.appendChild(mark("attention", `\u26a0 heat outside the lungs ${percentText(item.attention_outside)}`,
+                              "share of the heat off the estimated lung fields"));
+      }
+    } else {
+      const skipped = item.status === "skipped";
+      card.classList.add(skipped ? "skipped" : "error");
+      const placeholder = element("div", "thumb placeholder", skipped ? "not scored" : "no image");
+      placeholder.setAttribute("aria-hidden", "true");
+      const reason = element("p", "error-text");
+      reason.append(element("strong", "", `${skipped ? "skipped" : "error"}:`), " ", element("span", "reason", item.error));
+      card.append(placeholder, element("p", "name", item.path), reason);
+    }
+    if (item.change) {                                                       // review: in this run
+      card.appendChild(element("p", `change-mark change-${item.change.replace(/ /g, "-")}`, `${item.change} in this run`));
+    }
+    review.decorate(card, item);                                             // review: the decision's mark
+    if (inRun) {
+      const where = element("p", "where");
+      const pageLink = element("a", "", `on page ${item.page}`);
+      pageLink.href = reportUrl(runData.pages[item.page - 1]) + `#r${item.index}`;
+      where.appendChild(pageLink);
+      card.appendChild(where);
+    }
+    item.card = card;
+    return card;
+  }
+
+  function thumbLink(item) {
+    const link = element("a", "thumb");
+    link.href = imageUrl(item, "overlay");
+    link.dataset.original = imageUrl(item, "original");
+    link.title = "Open the large view";
+    const img = element("img");
+    img.src = imageUrl(item, "thumb");
+    img.alt = `Grad-CAM overlay of ${item.path}`;
+    link.appendChild(img);
+    return link;
+  }
+
+  function predictionLine(item) {
+    const line = element("p", "prediction");
+    line.append(element("span", "class", item.prediction), " ", element("span", "conf", percentText(item.confidence)));
+    const meter = element("meter");
+    meter.min = 0;
+    meter.max = 1;
+    meter.value = item.confidence;
+    meter.setAttribute("aria-label", "confidence");
+    line.append(meter);
+    return line;
+  }
+
+  function truthLine(item) {
+    const line = element("p", "truth", "true ");
+    line.append(element("span", "label", item.label), " ");
+    line.append(item.correct === false ? element("strong", "mark-wrong", "\u2717 wrong")
+                                       : element("span", "mark-right", "\u2713 correct"));
+    return line;
+  }
+
+  /** A warning line (class `kind`) with its explanation as a tooltip. */
+  function mark(kind, text, title) {
+    const strong = element("strong", "mark-wrong", text);
+    strong.title = title;
+    const line = element("p", kind);
+    line.appendChild(strong);
+    return line;
+  }
+
+  function oodTitle(item) {
+    const distance = typeof item.ood_score === "number"
+      ? `Mahalanobis distance ${item.ood_score.toFixed(1)} of its features from the training images, beyond the ` +
+        "model's threshold" : "Its features lie beyond the model's threshold";
+    return `${distance}: the prediction and the heatmap are not to be trusted`;
+  }
+
+  const pageItems = readPageItems();
+  pageGrid.replaceChildren(...pageItems.map((item) => buildCard(item, false)));
 
   // ---- filtering and sorting -------------------------------------------------------------------
 
@@ -122,7 +238,7 @@
     "conf-desc": byConfidence(-1),
     "conf-asc": byConfidence(1),
     // review: the files first seen by the latest run first (ISO times sort as text)
-    "new-first": (a, b) => (b.firstSeen > a.firstSeen) - (b.firstSeen < a.firstSeen) || a.index - b.index,
+    "new-first": (a, b) => (b.first_seen > a.first_seen) - (b.first_seen < a.first_seen) || a.index - b.index,
   };
 
   function select(items, filter) {
@@ -160,27 +276,13 @@
         script.onerror = () => reject(new Error("gallery/rows.js could not be loaded"));
         document.head.appendChild(script);
       }).then((data) => {
-        const items = data.rows.map((record, index) => itemFromRecord(data, record, index));
+        const items = itemsOf(data, 0, (index) => Math.floor(index / data.pageSize) + 1);
         runData = { pages: data.pages, items: items };
         return runData;
       });
       runLoading.catch(() => { runLoading = null; });
     }
     return runLoading;
-  }
-
-  function itemFromRecord(data, record, index) {
-    const row = {};
-    data.columns.forEach((name, i) => { row[name] = record[i]; });
-    return {
-      index: index, status: row.status, prediction: row.prediction, confidence: row.confidence, label: row.label,
-      correct: row.correct, path: row.path, error: row.error,
-      paths: { thumb: row.thumb, overlay: row.overlay, original: row.original },
-      boxes: boxesOf(row.width, row.height, row.boxes),
-      page: Math.floor(index / data.pageSize) + 1, card: null,
-      sha: row.sha256 || "", change: row.change || "", firstSeen: row.first_seen || "",
-      review: row.decision ? { decision: row.decision, note: row.note || "", reviewed_at: row.reviewed_at || "" } : null,
-    };
   }
 
   function showRun() {
@@ -201,7 +303,7 @@
 
   function renderRunSlice() {
     const slice = runMatches.slice(runOffset, runOffset + runSize);
-    runGrid.replaceChildren(...slice.map(buildCard));
+    runGrid.replaceChildren(...slice.map((item) => buildCard(item, true)));
     const first = runMatches.length ? runOffset + 1 : 0;
     const last = runOffset + slice.length;
     byId("run-range").textContent = `results ${first}\u2013${last} of ${runMatches.length}`;
@@ -210,75 +312,6 @@
     shownStatus.textContent =
       `Showing ${first}\u2013${last} of ${runMatches.length} matching images across the run ` +
       `(${runData.items.length} in all).`;
-  }
-
-  function element(tag, className, text) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined) node.textContent = text;
-    return node;
-  }
-
-  function percentText(value) {
-    return value === null || value === undefined ? "n/a" : `${(100 * value).toFixed(1)}%`;
-  }
-
-  /** The same card as the page template's, for a row of rows.js. */
-  function buildCard(item) {
-    const card = element("article", "card");
-    card.dataset.index = String(item.index);
-    card.dataset.status = item.status;
-    card.dataset.pred = item.prediction || "";
-    if (item.confidence !== null) card.dataset.conf = String(item.confidence);
-    card.dataset.correct = item.correct === null ? "" : String(item.correct);
-    if (item.status === "ok") {
-      if (item.correct === false) card.classList.add("wrong");
-      const link = element("a", "thumb");
-      link.href = imageUrl(item, "overlay");
-      link.dataset.original = imageUrl(item, "original");
-      link.title = "Open the large view";
-      const img = element("img");
-      img.src = imageUrl(item, "thumb");
-      img.alt = `Grad-CAM overlay of ${item.path}`;
-      link.appendChild(img);
-      card.appendChild(link);
-      card.appendChild(element("p", "name", item.path));
-      const prediction = element("p", "prediction");
-      prediction.append(element("span", "class", item.prediction), " ",
-                        element("span", "conf", percentText(item.confidence)));
-      const meter = element("meter");
-      meter.min = 0; meter.max = 1; meter.value = item.confidence;
-      meter.setAttribute("aria-label", "confidence");
-      prediction.append(meter);
-      card.appendChild(prediction);
-      if (item.label) {
-        const truth = element("p", "truth", "true ");
-        truth.append(element("span", "label", item.label), " ");
-        truth.append(item.correct === false ? element("strong", "mark-wrong", "\u2717 wrong")
-                                            : element("span", "mark-right", "\u2713 correct"));
-        card.appendChild(truth);
-      }
-    } else {
-      card.classList.add(item.status === "skipped" ? "skipped" : "error");
-      const placeholder = element("div", "thumb placeholder", "no image");
-      placeholder.setAttribute("aria-hidden", "true");
-      card.appendChild(placeholder);
-      card.appendChild(element("p", "name", item.path));
-      const reason = element("p", "error-text");
-      reason.append(element("strong", "", `${item.status}:`), " ", element("span", "reason", item.error));
-      card.appendChild(reason);
-    }
-    if (item.change) {                                                       // review: in this run
-      card.appendChild(element("p", `change-mark change-${item.change.replace(/ /g, "-")}`, `${item.change} in this run`));
-    }
-    review.decorate(card, item);
-    const where = element("p", "where");
-    const pageLink = element("a", "", `on page ${item.page}`);
-    pageLink.href = reportUrl(runData.pages[item.page - 1]) + `#r${item.index}`;
-    where.appendChild(pageLink);
-    card.appendChild(where);
-    item.card = card;
-    return card;
   }
 
   function apply() {
@@ -334,7 +367,7 @@
    *  alike), in % of the image, so they follow its displayed size. Positions go through element.style
    *  (CSSOM), which the CSP allows; style attributes in markup it would refuse. */
   function drawBoxes(item) {
-    const boxes = item.boxes;
+    const boxes = item.groundTruth;
     viewer.boxesLegend.hidden = !boxes;
     viewer.boxes.hidden = !boxes;
     if (!boxes) {
@@ -431,7 +464,7 @@
     review.record(item, decision, viewer.note.value);
     decided = true;
     if (item.card) review.decorate(item.card, item);
-    const twin = pageItems.find((candidate) => candidate.sha === item.sha && candidate !== item);
+    const twin = pageItems.find((candidate) => candidate.sha256 === item.sha256 && candidate !== item);
     if (twin) review.decorate(twin.card, twin);
     refreshSummary();
     if (decision && viewer.items.length > 1) step(1);

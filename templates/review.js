@@ -4,8 +4,8 @@
  * uses it through window.BatchcamReview. Decisions are kept in the browser's localStorage under the
  * report's identity, by each image's sha256: a reload, another page of the report or the next
  * night's run (same file, same bytes) finds them. Decisions imported into REPORT/reviews.csv come
- * with the page (on the cards and in rows.js); of the two, the later one shows. Nothing here
- * builds markup from text: decisions and notes are set with textContent.
+ * with the gallery's data (each page's rows and rows.js: item.review); of the two, the later one
+ * shows. Nothing here builds markup from text: decisions and notes are set with textContent.
  */
 "use strict";
 window.BatchcamReview = (function () {
@@ -53,7 +53,7 @@ window.BatchcamReview = (function () {
   /** The decision shown for an item ({decision, note, reviewed_at}), or null: the browser's or the
    *  report's (reviews.csv, item.review), whichever is later. */
   function decisionOf(item) {
-    const mine = item.sha ? local[item.sha] : undefined;
+    const mine = item.sha256 ? local[item.sha256] : undefined;
     const imported = item.review || null;
     if (mine && (!imported || time(mine.reviewed_at) >= time(imported.reviewed_at))) {
       return DECISIONS.includes(mine.decision) ? mine : null;
@@ -63,9 +63,9 @@ window.BatchcamReview = (function () {
 
   /** Keep a decision ("" clears it) for the item's bytes; returns what now shows. */
   function record(item, decision, note) {
-    if (!item.sha) return decisionOf(item);
+    if (!item.sha256) return decisionOf(item);
     if (storage) local = readJson(storeKey);   // another page of the report may have written meanwhile
-    local[item.sha] = {
+    local[item.sha256] = {
       decision: DECISIONS.includes(decision) ? decision : "",
       note: String(note || "").replace(/\s+/g, " ").trim().slice(0, MAX_NOTE),
       reviewed_at: new Date().toISOString(), path: item.path,
@@ -131,7 +131,7 @@ window.BatchcamReview = (function () {
     for (const item of items) {
       const found = decisionOf(item);
       if (!found) continue;
-      lines.push([item.path, item.sha, item.prediction, item.confidence, found.decision,
+      lines.push([item.path, item.sha256, item.prediction, item.confidence, found.decision,
                   formulaEscaped(found.note || ""), found.reviewed_at, reportId].map(csvField).join(","));
     }
     return lines.join("\n") + "\n";

@@ -20,7 +20,7 @@ from batchcam.config import Selection
 from batchcam.decode.dataset import Sample, collate_samples, decode_sample
 from batchcam.engines.stages import explain_batch
 from batchcam.model.checkpoint import LoadedModel
-from batchcam.records import Row
+from batchcam.records import Row, reported
 
 
 @dataclass
@@ -44,15 +44,9 @@ class Explanation:
         return self.row.error
 
     def as_dict(self) -> dict:
-        """The JSON fields both ``predict --json`` and ``POST /api/predict`` report for a file."""
-        row = self.row
-        probabilities = dict(zip(self.class_names, row.probabilities)) if row.ok else None
-        return {"file": row.path, "status": row.status, "error": row.error or None,
-                "prediction": row.prediction or None, "confidence": row.confidence,
-                "probabilities": probabilities, "cam_target": row.cam_target or None,
-                "cam_peak_x": row.cam_peak_x, "cam_peak_y": row.cam_peak_y,
-                "width": row.width, "height": row.height, "sha256": row.sha256 or None,
-                "ood_score": row.ood_score, "ood_flag": row.ood_flag}
+        """The JSON fields both ``predict --json`` and ``POST /api/predict`` report for a file: the
+        row's columns declared ``reported`` (batchcam.records.Row)."""
+        return reported(self.row, self.class_names)
 
 
 def jpeg_data_url(jpeg: bytes) -> str:
@@ -100,7 +94,7 @@ class Explainer:
                         "target": "predicted" if self.target is None else self.class_names[self.target]}}
 
     def _rendered(self, row: Row, sample: Sample, cam: torch.Tensor | None) -> Explanation:
-        if cam is None:
+        if cam is None or sample.display is None:
             return Explanation(row, self.class_names)
         rendered = overlays.render(sample.display, cam, sample.width, sample.height)
         row.cam_peak_x, row.cam_peak_y = rendered.peak_x, rendered.peak_y

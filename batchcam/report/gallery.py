@@ -6,13 +6,18 @@ Layout inside REPORT (every link relative, so the folder opens from ``file://`` 
     index.html              summary, page list and the first page of cards
     gallery/page-N.html     the other pages of cards (N >= 2)
     gallery/gallery.css     styles (a CSP without 'unsafe-inline' blocks inline styles)
-    gallery/gallery.js      filters, sorting, the large view (no inline scripts either)
+    gallery/gallery.js      the cards, filters, sorting, the large view (no inline scripts either)
     gallery/review.js       reviewers' decisions: kept in localStorage, exported as review.csv
     gallery/rows.js         every row, loaded by a <script src> only when the whole-run view is asked
                             for (fetch() of a JSON file fails on file://)
 
-Pages are rendered by Jinja2 with autoescape on; the script builds its views with textContent
-only, so no file name, class name or error text can become markup.
+A card is built in one place, gallery.js's ``buildCard``, for a page and for the whole-run view
+alike: each page carries its own rows as a JSON data block (``<script type="application/json">``,
+never run, so the CSP's ``script-src 'self'`` allows it), in the same form as rows.js (``records``:
+the columns the row schema declares ``shown``, then the gallery's links, review and box fields).
+Without JavaScript a page lists its images' names, linked to their overlays, in a ``<noscript>``.
+Pages are rendered by Jinja2 with autoescape on; the script builds cards with textContent only, so
+no file name, class name or error text can become markup.
 """
 from __future__ import annotations
 
@@ -25,10 +30,11 @@ from urllib.parse import quote
 
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, Template, select_autoescape
+from markupsafe import Markup
 
 from batchcam.cam.overlay import jet
 from batchcam.checks.metrics import positive_class_index, reliability_bins, roc_curve
-from batchcam.records import ATTENTION_THRESHOLD, Row, status_counts
+from batchcam.records import ATTENTION_THRESHOLD, Row, shown_attributes, shown_columns, shown_values, status_counts
 from batchcam.report.changes import RECENT_RUNS, change_counts, short_time, since_text
 from batchcam.report.review import DECISIONS, Review, agreement
 from batchcam.resources import templates_dir
@@ -41,11 +47,15 @@ STATIC_ASSETS = ("gallery.css", "gallery.js", "review.js")
 # tests load every image, style and script under this policy); inline scripts and styles are refused.
 CONTENT_SECURITY_POLICY = ("default-src 'none'; img-src 'self'; script-src 'self'; style-src 'self'; "
                            "base-uri 'none'; form-action 'none'")
-ROWS_COLUMNS = ("path", "status", "error", "prediction", "confidence", "label", "correct", "thumb", "overlay",
-                "original")
-# What the review tools and the "in this run" filter need (report.review, report.changes).
-REVIEW_ROWS_COLUMNS = ("sha256", "first_seen", "change", "decision", "note", "reviewed_at")
-BOX_COLUMNS = ("width", "height", "boxes")  # added to rows.js after ``evaluate --boxes``: the large view draws them
+# After the row's shown columns (records.Row), in every record of the gallery's data: the links of a
+# card's images, the decision in reviews.csv (report.review) and, after ``evaluate --boxes``, the
+# ground-truth boxes the large view draws.
+LINK_COLUMNS = ("thumb", "original")
+REVIEW_COLUMNS = ("decision", "note", "reviewed_at")
+REVIEW_ATTRIBUTES = {"decision": "review", "note": "review-note", "reviewed_at": "reviewed-at"}
+BOX_COLUMNS = ("width", "height", "boxes")
+# What gallery.js keeps on each item beside its columns: no column may take these names.
+ITEM_NAMES = ("record", "index", "page", "card", "groundTruth", "review", "attributes")
 HISTOGRAM_BINS = 20
 ROC_MAX_POINTS = 400        # enough for a smooth curve; a 50,000-row run would otherwise draw 50,000
 PAGE_WINDOW = 3             # pages linked on either side of the current one
@@ -209,13 +219,14 @@ def summarise(rows: Sequence[Row], class_names: Sequence[str], metrics: dict | N
 def ood_flagged(ok_rows: Sequence[Row]) -> int | None:
     """How many images are unlike the training images; None when no row was scored."""
     scored = [row for row in ok_rows if row.ood_flag is not None]
-    return sum(row.ood_flag for row in scored) if scored else None
+    return sum(row.ood_flag is True for row in scored) if scored else None
 
 
 def reliability_chart(labelled: Sequence[Row], metrics: dict) -> Reliability:
     """The reliability diagram (Guo et al. 2017): per confidence bin, accuracy against confidence."""
     bins = metrics.get("ece_bins", 15)
-    found = reliability_bins([row.correct for row in labelled], [row.confidence for row in labelled], bins)
+    found = reliability_bins([row.correct is True for row in labelled],      # scored rows: a confidence each
+                             [row.confidence or 0.0 for row in labelled], bins)
     width = ROC_SIZE / bins
     bars = [ReliabilityBar(x=round(b["low"] * ROC_SIZE + 1, 1), width=round(width - 2, 1),
                            accuracy_y=round((1 - b["accuracy"]) * ROC_SIZE, 1),
@@ -240,7 +251,7 @@ def probability_histogram(rows: Sequence[Row], class_names: Sequence[str], posit
     bin_width = CHART_WIDTH / HISTOGRAM_BINS
     bars = []
     for b in range(HISTOGRAM_BINS):
-        stacked = 0
+        stacked = 0.0
         for (name, colour, _), series_counts in zip(series, counts):
             count = int(series_counts[b])
             if count:
@@ -293,7 +304,7 @@ def heat_scale_text(cam: dict) -> str:
     return "each map scaled to its own range (red = that image's hottest point): heat does not compare across images"
 
 
-# ---- the data file behind the whole-run view ----------------------------------------------------
+# ---- the gallery's data: rows.js and each page's rows ----------------------------------------------------
 
 Boxes = dict[str, Sequence[Sequence[float]]]   # path -> ground-truth boxes (x0, y0, x1, y1), original pixels
 
@@ -305,37 +316,52 @@ def box_list(boxes: Boxes | None, row: Row) -> list[list[float]] | None:
     return [[round(float(value), 2) for value in box] for box in boxes[row.path]]
 
 
-def boxes_attribute(boxes: Boxes | None, row: Row) -> str:
-    """The card's ``data-boxes``: JSON ``{"size": [w, h], "boxes": [[x0, y0, x1, y1], ...]}``, or ''."""
-    found = box_list(boxes, row)
-    return "" if found is None else json.dumps({"size": [row.width, row.height], "boxes": found},
-                                               separators=(",", ":"))
+def record_columns(boxes: Boxes | None = None) -> list[str]:
+    """The columns of every record in the gallery's data (rows.js and each page's rows)."""
+    columns = [*shown_columns(), *LINK_COLUMNS, *REVIEW_COLUMNS, *(BOX_COLUMNS if boxes else ())]
+    if len(set(columns)) != len(columns) or set(columns) & set(ITEM_NAMES):
+        raise ValueError(f"a column of the gallery's data is named twice or as gallery.js's own: {columns}")
+    return columns
 
 
 def row_record(row: Row, boxes: Boxes | None = None, review: Review | None = None) -> list:
-    confidence = None if row.confidence is None else round(row.confidence, 4)
-    record = [row.path, row.status, row.error, row.prediction, confidence, row.label, row.correct, row.thumb,
-              row.overlay, row.original]
-    record += [row.sha256, row.first_seen, row.change, *(review_fields(review))]
+    """One row of the gallery's data, in the order of ``record_columns(boxes)``."""
+    record = [*shown_values(row), *(getattr(row, name) for name in LINK_COLUMNS), *review_fields(review)]
     if boxes:
         record += [row.width, row.height, box_list(boxes, row)]
     return record
 
 
-def rows_script(rows: Sequence[Row], pages: Sequence[Page], page_size: int, boxes: Boxes | None = None,
-                reviews: dict[str, Review] | None = None) -> str:
-    """Every row as a JavaScript assignment (ASCII only, so no charset can garble a name)."""
-    columns = list(ROWS_COLUMNS) + list(REVIEW_ROWS_COLUMNS) + (list(BOX_COLUMNS) if boxes else [])
+def records(rows: Sequence[Row], boxes: Boxes | None = None,
+            reviews: dict[str, Review] | None = None) -> list[list]:
     reviews = reviews or {}
-    data = {"pageSize": page_size, "pages": [page.name for page in pages], "columns": columns,
-            "rows": [row_record(row, boxes, reviews.get(row.path)) for row in rows]}
+    return [row_record(row, boxes, reviews.get(row.path)) for row in rows]
+
+
+def data_layout(boxes: Boxes | None = None) -> dict:
+    """What the script needs to read a record: its columns, and which of them are the card's data attributes."""
+    return {"columns": record_columns(boxes), "attributes": {**shown_attributes(), **REVIEW_ATTRIBUTES}}
+
+
+def rows_script(found: list[list], pages: Sequence[Page], page_size: int, boxes: Boxes | None = None) -> str:
+    """Every row's record (``found``, in gallery order) as a JavaScript assignment (ASCII only, so no
+    charset can garble a name)."""
+    data = {"pageSize": page_size, "pages": [page.name for page in pages], **data_layout(boxes), "rows": found}
     return "window.BATCHCAM_ROWS = " + json.dumps(data, ensure_ascii=True, separators=(",", ":")) + ";\n"
+
+
+def page_rows(page: Page, found: list[list], boxes: Boxes | None = None) -> Markup:
+    """A page's own rows as the text of its JSON data block: ASCII, with every <, > and & escaped, so
+    no name can end the block or open a comment in it."""
+    data = {"start": page.start, **data_layout(boxes), "rows": found[page.start:page.stop]}
+    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"))
+    return Markup(text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
 
 
 # ---- review decisions and what changed since the last run ----------------------------------------
 
-def review_fields(review: Review | None) -> list[str]:
-    return [review.decision, review.note, review.reviewed_at] if review else ["", "", ""]
+def review_fields(review: Review | None) -> list[str | None]:
+    return [review.decision, review.note, review.reviewed_at] if review else [None, None, None]
 
 
 @dataclass(frozen=True)
@@ -413,17 +439,17 @@ def render_gallery(rows: Sequence[Row], class_names: Sequence[str], manifest: di
               "heat_scale": heat_scale_text(manifest.get("cam", {})), "legend_stops": heatmap_legend_stops(),
               "page_first_paths": [rows[p.start].path if p.stop > p.start else "" for p in pages],
               "page_last_paths": [rows[p.stop - 1].path if p.stop > p.start else "" for p in pages],
-              "boxes_of": lambda row: boxes_attribute(boxes, row),
-              "report_id": manifest.get("report_id", ""), "review_of": reviews.get}
+              "report_id": manifest.get("report_id", "")}
     files = {f"{GALLERY_DIR}/{name}": static_asset(name) for name in STATIC_ASSETS}
-    files[ROWS_SCRIPT] = rows_script(rows, pages, page_size, boxes, reviews)
+    found = records(rows, boxes, reviews)
+    files[ROWS_SCRIPT] = rows_script(found, pages, page_size, boxes)
     index, other = env.get_template("index.html"), env.get_template("gallery_page.html")
     summary = summarise(rows, class_names, metrics)
     review, changes = review_table(rows, reviews, class_names), changes_view(rows, runs)
     for page in pages:
         template: Template = index if page.number == 1 else other
         files[page.name] = template.render(shared, page=page, rows=rows[page.start:page.stop], base=page.base,
-                                           page_url=page_linker(page),
+                                           page_rows=page_rows(page, found, boxes), page_url=page_linker(page),
                                            nearby=page_numbers_near(page.number, len(pages)),
                                            summary=summary, metrics=metrics, review=review, changes=changes)
     return files

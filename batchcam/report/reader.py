@@ -14,20 +14,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from batchcam.records import csv_dtypes
 from batchcam.report.generations import open_published
-from batchcam.report.review import formula_unescaped
+from batchcam.report.review import DECISIONS, formula_unescaped
 from batchcam.runtime.fsutil import SafeDir
+from batchcam.schema import CsvColumn
 
 if TYPE_CHECKING:
     import pandas as pd
 
-STATUSES = ("ok", "error", "skipped")
-FLOATS = ("confidence", "attention_outside", "faith_drop_top", "faith_drop_random", "ood_score")
-INTEGERS = ("cam_peak_x", "cam_peak_y", "width", "height")
-BOOLEANS = ("correct", "attention_flag", "ood_flag")
-CLASS_COLUMNS = ("prediction", "label", "cam_target")
-CHANGES = ("new", "changed", "prediction changed")      # batchcam.records.CHANGES
-DECISIONS = ("agree", "disagree", "unsure")             # batchcam.report.review.DECISIONS
 REVIEWS = "reviews.csv"
 READ_TRIES = 5      # runs that switch generations this often while one report is read: give up
 
@@ -35,12 +30,14 @@ READ_TRIES = 5      # runs that switch generations this often while one report i
 def read_report(report: str | Path) -> pd.DataFrame:
     """``REPORT/predictions.csv`` with proper dtypes, and the manifest in ``.attrs["manifest"]``.
 
-    Paths, reasons, overlay names and hashes stay strings exactly as written (never parsed as
-    numbers or NaN); status, the class columns and ``change`` are categoricals (classes in the
-    model's order); ``correct``, ``attention_flag`` and ``ood_flag`` are nullable booleans; numbers
-    are floats or nullable integers; ``first_seen`` is a UTC time. When ``reviews.csv`` exists, each
-    row gets its file's current decision: ``decision`` (categorical), ``note`` and ``reviewed_at``
-    (empty, NA and NaT where none; a decision about other bytes of the same path is not joined).
+    Each column gets the dtype its declaration in ``batchcam.records.Row`` gives it: paths, reasons,
+    overlay names and hashes stay strings exactly as written (never parsed as numbers or NaN);
+    status, the class columns and ``change`` are categoricals (classes in the model's order);
+    ``correct``, ``attention_flag`` and ``ood_flag`` are nullable booleans; numbers are floats or
+    nullable integers; ``first_seen`` is a UTC time. A column the schema does not know stays a string.
+    When ``reviews.csv`` exists, each row gets its file's current decision: ``decision``
+    (categorical), ``note`` and ``reviewed_at`` (empty, NA and NaT where none; a decision about
+    other bytes of the same path is not joined).
     """
     import pandas as pd
 
@@ -51,25 +48,30 @@ def read_report(report: str | Path) -> pd.DataFrame:
     class_names = list(manifest["model"]["class_names"])
     reader = csv.DictReader(io.StringIO(text, newline=""))
     frame = pd.DataFrame(list(reader), columns=reader.fieldnames, dtype="string")
-    for column in frame.columns:
-        if column in FLOATS or column.startswith("p_"):
-            frame[column] = pd.to_numeric(frame[column].replace("", None), errors="coerce").astype("float64")
-        elif column in INTEGERS:
-            frame[column] = pd.to_numeric(frame[column].replace("", None), errors="coerce").astype("Int64")
-        elif column in BOOLEANS:
-            frame[column] = frame[column].map({"true": True, "false": False, "": pd.NA}).astype("boolean")
-        elif column == "status":
-            frame[column] = pd.Categorical(frame[column], categories=STATUSES)
-        elif column in CLASS_COLUMNS:
-            frame[column] = pd.Categorical(frame[column].replace("", None), categories=class_names)
-        elif column == "change":
-            frame[column] = pd.Categorical(frame[column].replace("", None), categories=CHANGES)
-        elif column == "first_seen":
-            frame[column] = pd.to_datetime(frame[column].replace("", None), utc=True, format="ISO8601")
+    dtypes = csv_dtypes(class_names)
+    for name in frame.columns:
+        if name in dtypes:
+            frame[name] = typed(frame[name], dtypes[name])
     if reviews is not None:
         frame = join_reviews(frame, reviews)
     frame.attrs["manifest"] = manifest
     return frame
+
+
+def typed(cells: pd.Series, column: CsvColumn) -> pd.Series:
+    """A column of CSV cells (strings) as its declared dtype; an empty cell is NA."""
+    import pandas as pd
+
+    values = cells.replace("", None)
+    if column.dtype in ("float64", "Int64"):
+        return pd.to_numeric(values, errors="coerce").astype(column.dtype)
+    if column.dtype == "boolean":
+        return cells.map({"true": True, "false": False, "": pd.NA}).astype("boolean")
+    if column.dtype == "category":
+        return pd.Series(pd.Categorical(values, categories=list(column.categories)), index=cells.index)
+    if column.dtype == "datetime":
+        return pd.to_datetime(values, utc=True, format="ISO8601")
+    return cells
 
 
 def published_manifest_and_csv(folder: SafeDir) -> tuple[dict, str]:

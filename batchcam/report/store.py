@@ -19,10 +19,9 @@ from typing import IO, Any
 from batchcam.config import ScanConfig
 from batchcam.decode.discover import Candidate
 from batchcam.options import row_settings
-from batchcam.records import Row, original_path, thumb_path
+from batchcam.records import ROW_FORMAT, Row, original_path, thumb_path
 from batchcam.runtime.fsutil import SafeDir
 
-ROW_FORMAT = 5  # bump whenever a row's meaning or the overlay rendering changes (5: issue 15)
 ROWS, JOURNAL = "rows.jsonl", "journal.jsonl"
 ROW_FIELDS = {f.name for f in fields(Row)}
 

@@ -1,18 +1,15 @@
 """Guarantees a cron user relies on: lock, incremental runs, signals, crash safety, disk full."""
 from __future__ import annotations
 
-import csv
 import errno
-import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import manifest, read_rows, scan, scan_process
 from PIL import Image
 
 from batchcam.cli import main
@@ -20,32 +17,11 @@ from batchcam.errors import ReportWriteError
 from batchcam.report.generations import NewGeneration
 from conftest import lock_held_elsewhere, tiny_checkpoint, write_xrays
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def scan(root: Path, out: Path, model: Path, *extra: str) -> int:
-    return main(["scan", str(root), "--out", str(out), "--model", str(model), "--workers", "0", *extra])
-
-
-def scan_process(root: Path, out: Path, model: Path, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "batchcam", "scan", str(root), "--out", str(out), "--model", str(model), *extra]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def manifest(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
-
-
-def rows(out: Path) -> list[dict]:
-    with open(out / "predictions.csv", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
 
 def results(out: Path) -> list[dict]:
     """The rows without ``first_seen`` and ``change``: when a report first saw a file and what its
     last run changed differ between two reports of the same files."""
-    return [{k: v for k, v in row.items() if k not in ("first_seen", "change")} for row in rows(out)]
+    return [{k: v for k, v in row.items() if k not in ("first_seen", "change")} for row in read_rows(out)]
 
 
 def assert_same_results(out: Path, reference: Path) -> None:
@@ -110,7 +86,7 @@ def test_new_changed_and_vanished_files_are_handled_on_rerun(xray_folder, tiny_m
     assert scan(xray_folder, out, tiny_model) == 0
     assert sum(model_calls) == 2
     assert manifest(out)["counts"] == {"found": 4, "processed": 2, "reused": 2, "ok": 4, "error": 0, "skipped": 0}
-    table = {r["path"]: r for r in rows(out)}
+    table = {r["path"]: r for r in read_rows(out)}
     assert "PNEUMONIA/img01.png" not in table
     assert table["NORMAL/img00.png"]["width"] == "90"
     referenced = {name for r in table.values() for name in (r["overlay"],)}
@@ -133,7 +109,7 @@ def test_another_model_or_cam_setting_forces_reprocessing(xray_folder, tiny_mode
     model_calls.clear()
     assert scan(xray_folder, out, other) == 0
     assert sum(model_calls) == 4
-    assert {r["model_sha256"] for r in rows(out)} == {manifest(out)["model"]["sha256"]}
+    assert {r["model_sha256"] for r in read_rows(out)} == {manifest(out)["model"]["sha256"]}
     model_calls.clear()
     assert scan(xray_folder, out, other, "--target", "NORMAL") == 0
     assert sum(model_calls) == 4
@@ -166,7 +142,7 @@ def test_file_changed_while_being_read_gets_a_truthful_row_and_is_retried(xray_f
     monkeypatch.setattr(bounded, "_read_at_most", read_while_someone_appends)
     out = tmp_path / "out"
     assert scan(xray_folder, out, tiny_model) == 3
-    row = {r["path"]: r for r in rows(out)}["NORMAL/img02.png"]
+    row = {r["path"]: r for r in read_rows(out)}["NORMAL/img02.png"]
     assert row["status"] == "error" and "changed while it was being read" in row["error"]
     monkeypatch.setattr(bounded, "_read_at_most", real_read)
     victim.write_bytes(victim.read_bytes()[: -len(b"more bytes from a slow writer")])
@@ -186,7 +162,7 @@ def test_file_vanishing_after_discovery_gets_a_vanished_row(xray_folder, tiny_mo
 
     monkeypatch.setattr(pipeline, "stat_candidates", stat_then_delete)
     assert scan(xray_folder, tmp_path / "out", tiny_model) == 3
-    row = {r["path"]: r for r in rows(tmp_path / "out")}["NORMAL/img00.png"]
+    row = {r["path"]: r for r in read_rows(tmp_path / "out")}["NORMAL/img00.png"]
     assert row["status"] == "error" and "vanished" in row["error"]
 
 
@@ -252,7 +228,7 @@ def test_signal_saves_finished_batches_exits_128_plus_n_and_the_next_run_resumes
     assert main(["scan", str(root), "--out", str(out), "--model", str(tiny_model), "--workers", "0"]) == 0
     counts = manifest(out)["counts"]
     assert counts["reused"] == saved and counts["processed"] == 40 - saved
-    assert len(rows(out)) == 40
+    assert len(read_rows(out)) == 40
 
 
 # ------------------------------------------------------------------ disk full, hostile report folder
@@ -274,7 +250,7 @@ def test_disk_full_exits_74_and_leaves_the_previous_report_byte_for_byte(xray_fo
     assert {name: after[name] for name in before} == before
     monkeypatch.undo()
     assert scan(xray_folder, out, tiny_model) == 0
-    assert len(rows(out)) == 5
+    assert len(read_rows(out)) == 5
 
 
 def test_unwritable_report_location_exits_74(xray_folder, tiny_model, tmp_path):
@@ -405,7 +381,7 @@ def report_is_complete(out: Path) -> bool:
     exists, and every link in it resolves; or no report at all yet."""
     if not (out / "predictions.csv").exists():
         return not (out / "index.html").exists()
-    table = rows(out)
+    table = read_rows(out)
     if not table or any(r["status"] == "ok" and not (out / r["overlay"]).is_file() for r in table):
         return False
     if not (out / "index.html").is_file():

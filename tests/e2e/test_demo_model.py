@@ -1,9 +1,8 @@
 """The bundled demo model, checked through the whole scan chain on held-out synthetic images."""
 from __future__ import annotations
 
-import csv
-
 import numpy as np
+from helpers import read_rows
 
 from batchcam.cli import main
 from batchcam.model.checkpoint import load_checkpoint
@@ -38,8 +37,7 @@ def test_heatmap_peak_points_at_the_opacity_for_most_pneumonia_images(tmp_path):
     assert main(["scan", str(tmp_path / "held_out"), "--out", str(out), "--workers", "1"]) == 0
 
     hits = 0
-    with open(out / "predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(out)
     for row in rows:
         ys, xs = np.nonzero(masks[row["path"]])
         x, y = int(row["cam_peak_x"]), int(row["cam_peak_y"])

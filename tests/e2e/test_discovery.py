@@ -7,7 +7,6 @@ first checks that the folder really cannot be listed in such a process.
 """
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -15,26 +14,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import REPO, rows_by_path, scan, scan_argv, scan_command
 
-from batchcam.cli import main
 from conftest import write_xrays
 from tests.unprivileged import make_unreadable, unprivileged_run
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def scan_command(root: Path, out: Path, model: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "batchcam", "scan", str(root), "--out", str(out), "--model", str(model),
-            "--workers", "0", "--quiet", *extra]
-
-
-def scan(root: Path, out: Path, model: Path, *extra: str) -> int:
-    return main(["scan", str(root), "--out", str(out), "--model", str(model), "--workers", "0", "--quiet", *extra])
-
-
-def read_rows(report: Path) -> dict[str, dict]:
-    with open(report / "predictions.csv", newline="", encoding="utf-8") as f:
-        return {row["path"]: row for row in csv.DictReader(f)}
 
 
 def overlay_files(report: Path) -> list[str]:
@@ -46,20 +29,20 @@ def overlay_files(report: Path) -> list[str]:
 def test_an_unlistable_folder_keeps_its_rows_and_overlays_says_so_and_exits_3(tmp_path, tiny_model):
     root, out = tmp_path / "xrays", tmp_path / "report"
     write_xrays(root, count=4)
-    assert scan(root, out, tiny_model) == 0
-    before, overlays_before = read_rows(out), overlay_files(out)
+    assert scan(root, out, tiny_model, "--quiet") == 0
+    before, overlays_before = rows_by_path(out), overlay_files(out)
     pneumonia = sorted(path for path in before if path.startswith("PNEUMONIA/"))
     assert len(pneumonia) == 2
 
     make_unreadable(root / "PNEUMONIA")
     try:
-        night = unprivileged_run(scan_command(root, out, tiny_model))
+        night = unprivileged_run(scan_command(root, out, tiny_model, "--quiet"))
     finally:
         (root / "PNEUMONIA").chmod(0o755)
     assert night.returncode == 3, night.stderr
     assert "cannot list folder PNEUMONIA: Permission denied" in night.stderr
     assert "1 folder(s) not listed (2 rows kept as they were)" in night.stdout
-    during = read_rows(out)
+    during = rows_by_path(out)
     assert sorted(during) == sorted(before)
     for path in pneumonia:   # kept as they were: same prediction, overlay, first_seen; not new
         assert {**during[path], "change": ""} == {**before[path], "change": ""} and during[path]["change"] == ""
@@ -69,8 +52,8 @@ def test_an_unlistable_folder_keeps_its_rows_and_overlays_says_so_and_exits_3(tm
     assert manifest["counts"]["found"] == 2
     assert "warning: cannot list folder PNEUMONIA: Permission denied" in (out / "batchcam.log").read_text()
 
-    assert scan(root, out, tiny_model) == 0          # readable again: nothing is new, nothing recomputed
-    after = read_rows(out)
+    assert scan(root, out, tiny_model, "--quiet") == 0          # readable again: nothing is new, nothing recomputed
+    after = rows_by_path(out)
     assert {path: row["change"] for path, row in after.items()} == dict.fromkeys(before, "")
     assert {path: row["first_seen"] for path, row in after.items()} == {p: r["first_seen"] for p, r in before.items()}
     manifest = json.loads((out / "manifest.json").read_text())
@@ -82,15 +65,15 @@ def test_an_unlistable_folder_keeps_rows_made_with_other_settings_too(tmp_path, 
     recomputed, so the old ones stay, with their overlays; the others are made again."""
     root, out = tmp_path / "xrays", tmp_path / "report"
     write_xrays(root, count=4)
-    assert scan(root, out, tiny_model) == 0
-    before = read_rows(out)
+    assert scan(root, out, tiny_model, "--quiet") == 0
+    before = rows_by_path(out)
     make_unreadable(root / "NORMAL")
     try:
-        night = unprivileged_run(scan_command(root, out, tiny_model, "--overlay-size", "256"))
+        night = unprivileged_run(scan_command(root, out, tiny_model, "--overlay-size", "256", "--quiet"))
     finally:
         (root / "NORMAL").chmod(0o755)
     assert night.returncode == 3, night.stderr
-    during = read_rows(out)
+    during = rows_by_path(out)
     assert [during[p]["overlay"] for p in sorted(before) if p.startswith("NORMAL/")] == \
         [before[p]["overlay"] for p in sorted(before) if p.startswith("NORMAL/")]
     assert all((out / during[p]["overlay"]).is_file() for p in during)
@@ -101,11 +84,11 @@ def test_an_unlistable_folder_keeps_rows_made_with_other_settings_too(tmp_path, 
 def test_a_root_that_cannot_be_listed_is_exit_2_and_report_untouched(tmp_path, tiny_model):
     root, out = tmp_path / "xrays", tmp_path / "report"
     write_xrays(root, count=2)
-    assert scan(root, out, tiny_model) == 0
+    assert scan(root, out, tiny_model, "--quiet") == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "lock"}
     make_unreadable(root)
     try:
-        night = unprivileged_run(scan_command(root, out, tiny_model))
+        night = unprivileged_run(scan_command(root, out, tiny_model, "--quiet"))
     finally:
         root.chmod(0o755)
     assert night.returncode == 2, night.stderr
@@ -119,21 +102,21 @@ def test_a_root_that_cannot_be_listed_is_exit_2_and_report_untouched(tmp_path, t
 def test_a_link_in_root_to_the_reports_overlays_is_never_scanned(tmp_path, tiny_model):
     root, out = tmp_path / "xrays", tmp_path / "report"
     write_xrays(root, count=2)
-    assert scan(root, out, tiny_model) == 0
+    assert scan(root, out, tiny_model, "--quiet") == 0
     (root / "alias").symlink_to(out / "overlays", target_is_directory=True)
     (root / "whole").symlink_to(out, target_is_directory=True)
     counts = []
     for _ in range(3):
-        assert scan(root, out, tiny_model) == 0
+        assert scan(root, out, tiny_model, "--quiet") == 0
         counts.append(len(overlay_files(out)))
-        assert sorted(read_rows(out)) == ["NORMAL/img00.png", "PNEUMONIA/img01.png"]
+        assert sorted(rows_by_path(out)) == ["NORMAL/img00.png", "PNEUMONIA/img01.png"]
     assert counts == [6, 6, 6]
 
 
 def test_a_bind_mount_of_report_inside_root_is_never_scanned(tmp_path, tiny_model):
     root, out = tmp_path / "xrays", tmp_path / "report"
     write_xrays(root, count=2)
-    assert scan(root, out, tiny_model) == 0
+    assert scan(root, out, tiny_model, "--quiet") == 0
     mountpoint = root / "mounted"
     mountpoint.mkdir()
     mounted = subprocess.run(["mount", "--bind", str(out), str(mountpoint)], capture_output=True, text=True)
@@ -142,8 +125,8 @@ def test_a_bind_mount_of_report_inside_root_is_never_scanned(tmp_path, tiny_mode
                     "the link test covers the identity check")
     try:
         for _ in range(2):
-            assert scan(root, out, tiny_model) == 0
-            assert sorted(read_rows(out)) == ["NORMAL/img00.png", "PNEUMONIA/img01.png"]
+            assert scan(root, out, tiny_model, "--quiet") == 0
+            assert sorted(rows_by_path(out)) == ["NORMAL/img00.png", "PNEUMONIA/img01.png"]
         assert len(overlay_files(out)) == 6
     finally:
         subprocess.run(["umount", str(mountpoint)], check=True)
@@ -175,12 +158,11 @@ def test_a_fifo_swapped_in_during_discovery_never_blocks_the_scan(tmp_path, tiny
     write_xrays(root, count=2)
     (root / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
     try:
-        run = subprocess.run([sys.executable, "-c", FIFO_SWAP, "scan", str(root), "--out", str(out), "--model",
-                              str(tiny_model), "--workers", "0", "--quiet"],
+        run = subprocess.run([sys.executable, "-c", FIFO_SWAP, *scan_argv(root, out, tiny_model, "--quiet")],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("the scan blocked on a FIFO swapped in during discovery")
     assert (root / "IM0001").is_fifo()
     assert run.returncode == 0, run.stderr
     assert "skipped IM0001: not a regular file" in run.stderr
-    assert sorted(read_rows(out)) == ["NORMAL/img00.png", "PNEUMONIA/img01.png"]
+    assert sorted(rows_by_path(out)) == ["NORMAL/img00.png", "PNEUMONIA/img01.png"]

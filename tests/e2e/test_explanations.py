@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import page_cards, read_rows, records, rows_by_path, rows_script
 
 from batchcam.checks.attention import attention_outside
 from batchcam.checks.sanity import sanity_check, spearman
@@ -71,28 +72,13 @@ def test_evaluate_pointing_game_hits_the_generator_boxes_with_the_demo_model(hel
 
 
 def rows_data(report):
-    text = (report / "gallery" / "rows.js").read_text()
-    assert text.startswith("window.BATCHCAM_ROWS = ")
-    data = json.loads(text[len("window.BATCHCAM_ROWS = "):].rstrip().rstrip(";"))
-    return [dict(zip(data["columns"], record)) for record in data["rows"]]
+    return records(rows_script(report))
 
 
 def card_boxes(report):
-    """path -> the parsed data-boxes of its card on the entry page (None when the card has none)."""
-    import html.parser
-
-    found = {}
-
-    class Cards(html.parser.HTMLParser):
-        def handle_starttag(self, tag, attrs):
-            attrs = dict(attrs)
-            if tag == "a" and attrs.get("class") == "thumb":
-                self.boxes = json.loads(attrs["data-boxes"]) if "data-boxes" in attrs else None
-            if tag == "img" and hasattr(self, "boxes") and (attrs.get("alt") or "").startswith("Grad-CAM overlay of "):
-                found[attrs["alt"][len("Grad-CAM overlay of "):]] = self.boxes
-
-    Cards().feed((report / "index.html").read_text())
-    return found
+    """path -> the size and boxes its card on the entry page draws in the large view (None when none)."""
+    return {card["path"]: {"size": [card["width"], card["height"]], "boxes": card["boxes"]} if card.get("boxes")
+            else None for card in page_cards((report / "index.html").read_text(encoding="utf-8"))}
 
 
 def test_evaluate_puts_the_boxes_into_the_gallery_data_for_the_large_view(held_out, tmp_path):
@@ -103,11 +89,10 @@ def test_evaluate_puts_the_boxes_into_the_gallery_data_for_the_large_view(held_o
     assert "ground-truth box" in (report / "index.html").read_text()     # the large view's legend, hidden
     assert main(["evaluate", str(report), "--boxes", str(boxes_csv)]) == 0
     expected = {path: [[float(x0), float(y0), float(x1), float(y1)]] for path, x0, y0, x1, y1 in boxes}
-    with open(report / "predictions.csv", newline="") as f:
-        sizes = {row["path"]: [int(row["width"]), int(row["height"])] for row in csv.DictReader(f)}
-    records = rows_data(report)
-    assert {r["path"]: r["boxes"] for r in records} == expected
-    assert all([r["width"], r["height"]] == sizes[r["path"]] for r in records)
+    sizes = {row["path"]: [int(row["width"]), int(row["height"])] for row in read_rows(report)}
+    shown = rows_data(report)
+    assert {r["path"]: r["boxes"] for r in shown} == expected
+    assert all([r["width"], r["height"]] == sizes[r["path"]] for r in shown)
     assert card_boxes(report) == {path: {"size": sizes[path], "boxes": expected[path]} for path in expected}
 
 
@@ -132,8 +117,7 @@ def test_removing_the_top_of_the_map_drops_the_probability_more_than_a_random_re
     faith = read_metrics(report)["faithfulness"]
     assert faith["n"] == COUNT
     assert faith["mean_drop_top"] > faith["mean_drop_random"]
-    with open(report / "predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(report)
     assert all(row["faith_drop_top"] and row["faith_drop_random"] for row in rows)
     assert "probability drop, top 20% of the map removed" in (report / "index.html").read_text()
 
@@ -216,8 +200,7 @@ def test_the_demo_models_heat_on_the_real_chest_film_lies_on_its_lungs_and_the_t
         shutil.copy(public_dicom(name), root / "PNEUMONIA" / name)
     report = tmp_path / "report"
     assert main(["scan", str(root), "--out", str(report), "--workers", "0", "--quiet", "--select", "all"]) == 0
-    with open(report / "predictions.csv", newline="") as f:
-        rows = {row["path"]: row for row in csv.DictReader(f)}
+    rows = rows_by_path(report)
     chest, tibia = rows["PNEUMONIA/RG1_UNCR.dcm"], rows["PNEUMONIA/RG3_UNCR.dcm"]
     assert tibia["status"] == "ok"
     assert chest["status"] == "ok" and 0 <= float(chest["attention_outside"]) < ATTENTION_THRESHOLD
@@ -233,8 +216,7 @@ def test_the_demo_models_heat_on_the_real_chest_film_lies_on_its_lungs_and_the_t
 
 def test_attention_stays_quiet_on_the_demo_models_maps_of_plain_images(held_out):
     _, report, _, _ = held_out
-    with open(report / "predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(report)
     assert all(row["attention_flag"] == "false" for row in rows)
     assert all(0 <= float(row["attention_outside"]) < ATTENTION_THRESHOLD for row in rows)
 
@@ -315,10 +297,7 @@ def test_scan_with_run_heat_scale_rerenders_overlays_and_says_so_in_the_legend(t
     assert (run_report / "cams.npz").is_file()
     assert "one scale for the whole run" in (run_report / "index.html").read_text()
     assert "each map scaled to its own range" in (image_report / "index.html").read_text()
-    with open(run_report / "predictions.csv", newline="") as f:
-        run_rows = {row["path"]: row for row in csv.DictReader(f)}
-    with open(image_report / "predictions.csv", newline="") as f:
-        image_rows = {row["path"]: row for row in csv.DictReader(f)}
+    run_rows, image_rows = rows_by_path(run_report), rows_by_path(image_report)
     differs = 0
     for path, row in run_rows.items():
         assert row["cam_peak_x"] == image_rows[path]["cam_peak_x"]  # scaling never moves the peak
@@ -386,13 +365,11 @@ def test_attention_flag_fires_on_a_corner_marker_shortcut_and_stays_quiet_on_pla
     report = tmp_path / "report"
     assert main(["scan", str(root.parent), "--out", str(report), "--model", str(checkpoint), "--workers", "0",
                  "--quiet"]) == 0
-    with open(report / "predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(report)
     assert sum(row["prediction"] == "PNEUMONIA" for row in rows) >= 8      # the shortcut is learnt
     assert sum(row["attention_flag"] == "true" for row in rows) >= 8       # ...and the flag sees it
     # plain images, scanned with the demo model (held_out): quiet
-    with open(held_out[1] / "predictions.csv", newline="") as f:
-        assert all(row["attention_flag"] == "false" for row in csv.DictReader(f))
+    assert all(row["attention_flag"] == "false" for row in read_rows(held_out[1]))
 
 
 # --- pytorch-grad-cam's methods at default settings ----------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from helpers import page_cards, page_data, records
 from PIL import Image
 
 from batchcam.cli import main
@@ -19,6 +20,7 @@ from batchcam.errors import UsageError
 from batchcam.records import Row, overlay_path
 from batchcam.report.folder import ReportFolder, csv_content, json_content
 from batchcam.report.gallery import CONTENT_SECURITY_POLICY, ROC_MAX_POINTS, ROWS_SCRIPT, render_gallery, summarise
+from batchcam.report.review import Review
 from batchcam.report.summary import scan_metrics
 
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -53,9 +55,10 @@ def labelled_rows() -> list[Row]:
     ], key=lambda row: row.path)
 
 
-def write_gallery_report(folder: Path, rows: list[Row], page_size: int, class_names=CLASSES) -> Path:
-    """A report folder holding the gallery, the CSV and manifest, and an overlay, thumbnail and
-    original per ok row.
+def write_gallery_report(folder: Path, rows: list[Row], page_size: int, class_names=CLASSES,
+                         reviews: dict[str, Review] | None = None) -> Path:
+    """A report folder holding the gallery (with ``reviews`` as if imported), the CSV and manifest,
+    and an overlay, thumbnail and original per ok row.
 
     Overlay and original differ in colour, so a test can tell which one the large view shows.
     """
@@ -68,7 +71,7 @@ def write_gallery_report(folder: Path, rows: list[Row], page_size: int, class_na
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", size, colour).save(folder / name, format="JPEG")
     metrics = scan_metrics(rows, class_names)
-    files = render_gallery(rows, class_names, MANIFEST, metrics, page_size)
+    files = render_gallery(rows, class_names, MANIFEST, metrics, page_size, reviews=reviews)
     files.update({"predictions.csv": csv_content(rows, class_names), "manifest.json": json_content(MANIFEST)})
     report.publish(files)
     report.tidy()
@@ -77,7 +80,8 @@ def write_gallery_report(folder: Path, rows: list[Row], page_size: int, class_na
 
 
 class Page(html.parser.HTMLParser):
-    """Elements and text of a page, and the text of each card's path."""
+    """Elements and text of a page (what a reader without JavaScript gets); the cards are built by
+    gallery.js from the page's data (``helpers.page_cards``)."""
 
     def __init__(self, text: str):
         super().__init__()
@@ -93,9 +97,6 @@ class Page(html.parser.HTMLParser):
 
     def all(self, tag: str, **attrs) -> list[dict]:
         return [a for t, a in self.elements if t == tag and all(a.get(k) == v for k, v in attrs.items())]
-
-    def cards(self) -> list[dict]:
-        return [a for t, a in self.elements if t == "article" and "card" in a.get("class", "").split()]
 
     def links(self) -> list[str]:
         return [a[key] for _, a in self.elements for key in ("href", "src") if a.get(key)]
@@ -115,9 +116,9 @@ def test_rows_are_split_into_pages_of_page_size_with_index_as_the_first():
     files = render(many_rows(25), page_size=10)
     pages = sorted(name for name in files if name.endswith(".html"))
     assert pages == ["gallery/page-2.html", "gallery/page-3.html", "index.html"]
-    assert [len(Page(files[name]).cards()) for name in ("index.html", "gallery/page-2.html",
-                                                        "gallery/page-3.html")] == [10, 10, 5]
-    assert [c["data-index"] for c in Page(files["gallery/page-3.html"]).cards()] == [str(i) for i in range(20, 25)]
+    assert [len(page_cards(files[name])) for name in ("index.html", "gallery/page-2.html",
+                                                      "gallery/page-3.html")] == [10, 10, 5]
+    assert [c["index"] for c in page_cards(files["gallery/page-3.html"])] == list(range(20, 25))
 
 
 def test_index_links_every_page_and_pages_link_back_and_onwards():
@@ -185,15 +186,18 @@ def test_scan_writes_pages_of_the_page_size_asked_for(xray_folder, tiny_model, t
     out = tmp_path / "out"
     assert main(["scan", str(xray_folder), "--out", str(out), "--model", str(tiny_model), "--workers", "0",
                  "--page-size", "3", "--quiet"]) == 0
-    assert len(Page((out / "index.html").read_text(encoding="utf-8")).cards()) == 3
-    assert len(Page((out / "gallery" / "page-2.html").read_text(encoding="utf-8")).cards()) == 1
+    assert len(page_cards((out / "index.html").read_text(encoding="utf-8"))) == 3
+    assert len(page_cards((out / "gallery" / "page-2.html").read_text(encoding="utf-8"))) == 1
 
 
 # ---- escaping and links ---------------------------------------------------------------------------
 
 def test_hostile_names_error_text_and_class_names_are_text_not_markup():
+    """In the page's markup, in its data block (a name holding ``</script>`` cannot end it) and in the
+    list a reader without JavaScript gets."""
     classes = ("NORMAL", "<i>PNEU</i>")
-    rows = [ok_row(HOSTILE_NAME, "NORMAL", 0.8), error_row("x.png", HOSTILE_ERROR)]
+    rows = [ok_row(HOSTILE_NAME, "NORMAL", 0.8), error_row("x.png", HOSTILE_ERROR),
+            ok_row("<!--<script>x.png", "NORMAL", 0.7)]
     rows[0].label = "<i>PNEU</i>"
     for name, text in render(rows, class_names=classes).items():
         if not name.endswith(".html"):
@@ -202,34 +206,42 @@ def test_hostile_names_error_text_and_class_names_are_text_not_markup():
         assert not any(tag in ("i", "u") for tag, _ in page.elements), name
         assert not any(key.startswith("on") for _, attrs in page.elements for key in attrs), name
         assert not any(attrs.get("src") == "x" for _, attrs in page.elements), name
-        assert [a.get("src") for a in page.all("script")] == ["gallery/review.js", "gallery/gallery.js"]
+        assert [(a.get("src"), a.get("type")) for a in page.all("script")] == [
+            ("gallery/review.js", None), ("gallery/gallery.js", None), (None, "application/json")]
+        assert [(c["path"], c["label"], c["error"]) for c in page_cards(text)] == [
+            (row.path, row.label, row.error) for row in rows]
         assert HOSTILE_NAME in page.text and HOSTILE_ERROR in page.text
         assert "<i>PNEU</i>" in page.text and "/data/<u>xrays</u>" in page.text
 
 
 def test_rows_script_is_ascii_json_holding_every_row_in_gallery_order():
     rows = labelled_rows()
-    script = render(rows, page_size=5)[ROWS_SCRIPT]
+    files = render(rows, page_size=5)
+    script = files[ROWS_SCRIPT]
     assert script.isascii()
     prefix = "window.BATCHCAM_ROWS = "
     assert script.startswith(prefix) and script.rstrip().endswith(";")
     data = json.loads(script[len(prefix):].rstrip().rstrip(";"))
     assert data["pageSize"] == 5 and data["pages"] == ["index.html", "gallery/page-2.html"]
-    records = [dict(zip(data["columns"], record)) for record in data["rows"]]
-    assert [r["path"] for r in records] == [row.path for row in rows]
-    assert [r["correct"] for r in records] == [row.correct for row in rows]
+    found = records(data)
+    assert [r["path"] for r in found] == [row.path for row in rows]
+    assert [r["correct"] for r in found] == [row.correct for row in rows]
     hostile = next(row for row in rows if row.path == HOSTILE_NAME)
-    assert next(r for r in records if r["path"] == HOSTILE_NAME)["thumb"] == hostile.thumb
+    assert next(r for r in found if r["path"] == HOSTILE_NAME)["thumb"] == hostile.thumb
+    # each page's own rows are the same records, in the same form
+    pages = [page_data(files[name]) for name in data["pages"]]
+    assert [record for page in pages for record in page["rows"]] == data["rows"]
+    assert all((page["columns"], page["attributes"]) == (data["columns"], data["attributes"]) for page in pages)
 
 
 def test_links_to_images_are_percent_encoded_on_every_page():
+    """In the list a reader without JavaScript gets (the cards' links: test_gallery_browser.py)."""
     rows = [ok_row(f"NORMAL/img{i}.png", "NORMAL", 0.9) for i in range(3)]
     rows.append(ok_row("NORMAL/odd.png", "NORMAL", 0.9, overlay="overlays/c d#?%é.jpg"))
     files = render(rows, page_size=3)
     page = Page(files["gallery/page-2.html"])
-    assert page.all("a", **{"class": "thumb"})[0]["href"] == "../overlays/c%20d%23%3F%25%C3%A9.jpg"
-    assert page.all("img", src="../overlays/c%20d%23%3F%25%C3%A9.thumb.jpg")
-    assert page.all("a", **{"class": "thumb"})[0]["data-original"] == "../overlays/c%20d%23%3F%25%C3%A9.orig.jpg"
+    assert [a["href"] for a in page.all("a") if "overlays" in a.get("href", "")] == [
+        "../overlays/c%20d%23%3F%25%C3%A9.jpg", "../overlays/c%20d%23%3F%25%C3%A9.orig.jpg"]
 
 
 def test_every_page_carries_the_csp_and_no_inline_script_or_style():
@@ -238,21 +250,39 @@ def test_every_page_carries_the_csp_and_no_inline_script_or_style():
         page = Page(files[name])
         csp = page.all("meta", **{"http-equiv": "Content-Security-Policy"})
         assert [m["content"] for m in csp] == [CONTENT_SECURITY_POLICY]
-        assert all(a.get("src") for a in page.all("script")), "an inline script would be refused by the CSP"
+        assert all(a.get("src") or a.get("type") == "application/json" for a in page.all("script")), \
+            "an inline script would be refused by the CSP (a JSON data block is never run)"
         assert not page.all("style") and not any("style" in attrs for _, attrs in page.elements)
     assert "'unsafe-inline'" not in CONTENT_SECURITY_POLICY and "default-src 'none'" in CONTENT_SECURITY_POLICY
 
 
-def test_cards_carry_prediction_confidence_truth_and_a_wrong_mark():
-    page = Page(render(labelled_rows(), page_size=10)["index.html"])
-    cards = {c["id"]: c for c in page.cards()}
-    wrong = [c for c in cards.values() if "wrong" in c["class"].split()]
-    assert [(c["data-pred"], c["data-label"], c["data-correct"]) for c in wrong] == [("PNEUMONIA", "NORMAL", "false")]
-    assert "\u2717 wrong" in page.text
-    errors = [c for c in cards.values() if c["data-status"] == "error"]
-    assert len(errors) == 2 and not any("data-conf" in card for card in errors)
-    assert len(page.all("meter")) == 6
-    assert all(img["alt"].startswith("Grad-CAM overlay of ") for img in page.all("img") if img.get("src"))
+def test_each_card_s_data_carries_prediction_confidence_truth_and_the_marks():
+    """What gallery.js draws a card from (what it draws: test_gallery_browser.py)."""
+    rows = labelled_rows()
+    rows[0].attention_outside, rows[1].ood_score, rows[1].ood_flag, rows[2].change = 0.8, 41.5, True, "new"
+    data = page_data(render(rows, page_size=10)["index.html"])
+    cards = page_cards(render(rows, page_size=10)["index.html"])
+    wrong = [c for c in cards if c["correct"] is False]
+    assert [(c["prediction"], c["label"], c["correct"]) for c in wrong] == [("PNEUMONIA", "NORMAL", False)]
+    assert [c["confidence"] for c in cards if c["status"] == "error"] == [None, None]
+    assert [c["confidence"] for c in cards if c["status"] == "ok"] == [round(r.confidence, 4) for r in rows if r.ok]
+    assert (cards[0]["attention_flag"], cards[0]["attention_outside"]) == (True, 0.8)
+    assert (cards[1]["ood_flag"], cards[1]["ood_score"], cards[2]["change"]) == (True, 41.5, "new")
+    assert data["attributes"] == {"status": "status", "prediction": "pred", "confidence": "conf", "label": "label",
+                                  "correct": "correct", "sha256": "sha", "first_seen": "first-seen",
+                                  "change": "change", "decision": "review", "note": "review-note",
+                                  "reviewed_at": "reviewed-at"}
+
+
+def test_a_reader_without_javascript_gets_every_image_of_the_page_by_name_and_link():
+    rows = labelled_rows()
+    page = Page(render(rows, page_size=5)["gallery/page-2.html"])
+    items = page.all("li")
+    assert [item["id"] for item in items] == ["r5", "r6", "r7"]
+    assert [a["href"] for a in page.all("a") if a.get("href", "").startswith("../overlays/")] == [
+        f"../{name}" for row in rows[5:] if row.ok for name in (row.overlay, row.original)]
+    text = "".join(page.text)
+    assert all(row.path in text for row in rows[5:]) and HOSTILE_ERROR in text
 
 
 # ---- summary --------------------------------------------------------------------------------------

@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_gallery import HOSTILE_NAME, labelled_rows, write_gallery_report
+from test_gallery import HOSTILE_NAME, error_row, labelled_rows, write_gallery_report
 
+from batchcam import records
 from batchcam.cli import main
+from batchcam.records import Row
+from batchcam.report.review import Review
+from batchcam.schema import Number, Schema, Shown, derived
 from conftest import write_xrays
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -124,7 +128,8 @@ def test_a_file_named_like_a_script_shows_its_name_as_text_and_its_image_loads(b
     image = card.find_element(By.TAG_NAME, "img")
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 0
     assert image.get_attribute("alt") == f"Grad-CAM overlay of {HOSTILE_NAME}"
-    assert not browser.find_elements(By.XPATH, "//body//script[not(@src)]")
+    inline = browser.find_elements(By.XPATH, "//body//script[not(@src)]")     # the page's rows alone, never run
+    assert [(s.get_attribute("id"), s.get_attribute("type")) for s in inline] == [("page-rows", "application/json")]
     card.find_element(By.CSS_SELECTOR, "a.thumb").click()
     assert browser.find_element(By.ID, "viewer-path").text == HOSTILE_NAME
     assert wait_images(browser, "#viewer-image")[0] > 0
@@ -337,3 +342,137 @@ def test_large_view_draws_the_ground_truth_boxes_after_evaluate(browser, evaluat
     geometry = box_geometry(browser)
     assert len(geometry["boxes"]) == 1 and geometry["boxes"][0]["width"] > 0 and geometry["shown"] == [True]
     browser.find_element(By.ID, "viewer-close").click()
+
+
+# ---- one card for the pages and the whole-run view -----------------------------------------------
+
+ODD_NAME = "NORMAL/c d#?%\u00e9.png"
+NOTE = "<b>pleural</b> line"
+
+
+@pytest.fixture(scope="module")
+def marked_report(tmp_path_factory) -> Path:
+    """Every mark a card can show, on pages of 5: wrong, unlike the training images, heat outside the
+    lungs, new or changed in this run, an imported decision with a note, skipped and error cards."""
+    skipped = Row(path="PNEUMONIA/ct.dcm", status="skipped", error="not a chest radiograph: Modality CT",
+                  sha256="c" * 64, change="new")
+    rows = labelled_rows() + [skipped]
+    rows.sort(key=lambda row: row.path)
+    for i, row in enumerate(rows):
+        row.sha256 = row.sha256 or f"{i:064x}"
+        row.first_seen = "2026-12-01T02:00:00+00:00"
+    marked = {row.path: row for row in rows}
+    marked["NORMAL/a.png"].attention_outside = 0.8
+    marked["NORMAL/b.png"].ood_score, marked["NORMAL/b.png"].ood_flag = 41.5, True
+    marked["PNEUMONIA/e.png"].change = "prediction changed"
+    review = Review("NORMAL/b.png", marked["NORMAL/b.png"].sha256, "PNEUMONIA", "0.62", "disagree", NOTE,
+                    "2026-12-02T08:00:00.000+00:00")
+    return write_gallery_report(tmp_path_factory.mktemp("marked") / "report", rows, PAGE_SIZE,
+                                reviews={review.path: review})
+
+
+CARD_HTML = """
+    return Array.from(document.querySelectorAll(arguments[0])).filter((c) => !c.hidden).map((card) => {
+      const copy = card.cloneNode(true);
+      copy.removeAttribute('id');                      // a page's card: the target of the run view's links
+      const where = copy.querySelector('.where');      // a whole-run result: the link to its page
+      if (where) where.remove();
+      return [card.querySelector('.name').textContent, copy.outerHTML];
+    });"""
+
+
+def show_run(driver) -> None:
+    choose(driver, "f-scope", "run")
+    WebDriverWait(driver, 10).until(lambda d: not d.find_element(By.ID, "run-view").get_attribute("hidden"))
+
+
+def test_a_card_is_the_same_on_its_page_and_in_the_whole_run_view(browser, marked_report):
+    open_page(browser, marked_report / "index.html")
+    browser.execute_script("localStorage.clear()")
+    seen = 0
+    for page in (marked_report / "index.html", marked_report / "gallery" / "page-2.html"):
+        open_page(browser, page)
+        on_page = dict(browser.execute_script(CARD_HTML, "#cards .card"))
+        show_run(browser)                       # from the same page: links relative to it alike
+        in_run = dict(browser.execute_script(CARD_HTML, "#run-cards .card"))
+        browser.find_element(By.ID, "run-next").click()
+        in_run.update(browser.execute_script(CARD_HTML, "#run-cards .card"))
+        assert len(in_run) == 9 and {path: in_run[path] for path in on_page} == on_page
+        seen += len(on_page)
+    assert seen == 9
+
+
+def test_cards_show_every_mark_their_row_calls_for(browser, marked_report):
+    open_page(browser, marked_report / "index.html")
+    browser.execute_script("localStorage.clear()")
+    open_page(browser, marked_report / "index.html")
+    cards = {card.find_element(By.CSS_SELECTOR, ".name").text: card
+             for card in browser.find_elements(By.CSS_SELECTOR, "#cards .card")}
+    assert list(cards) == ["<script>alert(1)</script>#?%.png", "NORMAL/a.png", "NORMAL/b.png", "NORMAL/broken.png",
+                           ODD_NAME]
+
+    def text(card, selector):
+        found = card.find_elements(By.CSS_SELECTOR, selector)
+        return found[0].get_attribute("textContent") if found else None
+
+    heat, wrong, broken, odd = (cards[name] for name in ("NORMAL/a.png", "NORMAL/b.png", "NORMAL/broken.png",
+                                                          ODD_NAME))
+    assert text(heat, ".attention strong") == "\u26a0 heat outside the lungs 80.0%" and not text(heat, ".ood")
+    assert text(heat, ".truth") == "true NORMAL \u2713 correct" and text(heat, ".conf") == "91.0%"
+    assert "wrong" in wrong.get_attribute("class").split() and text(wrong, ".truth .mark-wrong") == "\u2717 wrong"
+    assert text(wrong, ".ood strong") == "\u26a0 unlike the training images"
+    assert "Mahalanobis distance 41.5" in wrong.find_element(By.CSS_SELECTOR, ".ood strong").get_attribute("title")
+    assert "review-disagree" in wrong.get_attribute("class").split()
+    assert text(wrong, ".review-mark") == f"\u2717 disagree: {NOTE}" and not wrong.find_elements(By.TAG_NAME, "b")
+    attributes = browser.execute_script("return Object.assign({}, arguments[0].dataset)", wrong)
+    assert attributes == {"index": "2", "status": "ok", "pred": "PNEUMONIA", "conf": "0.62", "label": "NORMAL",
+                          "correct": "false", "sha": f"{2:064x}", "firstSeen": "2026-12-01T02:00:00+00:00",
+                          "review": "disagree", "reviewNote": NOTE, "reviewedAt": "2026-12-02T08:00:00.000+00:00"}
+    assert wrong.find_element(By.TAG_NAME, "meter").get_attribute("value") == "0.62"
+    assert text(broken, ".placeholder") == "no image" and text(broken, ".error-text") == \
+        "error: cannot decode image: truncated file"
+    assert "data-conf" not in browser.execute_script("return arguments[0].outerHTML", broken)
+    link = odd.find_element(By.CSS_SELECTOR, "a.thumb")
+    assert link.get_attribute("href").endswith("/overlays/c%20d%23%3F%25%C3%A9.jpg")
+    assert link.get_attribute("data-original").endswith("overlays/c%20d%23%3F%25%C3%A9.orig.jpg")
+    open_page(browser, marked_report / "gallery" / "page-2.html")
+    later = {card.find_element(By.CSS_SELECTOR, ".name").text: card
+             for card in browser.find_elements(By.CSS_SELECTOR, "#cards .card")}
+    skipped = later["PNEUMONIA/ct.dcm"]
+    assert "skipped" in skipped.get_attribute("class").split() and text(skipped, ".placeholder") == "not scored"
+    assert text(skipped, ".error-text") == "skipped: not a chest radiograph: Modality CT"
+    assert text(skipped, ".change-mark") == "new in this run"
+    changed = later["PNEUMONIA/e.png"].find_element(By.CSS_SELECTOR, ".change-mark")
+    assert changed.text == "prediction changed in this run" and "change-prediction-changed" in changed.get_attribute(
+        "class")
+
+
+def test_a_link_to_a_card_of_another_page_lands_on_it(browser, marked_report):
+    browser.get((marked_report / "gallery" / "page-2.html").as_uri() + "#r7")
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script("return document.readyState === 'complete'"))
+    target = browser.execute_script("const t = document.querySelector(':target'); return t && t.id")
+    assert target == "r7"
+    assert browser.execute_script("const r = document.getElementById('r7').getBoundingClientRect();"
+                                  "return r.top >= 0 && r.top < window.innerHeight")
+
+
+class Spread(Row):
+    """A column declared on a property alone (as a column is added: records.Row)."""
+
+    @property
+    @derived(Number(4), after="ood_flag", shown=Shown("spread", digits=2))
+    def spread(self) -> float | None:
+        return max(self.probabilities) - min(self.probabilities) if self.probabilities else None
+
+
+def test_a_newly_declared_column_reaches_the_card_s_attributes_on_both_views(browser, tmp_path, monkeypatch):
+    monkeypatch.setattr(records, "SCHEMA", Schema(Spread))
+    rows = [row for row in labelled_rows() if row.ok][:3] + [error_row("NORMAL/zz.png")]
+    report = write_gallery_report(tmp_path / "report", rows, page_size=10)
+    spreads = {row.path: f"{round(max(row.probabilities) - min(row.probabilities), 2):g}" for row in rows if row.ok}
+    open_page(browser, report / "index.html")
+    attribute = "return Object.fromEntries(Array.from(document.querySelectorAll(arguments[0]))" \
+                ".map((c) => [c.querySelector('.name').textContent, c.dataset.spread || null]))"
+    assert browser.execute_script(attribute, "#cards .card") == {**spreads, "NORMAL/zz.png": None}
+    show_run(browser)
+    assert browser.execute_script(attribute, "#run-cards .card") == {**spreads, "NORMAL/zz.png": None}

@@ -4,7 +4,6 @@ report. Each test is an attack that once worked (or the new layout's own way to 
 from __future__ import annotations
 
 import errno
-import html.parser
 import json
 import os
 import shutil
@@ -14,45 +13,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import manifest, page_cards, read_rows, records, rows_script, scan, scan_process
 from PIL import Image
-from test_cron import manifest, report_is_complete, rows, scan, scan_process, snapshot
+from test_cron import report_is_complete, snapshot
 from test_report_safety import tree
 
 from batchcam.cli import main
 from batchcam.report.lock import STATE_DIR
 from conftest import write_xrays
-
-ROWS_PREFIX = "window.BATCHCAM_ROWS = "
-
-
-class Cards(html.parser.HTMLParser):
-    """(data-index, path shown) of every card on a page."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.cards: list[tuple[int, str]] = []
-        self._in_name = False
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "article" and "card" in (attrs.get("class") or "").split():
-            self.cards.append((int(attrs["data-index"]), ""))
-        self._in_name = tag == "p" and attrs.get("class") == "name"
-
-    def handle_data(self, data):
-        if self._in_name and self.cards:
-            index, name = self.cards[-1]
-            self.cards[-1] = (index, name + data)
-
-    def handle_endtag(self, tag):
-        self._in_name = False
-
-
-def rows_script(out: Path) -> dict:
-    text = (out / "gallery" / "rows.js").read_text(encoding="utf-8")
-    assert text.startswith(ROWS_PREFIX)
-    return json.loads(text[len(ROWS_PREFIX):].rstrip().rstrip(";"))
 
 
 def one_run(out: Path) -> set[str]:
@@ -62,7 +30,7 @@ def one_run(out: Path) -> set[str]:
     if not (out / "predictions.csv").exists():
         assert not (out / "index.html").exists() and not (out / "manifest.json").exists()
         return set()
-    table = rows(out)
+    table = read_rows(out)
     paths = [row["path"] for row in table]
     assert len(set(paths)) == len(paths)
     counts = manifest(out)["counts"]
@@ -70,11 +38,10 @@ def one_run(out: Path) -> set[str]:
     assert {status: counts[status] for status in ("ok", "error", "skipped")} == {
         status: Counter(row["status"] for row in table)[status] for status in ("ok", "error", "skipped")}
     data = rows_script(out)
-    script_paths = [dict(zip(data["columns"], record))["path"] for record in data["rows"]]
-    assert script_paths == paths, "rows.js describes another run than predictions.csv"
-    cards = [card for page in data["pages"] for card in Cards((out / page).read_text(encoding="utf-8")).cards]
-    assert sorted(index for index, _ in cards) == list(range(len(paths))), "cards duplicated or missing"
-    assert all(paths[index] == name for index, name in cards), "a page shows another run's image"
+    assert [record["path"] for record in records(data)] == paths, "rows.js describes another run than predictions.csv"
+    cards = [card for page in data["pages"] for card in page_cards((out / page).read_text(encoding="utf-8"))]
+    assert sorted(card["index"] for card in cards) == list(range(len(paths))), "cards duplicated or missing"
+    assert all(paths[card["index"]] == card["path"] for card in cards), "a page shows another run's image"
     shown_pages = {page for page in data["pages"] if page.startswith("gallery/")}
     if (out / STATE_DIR / "current").is_symlink():
         linked = {f"gallery/{p.name}" for p in (out / "gallery").glob("page-*.html") if p.is_symlink() and p.exists()}
@@ -219,7 +186,7 @@ def test_evaluate_publishes_a_new_generation_with_the_scans_own_files(xray_folde
 def test_review_import_publishes_a_new_generation_and_keeps_reviews_outside_it(xray_folder, tiny_model, tmp_path):
     out = tmp_path / "out"
     assert scan(xray_folder, out, tiny_model) == 0
-    row = rows(out)[0]
+    row = read_rows(out)[0]
     export = tmp_path / "review.csv"
     report_id = json.loads((out / "manifest.json").read_text())["report_id"]
     export.write_text("path,sha256,prediction,confidence,decision,note,reviewed_at,report_id\n"

@@ -5,8 +5,6 @@ the tests below read its report; unit tests pin the decoding rules where they ar
 """
 from __future__ import annotations
 
-import contextlib
-import csv
 import html.parser
 import importlib.util
 import io
@@ -21,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import page_cards, read_rows, rows_by_path, scan_said
 from PIL import Image, ImageFile
 
 from batchcam.cam import overlay as overlays
-from batchcam.cli import main
 from batchcam.config import OVERLAY_LONG_SIDE
 from batchcam.decode.discover import discover
 from batchcam.decode.imaging import decode_grayscale, fit_within, resize_square
@@ -259,25 +257,13 @@ def mode_renderings(gradient: np.ndarray) -> dict[str, Image.Image]:
             "P": gray.convert("P"), "CMYK": gray.convert("CMYK")}
 
 
-def read_rows(report: Path) -> list[dict]:
-    with open(report / "predictions.csv", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def run_scan(root: Path, out: Path, model: Path, *extra: str) -> tuple[int, str]:
-    said = io.StringIO()
-    with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
-        code = main(["scan", str(root), "--out", str(out), "--model", str(model), "--workers", "0", *extra])
-    return code, said.getvalue()
-
-
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory, tiny_model) -> Hostile:
     base = tmp_path_factory.mktemp("hostile")
     root, out = base / "root", base / "report"
     ok, errors = build_hostile_folder(root, base / "outside")
-    code, said = run_scan(root, out, tiny_model)
-    rows = {row["path"]: row for row in read_rows(out)}
+    code, said = scan_said(root, out, tiny_model)
+    rows = rows_by_path(out)
     return Hostile(root=root, out=out, code=code, rows=rows, ok=ok, errors=errors, said=said)
 
 
@@ -285,8 +271,7 @@ def hostile(tmp_path_factory, tiny_model) -> Hostile:
 
 def test_every_file_has_exactly_one_row_bad_ones_are_errors_and_the_scan_exits_3(hostile):
     assert hostile.code == 3
-    with open(hostile.out / "predictions.csv", newline="", encoding="utf-8") as f:
-        paths = [row["path"] for row in csv.DictReader(f)]
+    paths = [row["path"] for row in read_rows(hostile.out)]
     assert len(paths) == len(set(paths))
     assert set(paths) == hostile.ok | set(hostile.errors)
     for rel, reason in hostile.errors.items():
@@ -359,7 +344,9 @@ class PageStructure(html.parser.HTMLParser):
         self.tags.add(tag)
         self.attributes.update(name for name, _ in attrs)
         if tag == "script":
-            self.scripts.append(dict(attrs).get("src") or "(inline)")
+            found = dict(attrs)
+            data = found.get("type") == "application/json" and found.get("id") == "page-rows"   # never run
+            self.scripts.append(found.get("src") or ("(the page's rows)" if data else "(inline)"))
 
     def handle_data(self, data):
         self.text.append(data)
@@ -380,7 +367,7 @@ def test_the_gallery_shows_hostile_names_as_text_and_gains_no_element_or_attribu
     plain = tmp_path / "plain"
     write(plain / "NORMAL" / "a.png", encoded(xray(0), "PNG"))
     write(plain / "bad" / "b.png", b"not an image")
-    run_scan(plain, tmp_path / "baseline", tiny_model)
+    scan_said(plain, tmp_path / "baseline", tiny_model)
     baseline = page_structures(tmp_path / "baseline")
     allowed_tags = set().union(*(page.tags for page in baseline.values()))
     allowed_attributes = set().union(*(page.attributes for page in baseline.values()))
@@ -394,8 +381,10 @@ def test_the_gallery_shows_hostile_names_as_text_and_gains_no_element_or_attribu
         assert not any(attribute.startswith("on") for attribute in page.attributes)
         assert {Path(src).name for src in page.scripts} <= allowed_scripts and "(inline)" not in page.scripts
     shown = "".join(text for page in pages.values() for text in page.text)
+    cards = {card["path"] for name in pages for card in page_cards((hostile.out / name).read_text(encoding="utf-8"))}
     for name in ("<svg onload=alert(1)>.png", "<img src=x onerror=alert(1)>.png"):
         assert name in shown  # displayed as text, which is how html.parser saw it
+        assert any(path.endswith(name) for path in cards)   # and in the rows gallery.js builds the cards from
 
 
 # ---- names that are not printable text -------------------------------------------------------
@@ -428,7 +417,7 @@ def test_names_with_undecodable_bytes_and_control_characters_are_escaped_in_csv_
         fd = os.open(os.path.join(os.fsencode(root), raw), os.O_WRONLY | os.O_CREAT, 0o644)
         os.write(fd, png)
         os.close(fd)
-    code, _ = run_scan(root, tmp_path / "out", tiny_model)
+    code, _ = scan_said(root, tmp_path / "out", tiny_model)
     assert code == 0
     rows = read_rows(tmp_path / "out")
     assert sorted(row["path"] for row in rows) == sorted(names.values())
@@ -462,7 +451,7 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_with_exit_2_and_never
     root = tmp_path / "root"
     write(root / "a.png", encoded(xray(0), "PNG"))
 
-    code, said = run_scan(root, tmp_path / "out", tmp_path / "evil.pt")
+    code, said = scan_said(root, tmp_path / "out", tmp_path / "evil.pt")
 
     assert code == 2 and "error" in said
     assert not marker.exists()
@@ -679,8 +668,8 @@ def test_without_pydicom_a_dicom_file_is_an_error_row_that_says_how_to_install_i
     write(root / "a.dcm", dicom_bytes(anatomy()))
     write(root / "b.png", encoded(xray(0), "PNG"))
     monkeypatch.setitem(sys.modules, "pydicom", None)
-    code, _ = run_scan(root, tmp_path / "out", tiny_model)
-    rows = {row["path"]: row for row in read_rows(tmp_path / "out")}
+    code, _ = scan_said(root, tmp_path / "out", tiny_model)
+    rows = rows_by_path(tmp_path / "out")
     assert code == 3 and rows["b.png"]["status"] == "ok"
     assert rows["a.dcm"]["status"] == "error" and 'pip install "batchcam[dicom]"' in rows["a.dcm"]["error"]
 
@@ -752,6 +741,6 @@ def test_an_unreadable_file_is_its_own_error_row(tiny_model, tmp_path):
                                  str(tmp_path / "out"), "--model", str(tiny_model), "--workers", "0"]).returncode
     finally:
         secret.chmod(0o644)
-    rows = {row["path"]: row for row in read_rows(tmp_path / "out")}
+    rows = rows_by_path(tmp_path / "out")
     assert code == 3 and rows["a.png"]["status"] == "ok"
     assert rows["b.png"]["status"] == "error" and "permission" in rows["b.png"]["error"].lower()

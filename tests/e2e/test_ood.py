@@ -6,7 +6,6 @@ blank images. Non-chest DICOMs go through the Python API: a scan's selection rul
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import page_cards, read_rows, rows_by_path
 from PIL import Image
 
 from batchcam.cam.engine import CamEngine
@@ -115,8 +115,7 @@ def test_scan_writes_ood_columns_manifest_and_metrics_with_the_demo_model(tmp_pa
         np.random.default_rng(1).integers(0, 256, (512, 512), dtype=np.uint8))))
     out = tmp_path / "report"
     assert main(["scan", str(root), "--out", str(out), "--workers", "0", "--quiet"]) == 0
-    with open(out / "predictions.csv", newline="") as f:
-        rows = {row["path"]: row for row in csv.DictReader(f)}
+    rows = rows_by_path(out)
     assert rows["NORMAL/noise.png"]["ood_flag"] == "true"
     assert all(float(row["ood_score"]) > 0 and row["ood_flag"] in ("true", "false") for row in rows.values())
     manifest = json.loads((out / "manifest.json").read_text())
@@ -127,15 +126,15 @@ def test_scan_writes_ood_columns_manifest_and_metrics_with_the_demo_model(tmp_pa
     assert 0 <= metrics["ece"] <= 1
     index = (out / "index.html").read_text()
     assert "unlike the training images" in index and "Reliability diagram" in index
-    assert index.count('<p class="ood">') == manifest["ood"]["flagged"]   # one card mark per flagged image
+    flagged = [card["path"] for card in page_cards(index) if card["ood_flag"]]   # each card's mark (gallery.js)
+    assert len(flagged) == manifest["ood"]["flagged"] and "NORMAL/noise.png" in flagged
 
 
 def test_a_model_without_statistics_leaves_the_columns_empty_and_says_so(tmp_path, tiny_model, xray_folder):
     out = tmp_path / "report"
     assert main(["scan", str(xray_folder), "--out", str(out), "--model", str(tiny_model), "--workers", "0",
                  "--quiet"]) == 0
-    with open(out / "predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(out)
     assert rows and all(row["ood_score"] == "" and row["ood_flag"] == "" for row in rows)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["ood"]["statistics"] is False and "no feature statistics" in manifest["ood"]["note"]
@@ -164,8 +163,7 @@ def test_calibrate_writes_a_new_checkpoint_that_scan_then_flags_with(tmp_path, t
     write_xrays(root, count=4, size=(96, 80))
     report = tmp_path / "report"
     assert main(["scan", str(root), "--out", str(report), "--model", str(out), "--workers", "0", "--quiet"]) == 0
-    with open(report / "predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(report)
     assert all(row["ood_flag"] in ("true", "false") for row in rows)
     probabilities = np.array([[float(row["p_NORMAL"]), float(row["p_PNEUMONIA"])] for row in rows])
     assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
@@ -243,9 +241,8 @@ def test_predict_reports_the_flag_in_json_and_warns_on_stderr(tmp_path, capsys):
     assert "noise.png: unlike the training images" in err and "film.png: unlike" not in err
 
 
-def rows_but_change(csv_path: Path) -> list[dict]:
-    with open(csv_path, newline="") as f:
-        return [{k: v for k, v in row.items() if k != "change"} for row in csv.DictReader(f)]
+def rows_but_change(report: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "change"} for row in read_rows(report)]
 
 
 def test_a_reused_row_keeps_its_ood_columns(tmp_path, capsys):
@@ -254,10 +251,8 @@ def test_a_reused_row_keeps_its_ood_columns(tmp_path, capsys):
     Image.new("L", (400, 400), 0).save(root / "NORMAL" / "blank.png")
     out = tmp_path / "report"
     assert main(["scan", str(root), "--out", str(out), "--workers", "0"]) == 0
-    first = rows_but_change(out / "predictions.csv")
+    first = rows_but_change(out)
     assert main(["scan", str(root), "--out", str(out), "--workers", "0"]) == 0
     assert "0 to process, 3 unchanged" in capsys.readouterr().err
-    assert rows_but_change(out / "predictions.csv") == first   # only "change" says what this run changed
-    with open(out / "predictions.csv", newline="") as f:
-        flags = {row["path"]: row["ood_flag"] for row in csv.DictReader(f)}
-    assert flags["NORMAL/blank.png"] == "true"
+    assert rows_but_change(out) == first   # only "change" says what this run changed
+    assert rows_by_path(out)["NORMAL/blank.png"]["ood_flag"] == "true"

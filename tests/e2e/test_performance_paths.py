@@ -6,7 +6,6 @@ CUDA runs skip cleanly without a GPU.
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import subprocess
@@ -16,6 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import rows_by_path
 from PIL import Image
 
 from batchcam.cam.engine import CamEngine
@@ -43,11 +43,10 @@ def demo():
     return load_checkpoint(DEMO_MODEL, demo=True)
 
 
-def read_rows(report):
+def results(report):
     """The rows by path, without ``first_seen`` (when this report first saw the file), which differs
     between two reports of the same files made a second apart."""
-    with open(report / "predictions.csv", newline="") as f:
-        return {row["path"]: {k: v for k, v in row.items() if k != "first_seen"} for row in csv.DictReader(f)}
+    return {path: {k: v for k, v in row.items() if k != "first_seen"} for path, row in rows_by_path(report).items()}
 
 
 PAGE_FAULTS_OF_A_FORWARD_PASS = textwrap.dedent("""
@@ -149,10 +148,10 @@ def test_overlay_size_caps_the_overlays_and_is_part_of_the_settings(tiny_model, 
     report = tmp_path / "report"
     common = ["--model", str(tiny_model), "--workers", "0", "--quiet"]
     assert main(["scan", str(root), "--out", str(report), "--overlay-size", "300", *common]) == 0
-    for row in read_rows(report).values():
+    for row in results(report).values():
         assert max(Image.open(report / row["overlay"]).size) == 300
     assert main(["scan", str(root), "--out", str(report), *common]) == 0     # the default size: redone
-    for row in read_rows(report).values():
+    for row in results(report).values():
         assert max(Image.open(report / row["overlay"]).size) == 512
 
 
@@ -177,7 +176,7 @@ def test_the_onnx_backend_gives_the_eager_rows_and_the_manifest_says_which_ran(t
     common = ["--model", str(tiny_model), "--workers", "0", "--quiet"]
     assert main(["scan", str(root), "--out", str(tmp_path / "eager"), "--backend", "eager", *common]) == 0
     assert main(["scan", str(root), "--out", str(tmp_path / "onnx"), "--backend", "onnx", *common]) == 0
-    eager, onnx = read_rows(tmp_path / "eager"), read_rows(tmp_path / "onnx")
+    eager, onnx = results(tmp_path / "eager"), results(tmp_path / "onnx")
     assert eager.keys() == onnx.keys()
     for path, row in eager.items():
         assert row["prediction"] == onnx[path]["prediction"]
@@ -206,7 +205,7 @@ def test_a_tampered_onnx_cache_file_flips_no_prediction(tiny_model, tmp_path, pr
     common = ["--model", str(tiny_model), "--workers", "0", "--quiet"]
     assert main(["scan", str(root), "--out", str(tmp_path / "eager"), "--backend", "eager", *common]) == 0
     assert main(["scan", str(root), "--out", str(tmp_path / "onnx"), "--backend", "onnx", *common]) == 0
-    eager, onnx = read_rows(tmp_path / "eager"), read_rows(tmp_path / "onnx")
+    eager, onnx = results(tmp_path / "eager"), results(tmp_path / "onnx")
     assert {path: row["prediction"] for path, row in onnx.items()} == \
         {path: row["prediction"] for path, row in eager.items()}
     cam = json.loads((tmp_path / "onnx" / "manifest.json").read_text())["cam"]
@@ -224,7 +223,7 @@ def test_overlays_drawn_as_tensors_match_pillows_rows_and_pixels(tiny_model, tmp
     assert main(["scan", str(root), "--out", str(tmp_path / "pillow"), *common]) == 0
     monkeypatch.setattr(local, "render_device", lambda job: torch.device("cpu"))
     assert main(["scan", str(root), "--out", str(tmp_path / "tensor"), *common]) == 0
-    pillow, tensor = read_rows(tmp_path / "pillow"), read_rows(tmp_path / "tensor")
+    pillow, tensor = results(tmp_path / "pillow"), results(tmp_path / "tensor")
     assert pillow == tensor
     for row in pillow.values():
         for name in (row["overlay"], row["overlay"].replace(".jpg", ".thumb.jpg")):
@@ -256,7 +255,7 @@ def test_a_compiled_model_gives_the_same_rows(tiny_model, xray_folder, tmp_path)
     common = ["--model", str(tiny_model), "--workers", "0", "--quiet"]
     assert main(["scan", str(xray_folder), "--out", str(tmp_path / "eager"), *common]) == 0
     assert main(["scan", str(xray_folder), "--out", str(tmp_path / "compiled"), "--compile", *common]) == 0
-    eager, compiled = read_rows(tmp_path / "eager"), read_rows(tmp_path / "compiled")
+    eager, compiled = results(tmp_path / "eager"), results(tmp_path / "compiled")
     assert eager.keys() == compiled.keys()
     for path, row in eager.items():
         assert row["prediction"] == compiled[path]["prediction"]
@@ -271,7 +270,7 @@ def test_the_cuda_paths_agree_with_the_cpu(tmp_path, options):
     write_xrays(root, count=8, size=(900, 760), suffix=".jpg")
     assert main(["scan", str(root), "--out", str(tmp_path / "cpu"), "--device", "cpu", "--quiet"]) == 0
     assert main(["scan", str(root), "--out", str(tmp_path / "cuda"), "--device", "cuda", "--quiet", *options]) == 0
-    cpu, gpu = read_rows(tmp_path / "cpu"), read_rows(tmp_path / "cuda")
+    cpu, gpu = results(tmp_path / "cpu"), results(tmp_path / "cuda")
     for path, row in cpu.items():
         assert row["prediction"] == gpu[path]["prediction"]
         assert abs(float(row["confidence"]) - float(gpu[path]["confidence"])) < 0.02

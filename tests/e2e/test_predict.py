@@ -1,13 +1,13 @@
 """predict in-process through main(): table and JSON output, overlays, exit codes, agreement with scan."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import rows_by_path
 from PIL import Image
 
 from batchcam.cli import main
@@ -114,8 +114,7 @@ def test_predict_agrees_with_scan_on_the_same_files(xrays, tiny_model, tmp_path,
     root = xrays[0].parents[1]
     assert main(["scan", str(root), "--out", str(tmp_path / "report"), "--model", str(tiny_model),
                  "--workers", "0"]) == 0
-    with open(tmp_path / "report" / "predictions.csv", newline="", encoding="utf-8") as f:
-        scanned = {row["path"]: row for row in csv.DictReader(f)}
+    scanned = rows_by_path(tmp_path / "report")
     capsys.readouterr()
     _, out, _ = predict(capsys, *map(str, xrays), "--model", str(tiny_model), "--json")
     for record in map(json.loads, out.splitlines()):

@@ -6,8 +6,6 @@ the one stopped by SIGTERM joins the module's with --ray-address.
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import shutil
@@ -19,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import manifest, read_rows, scan
 from PIL import Image
 
 from batchcam.cli import main
@@ -75,23 +74,15 @@ def mixed_root(tmp_path_factory) -> Path:
 def reports(ray_cluster, mixed_root, tmp_path_factory) -> dict[str, Path]:
     """The same tree scanned by each engine (exit codes checked where they are made)."""
     out = tmp_path_factory.mktemp("reports")
-    codes = {"local": scan(mixed_root, out / "local", "--workers", "0"),
-             "ray": scan(mixed_root, out / "ray", "--engine", "ray", "--workers", "1")}
+    codes = {"local": demo_scan(mixed_root, out / "local", "--workers", "0"),
+             "ray": demo_scan(mixed_root, out / "ray", "--engine", "ray", "--workers", "1")}
     assert codes == {"local": 3, "ray": 3}
     return {"local": out / "local", "ray": out / "ray"}
 
 
-def scan(root: Path, out: Path, *extra: str) -> int:
-    return main(["scan", str(root), "--out", str(out), "--batch-size", "8", "--quiet", *extra])
-
-
-def read_rows(report: Path) -> list[dict]:
-    with open(report / "predictions.csv", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def manifest(report: Path) -> dict:
-    return json.loads((report / "manifest.json").read_text())
+def demo_scan(root: Path, out: Path, *extra: str) -> int:
+    """A scan with the demo model in batches of 8, quiet."""
+    return scan(root, out, None, "--batch-size", "8", "--quiet", *extra, workers=None)
 
 
 def image_count(root: Path) -> int:
@@ -144,7 +135,7 @@ def test_incremental_rerun_with_the_ray_engine_processes_zero_images(reports, mi
     def without_change(csv_path):   # the last column says what this run changed: "new" becomes ""
         return [line.rsplit(",", 1)[0] for line in csv_path.read_text(encoding="utf-8").splitlines()]
     before = without_change(reports["ray"] / "predictions.csv")
-    assert scan(mixed_root, reports["ray"], "--engine", "ray", "--workers", "1") == 3
+    assert demo_scan(mixed_root, reports["ray"], "--engine", "ray", "--workers", "1") == 3
     assert manifest(reports["ray"])["counts"]["processed"] == 0
     assert manifest(reports["ray"])["counts"]["reused"] == 27
     assert without_change(reports["ray"] / "predictions.csv") == before
@@ -218,7 +209,7 @@ def test_a_killed_driver_loses_at_most_the_batches_in_flight_and_its_cluster_fol
     cleanup_deadline = time.monotonic() + 150
     kept = journaled(out)
 
-    assert scan(root, out, "--engine", "ray", "--workers", "1") == 0
+    assert demo_scan(root, out, "--engine", "ray", "--workers", "1") == 0
     paths = [r["path"] for r in read_rows(out)]
     assert len(paths) == len(set(paths)) == image_count(root) == 24  # every file once, no duplicate rows
     counts = manifest(out)["counts"]
@@ -243,7 +234,7 @@ def test_sigterm_stops_a_driver_on_a_running_cluster_after_a_batch_with_exit_143
     assert code == 143, log
     assert "stopped by SIGTERM" in log
     kept = journaled(out)
-    assert scan(root, out, "--engine", "ray", "--workers", "1") == 0
+    assert demo_scan(root, out, "--engine", "ray", "--workers", "1") == 0
     assert manifest(out)["counts"]["reused"] >= kept >= 1
     assert len(read_rows(out)) == 24
 
@@ -252,7 +243,7 @@ def test_sigterm_stops_a_driver_on_a_running_cluster_after_a_batch_with_exit_143
 
 def ray_scan(xray_folder: Path, tiny_model: Path, out: Path, capsys) -> tuple[int, str]:
     """A ray-engine scan of the small folder: its exit code and what it printed on stderr."""
-    code = main(["scan", str(xray_folder), "--out", str(out), "--model", str(tiny_model), "--engine", "ray"])
+    code = scan(xray_folder, out, tiny_model, "--engine", "ray", workers=None)
     return code, capsys.readouterr().err
 
 

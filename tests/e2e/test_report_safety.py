@@ -2,7 +2,6 @@
 link, and keys every file by a name no other file shares. Each test is an attack that once worked."""
 from __future__ import annotations
 
-import csv
 import errno
 import io
 import json
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import read_rows, scan
 from PIL import Image
 from test_hostile import anatomy, dicom_bytes
 
@@ -22,15 +22,6 @@ from batchcam.report.folder import ReportFolder, cams_content
 from batchcam.report.generations import NewGeneration
 from batchcam.report.lock import MARKER, STATE_DIR
 from conftest import write_xrays
-
-
-def scan(root: Path, out: Path, model: Path, *extra: str) -> int:
-    return main(["scan", str(root), "--out", str(out), "--model", str(model), "--workers", "0", *extra])
-
-
-def rows(out: Path) -> list[dict]:
-    with open(out / "predictions.csv", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -132,7 +123,7 @@ def test_within_its_report_batchcam_removes_only_what_it_wrote(xray_folder, tmp_
     for path, data in mine.items():
         path.write_bytes(data)
     vanished = next((xray_folder / "PNEUMONIA").iterdir())
-    gone_overlay = next(r["overlay"] for r in rows(out) if r["path"] == f"PNEUMONIA/{vanished.name}")
+    gone_overlay = next(r["overlay"] for r in read_rows(out) if r["path"] == f"PNEUMONIA/{vanished.name}")
     vanished.unlink()
     assert scan(xray_folder, out, tiny_model, "--page-size", "1") == 0
     assert all(path.read_bytes() == data for path, data in mine.items())
@@ -191,7 +182,7 @@ def test_files_at_the_old_temporary_names_survive_a_scan(xray_folder, tmp_path, 
     names += [f"gallery/.{name}.tmp{pid}" for name in ("gallery.css", "gallery.js", "review.js", "rows.js",
                                                       "page-2.html")]
     names += [f"{STATE_DIR}/.{name}.tmp{pid}" for name in ("rows.jsonl", "outputs.json", "journal.jsonl")]
-    names += [f"overlays/.{Path(row['overlay']).name}.tmp{pid}" for row in rows(out)]
+    names += [f"overlays/.{Path(row['overlay']).name}.tmp{pid}" for row in read_rows(out)]
     for name in names:
         (out / name).write_bytes(b"not batchcam's: " + name.encode())
     assert scan(xray_folder, out, tiny_model, "--page-size", "2", "--full") == 0
@@ -213,7 +204,7 @@ def test_a_hard_link_snapshot_keeps_its_files_and_the_report_keeps_its_history(x
     assert tree(snap) == backed_up
     assert (out / "runs.jsonl").read_text().startswith(runs) and len((out / "runs.jsonl").read_text().splitlines()) == 3
     assert (out / "batchcam.log").read_text().startswith(log) and len((out / "batchcam.log").read_text()) > len(log)
-    assert len(rows(out)) == 5
+    assert len(read_rows(out)) == 5
 
 
 def test_overlays_moved_out_during_a_run_are_left_where_they_lie_and_nothing_is_published(
@@ -333,7 +324,7 @@ def test_files_named_like_numpy_arguments_keep_their_own_maps(tmp_path, tiny_mod
     assert scan(root, out, tiny_model, option) == 0
     with np.load(out / "cams.npz") as saved:
         keys = set(saved.files)
-    assert keys == {r["path"] for r in rows(out)} == {"file", "allow_pickle", "arr_0", "a.png"}
+    assert keys == {r["path"] for r in read_rows(out)} == {"file", "allow_pickle", "arr_0", "a.png"}
     model_calls.clear()
     assert scan(root, out, tiny_model, option) == 0
     assert model_calls == []  # every map was kept, so every row is reused
@@ -358,7 +349,7 @@ def test_two_files_whose_names_once_displayed_alike_keep_their_own_rows_maps_and
     bright.save(root / "a\\nb.png", "PNG")
     out = tmp_path / "out"
     assert scan(root, out, tiny_model, "--heat-scale", "run") == 0
-    table = {r["path"]: r for r in rows(out)}
+    table = {r["path"]: r for r in read_rows(out)}
     assert set(table) == {"a\\nb.png", "a\\\\nb.png"}
     assert len({r["overlay"] for r in table.values()}) == 2
     with np.load(out / "cams.npz") as saved:
@@ -532,7 +523,7 @@ def test_the_run_wide_heat_scale_pass_never_redraws_the_previous_reports_overlay
         xray_folder, tmp_path, tiny_model, monkeypatch):
     out = tmp_path / "out"
     assert scan(xray_folder, out, tiny_model, "--heat-scale", "run") == 0
-    shown = {name: (out / name).read_bytes() for row in rows(out) for name in (row["overlay"],)}
+    shown = {name: (out / name).read_bytes() for row in read_rows(out) for name in (row["overlay"],)}
     Image.new("L", (80, 80), 250).save(xray_folder / "NORMAL" / "bright.png")  # moves the run-wide scale
 
     def disk_full(self, name, content):
@@ -543,6 +534,6 @@ def test_the_run_wide_heat_scale_pass_never_redraws_the_previous_reports_overlay
     assert {name: (out / name).read_bytes() for name in shown} == shown  # the old pages show what they showed
     monkeypatch.undo()
     assert scan(xray_folder, out, tiny_model, "--heat-scale", "run") == 0
-    overlays = {row["overlay"] for row in rows(out)}
+    overlays = {row["overlay"] for row in read_rows(out)}
     on_disk = {f"overlays/{p.name}" for p in (out / "overlays").iterdir() if p.name.count(".") == 1}
     assert on_disk == overlays  # the superseded overlays were removed

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import rows_by_path
 from test_gallery_browser import BROWSER_FLAGS, CHROMEDRIVER, CHROMIUM, choose, open_page, visible_cards, wait_images
 
 from batchcam.cli import main
@@ -132,11 +133,6 @@ def review_counts(driver) -> dict[str, list[str]]:
         return out;""")
 
 
-def ok_paths(report: Path) -> list[str]:
-    with open(report / "predictions.csv", newline="", encoding="utf-8") as f:
-        return [row["path"] for row in csv.DictReader(f) if row["status"] == "ok"]
-
-
 def record_three_decisions(driver, report: Path) -> tuple[str, str, str]:
     """On index.html: agree on the first ok image, disagree with a note on the next (the view moves
     on by itself); on page 2: unsure on its first ok image."""
@@ -228,7 +224,7 @@ def test_the_export_names_its_report_and_writes_a_formula_note_as_text(report, t
     manifest_id = json.loads((report / "manifest.json").read_text())["report_id"]
     assert (exported["path"], exported["note"], exported["report_id"]) == (path, "'" + note, manifest_id)
     imported = tmp_path / "imported"
-    shutil.copytree(report, imported)
+    shutil.copytree(report, imported, symlinks=True)      # a report's names are links (report/generations)
     assert main(["review", str(imported), "--import", str(downloads / "review.csv")]) == 0
     with open(imported / "reviews.csv", newline="", encoding="utf-8") as f:
         assert [row["note"] for row in csv.DictReader(f)] == ["'" + note]
@@ -264,7 +260,8 @@ def test_in_this_run_filter_and_new_first_sort_after_a_second_run(tmp_path, tiny
 
 def test_the_content_security_policy_still_refuses_inline_script(browser, report):
     open_page(browser, report / "index.html")
-    assert not browser.find_elements(By.XPATH, "//script[not(@src)]")
+    inline = browser.find_elements(By.XPATH, "//script[not(@src)]")      # the page's rows alone, never run
+    assert [(s.get_attribute("id"), s.get_attribute("type")) for s in inline] == [("page-rows", "application/json")]
     ran = browser.execute_script("""
         const script = document.createElement('script');
         script.textContent = 'window.inlineRan = true';
@@ -289,8 +286,7 @@ def test_export_downloads_the_decisions_and_their_import_shows_them_in_a_fresh_b
         driver.quit()
     with open(downloads / "review.csv", newline="", encoding="utf-8") as f:
         exported = list(csv.DictReader(f))
-    with open(report / "predictions.csv", newline="", encoding="utf-8") as f:
-        rows = {row["path"]: row for row in csv.DictReader(f)}
+    rows = rows_by_path(report)
     assert [(r["path"], r["decision"], r["note"]) for r in exported] == sorted([
         (agreed, "agree", ""), (disagreed, "disagree", "pleural line, not consolidation"), (unsure, "unsure", "")])
     for row in exported:

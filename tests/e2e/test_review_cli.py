@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import page_cards, rows_by_path, scan
 
 from batchcam.cli import main
 from batchcam.model.checkpoint import ModelSpec, build_model, save_checkpoint
@@ -20,15 +21,6 @@ from conftest import TINY_SIZE, lock_held_elsewhere, write_xrays
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORT_HEADER = "path,sha256,prediction,confidence,decision,note,reviewed_at,report_id\n"
-
-
-def scan(root: Path, out: Path, model: Path, *extra: str) -> int:
-    return main(["scan", str(root), "--out", str(out), "--model", str(model), "--workers", "0", "--quiet", *extra])
-
-
-def read_rows(report: Path) -> dict[str, dict]:
-    with open(report / "predictions.csv", newline="", encoding="utf-8") as f:
-        return {row["path"]: row for row in csv.DictReader(f)}
 
 
 def report_id(report: Path) -> str:
@@ -54,7 +46,7 @@ def scanned(tmp_path_factory, tiny_model) -> Path:
     root = tmp_path_factory.mktemp("review") / "xrays"
     write_xrays(root, count=4)
     out = root.parent / "report"
-    assert scan(root, out, tiny_model) == 0
+    assert scan(root, out, tiny_model, "--quiet") == 0
     return out
 
 
@@ -79,7 +71,7 @@ def stored_reviews(report: Path) -> list[dict]:
 
 
 def test_import_merges_decisions_into_reviews_csv_metrics_and_the_gallery(report, tmp_path, capsys):
-    rows = read_rows(report)
+    rows = rows_by_path(report)
     first, second = sorted(rows)[:2]
     export = write_export(tmp_path / "review.csv", [
         export_line(rows[first], "disagree", 'looks "normal", to me', "2026-12-02T08:00:00.000Z", report),
@@ -95,13 +87,13 @@ def test_import_merges_decisions_into_reviews_csv_metrics_and_the_gallery(report
     assert review["agreement"]["overall"] == 0.5
     by_class = review["agreement"]["by_predicted_class"]
     assert sum(tally["disagree"] for tally in by_class.values()) == 1
-    gallery = (report / "index.html").read_text() + (report / "gallery" / "rows.js").read_text()
-    assert 'data-review="disagree"' in gallery and "looks &#34;normal&#34;, to me" in gallery
-    assert '"disagree","looks \\"normal\\", to me"' in gallery
+    shown = {card["path"]: card for card in page_cards((report / "index.html").read_text(encoding="utf-8"))}
+    assert (shown[first]["decision"], shown[first]["note"]) == ("disagree", 'looks "normal", to me')
+    assert '"disagree","looks \\"normal\\", to me"' in (report / "gallery" / "rows.js").read_text()
 
 
 def test_a_later_decision_wins_and_an_earlier_one_changes_nothing(report, tmp_path):
-    rows = read_rows(report)
+    rows = rows_by_path(report)
     path = sorted(rows)[0]
     at = ("2026-12-02T08:00:00Z", "2026-12-02T09:00:00Z", "2026-12-02T07:00:00Z")
     for name, decision, when in (("one", "agree", at[0]), ("two", "disagree", at[1]), ("three", "unsure", at[2])):
@@ -114,7 +106,7 @@ def test_a_later_decision_wins_and_an_earlier_one_changes_nothing(report, tmp_pa
 def other_report(scanned, tiny_model) -> Path:
     """Another report of the very same folder: same paths, same bytes, another report_id."""
     other = scanned.parent / "other-report"
-    assert scan(scanned.parent / "xrays", other, tiny_model) == 0
+    assert scan(scanned.parent / "xrays", other, tiny_model, "--quiet") == 0
     assert report_id(other) != report_id(scanned)
     return other
 
@@ -127,7 +119,7 @@ def flipped(prediction: str) -> str:
                                   "wrong columns", "path not in report", "bad decision", "bad sha256", "not utf-8",
                                   "empty", "time beyond UTC", "another prediction"])
 def test_bad_input_is_refused_with_its_reason_and_changes_nothing(report, other_report, tmp_path, capsys, case):
-    rows = read_rows(report)
+    rows = rows_by_path(report)
     first = rows[sorted(rows)[0]]
     good = export_line(first, "agree", "", "2026-12-02T08:00:00Z", report)
     export = tmp_path / "review.csv"
@@ -178,7 +170,7 @@ def test_bad_input_is_refused_with_its_reason_and_changes_nothing(report, other_
 
 
 def test_a_naive_time_hand_edited_into_reviews_csv_does_not_break_later_imports(report, tmp_path):
-    rows = read_rows(report)
+    rows = rows_by_path(report)
     path = sorted(rows)[0]
     first = write_export(tmp_path / "one.csv", [export_line(rows[path], "agree", "", "2026-12-02T08:00:00Z", report)])
     assert main(["review", str(report), "--import", str(first)]) == 0
@@ -205,7 +197,7 @@ FORMULAS = ["=HYPERLINK(\"http://x\",\"click\")", "+1+1", "-2+3", "@SUM(A1)", "'
 def test_notes_starting_like_a_formula_are_stored_as_text_and_read_back_as_written(report, tmp_path):
     import batchcam
 
-    rows = read_rows(report)
+    rows = rows_by_path(report)
     paths = sorted(rows)
     export = write_export(tmp_path / "review.csv", [
         export_line(rows[path], "agree", note, f"2026-12-02T08:0{i}:00Z", report)
@@ -221,7 +213,7 @@ def test_notes_starting_like_a_formula_are_stored_as_text_and_read_back_as_writt
 
 
 def test_prediction_and_confidence_are_the_reports_not_the_csvs(report, tmp_path):
-    rows = read_rows(report)
+    rows = rows_by_path(report)
     path = sorted(rows)[0]
     export = write_export(tmp_path / "review.csv", [export_line({**rows[path], "confidence": "0.01"}, "agree", "",
                                                                 "2026-12-02T08:00:00Z", report)])
@@ -231,7 +223,7 @@ def test_prediction_and_confidence_are_the_reports_not_the_csvs(report, tmp_path
 
 
 def test_import_needs_a_batchcam_report_and_waits_for_no_lock(report, tmp_path, capsys):
-    rows = read_rows(report)
+    rows = rows_by_path(report)
     export = write_export(tmp_path / "review.csv",
                           [export_line(rows[sorted(rows)[0]], "agree", "", "2026-12-02T08:00:00Z", report)])
     foreign = tmp_path / "site"
@@ -253,14 +245,14 @@ def test_import_needs_a_batchcam_report_and_waits_for_no_lock(report, tmp_path, 
 def test_decisions_on_files_gone_are_kept_and_marked_by_the_next_scan(tmp_path, tiny_model):
     root, out = tmp_path / "xrays", tmp_path / "report"
     files = write_xrays(root, count=3)
-    assert scan(root, out, tiny_model) == 0
-    rows = read_rows(out)
+    assert scan(root, out, tiny_model, "--quiet") == 0
+    rows = rows_by_path(out)
     gone = files[0].relative_to(root).as_posix()
     export = write_export(tmp_path / "review.csv",
                           [export_line(rows[gone], "disagree", "", "2026-12-02T08:00:00Z", out)])
     assert main(["review", str(out), "--import", str(export)]) == 0
     files[0].unlink()
-    assert scan(root, out, tiny_model) == 0
+    assert scan(root, out, tiny_model, "--quiet") == 0
     assert [(r["path"], r["state"]) for r in stored_reviews(out)] == [(gone, "file gone")]
     assert json.loads((out / "metrics.json").read_text())["review"]["counts"]["reviewed"] == 0
 
@@ -287,8 +279,8 @@ def test_change_tracking_across_three_runs_new_file_changed_file_and_a_model_cha
         model.fc.bias.copy_(torch.tensor([-5.0, 5.0]))      # PNEUMONIA for every image
     save_checkpoint(pneumonia_model, model, ModelSpec(class_names=("NORMAL", "PNEUMONIA"), image_size=TINY_SIZE))
 
-    assert scan(root, out, pneumonia_model) == 0
-    first = read_rows(out)
+    assert scan(root, out, pneumonia_model, "--quiet") == 0
+    first = rows_by_path(out)
     assert {row["change"] for row in first.values()} == {"new"}
     first_started = json.loads((out / "manifest.json").read_text())["started_at"]
     assert {row["first_seen"] for row in first.values()} == {first_started}
@@ -298,8 +290,8 @@ def test_change_tracking_across_three_runs_new_file_changed_file_and_a_model_cha
     generate(10, "NORMAL", (160, 128)).image.save(added)
     changed = files[1]
     generate(11, "PNEUMONIA", (160, 128)).image.save(changed)
-    assert scan(root, out, pneumonia_model) == 0
-    second = read_rows(out)
+    assert scan(root, out, pneumonia_model, "--quiet") == 0
+    second = rows_by_path(out)
     changes = {path: row["change"] for path, row in second.items()}
     assert changes == {"NORMAL/added.png": "new", changed.relative_to(root).as_posix(): "changed",
                        files[0].relative_to(root).as_posix(): "", files[2].relative_to(root).as_posix(): ""}
@@ -309,8 +301,8 @@ def test_change_tracking_across_three_runs_new_file_changed_file_and_a_model_cha
     assert second_manifest["changes"] == {"since": first_started, "new": 1, "changed": 1, "prediction_changed": 0}
 
     # run 3: another model re-scores everything; every prediction flips to NORMAL
-    assert scan(root, out, other_checkpoint(tmp_path / "normal.pt")) == 0
-    third = read_rows(out)
+    assert scan(root, out, other_checkpoint(tmp_path / "normal.pt"), "--quiet") == 0
+    third = rows_by_path(out)
     assert {row["change"] for row in third.values()} == {"prediction changed"}
     assert {row["prediction"] for row in third.values()} == {"NORMAL"}
     assert third["NORMAL/added.png"]["first_seen"] == second_manifest["started_at"]

@@ -1,27 +1,17 @@
 """scan end to end, in-process through main(): files, rows, exit codes."""
 from __future__ import annotations
 
-import csv
 import html.parser
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import read_rows, scan
 from PIL import Image
 
 from batchcam.cli import main
 from conftest import tiny_checkpoint, write_xrays
-
-
-def read_rows(report: Path) -> list[dict]:
-    with open(report / "predictions.csv", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def scan(root: Path, out: Path, model: Path, *extra: str) -> int:
-    return main(["scan", str(root), "--out", str(out), "--model", str(model), "--workers", "0", *extra])
 
 
 def test_scan_writes_every_report_file_and_returns_0(xray_folder, tiny_model, tmp_path):

@@ -3,12 +3,13 @@
 change the rule, and a changed rule decides those rows again."""
 from __future__ import annotations
 
-import csv
 import io
 import json
 from pathlib import Path
 
+import helpers
 import pytest
+from helpers import manifest, page_cards, rows_by_path
 
 from batchcam.cli import main
 from batchcam.config import Selection
@@ -41,10 +42,8 @@ def write_films(root: Path) -> None:
 
 
 def scan(root: Path, out: Path, model: Path, *extra: str) -> tuple[int, dict[str, dict], dict]:
-    code = main(["scan", str(root), "--out", str(out), "--model", str(model), "--workers", "0", *extra])
-    with open(out / "predictions.csv", newline="", encoding="utf-8") as f:
-        rows = {row["path"]: row for row in csv.DictReader(f)}
-    return code, rows, json.loads((out / "manifest.json").read_text())
+    code = helpers.scan(root, out, model, *extra)
+    return code, rows_by_path(out), manifest(out)
 
 
 @pytest.fixture
@@ -73,7 +72,7 @@ def test_default_scan_skips_what_is_not_a_frontal_chest_radiograph_with_its_reas
 def test_the_gallery_shows_skipped_cards_counts_them_and_filters_them(films, tmp_path, tiny_model):
     scan(films, tmp_path / "report", tiny_model)
     html = (tmp_path / "report" / "index.html").read_text()
-    assert html.count('data-status="skipped"') == 4
+    assert [card["status"] for card in page_cards(html)].count("skipped") == 4
     assert "lateral view (ViewPosition LL)" in html
     assert 'id="f-skipped"' in html
     assert "skipped<b>4</b>" in html

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import importlib.util
 import io
 import json
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import csv_rows
 from PIL import Image
 
 from batchcam.decode.imaging import resize_square
@@ -66,11 +66,6 @@ def run(argv) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = train_model.main([str(a) for a in argv])
     return code, stdout.getvalue(), stderr.getvalue()
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def assert_one_line_error(code: int, stderr: str) -> str:
@@ -129,7 +124,7 @@ def test_trained_checkpoint_holds_the_best_epochs_weights(trained):
 
 def test_epochs_csv_has_one_row_per_epoch(trained):
     _, out, _, _ = trained
-    rows = read_rows(out / "epochs.csv")
+    rows = csv_rows(out / "epochs.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for row in rows:
         assert {"train_loss", "val_loss", "val_accuracy", "val_auc", "seconds", "skipped"} <= set(row)
@@ -176,7 +171,7 @@ def test_training_loss_goes_down_on_a_small_memorisable_set(trained):
     # 15 training images, seeded: at lr 1e-4 the loss falls every epoch (at lr 1e-3 with batches of
     # four it jumps about under BatchNorm, which makes a two-epoch check flaky).
     _, out, _, _ = trained
-    losses = [float(r["train_loss"]) for r in read_rows(out / "epochs.csv")]
+    losses = [float(r["train_loss"]) for r in csv_rows(out / "epochs.csv")]
     assert losses[1] < losses[0], losses
 
 
@@ -188,7 +183,7 @@ def test_compare_dropout_writes_a_two_row_comparison(dataset, tmp_path):
                                 *FAST])
     assert code == 0, stderr
 
-    rows = read_rows(out / "comparison.csv")
+    rows = csv_rows(out / "comparison.csv")
     assert [float(r["dropout"]) for r in rows] == [0.0, 0.5]
     for row in rows:
         assert int(row["best_epoch"]) == 1
@@ -210,7 +205,7 @@ def test_resume_continues_after_the_last_finished_epoch(dataset, tmp_path):
     out = tmp_path / "resumed"
     code, _, stderr = run(["--data", dataset, "--out", out, "--epochs", "1", *FAST])
     assert code == 0, stderr
-    first = read_rows(out / "epochs.csv")
+    first = csv_rows(out / "epochs.csv")
     assert len(first) == 1
 
     code, stdout, stderr = run(["--data", dataset, "--out", out, "--epochs", "2", "--resume", *FAST])
@@ -218,7 +213,7 @@ def test_resume_continues_after_the_last_finished_epoch(dataset, tmp_path):
     assert code == 0, stderr
     assert "resuming after epoch 1" in stdout
     assert "epoch 1/2" not in stdout and "epoch 2/2" in stdout
-    rows = read_rows(out / "epochs.csv")
+    rows = csv_rows(out / "epochs.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert rows[0] == first[0]  # the first epoch is kept, not retrained
     assert load_checkpoint(out / "model.pt").info["training"]["epochs"] == 2
@@ -288,7 +283,7 @@ def test_unreadable_training_image_is_skipped_and_training_completes(data_copy):
     assert "Traceback" not in stderr
     assert "skipped" in stderr
     assert "train_broken.png" in stderr
-    rows = read_rows(out / "epochs.csv")
+    rows = csv_rows(out / "epochs.csv")
     assert int(rows[0]["skipped"]) == 1
     assert (out / "model.pt").is_file()
     load_checkpoint(out / "model.pt")
@@ -306,14 +301,14 @@ def test_training_reads_dicom_films_with_scans_selection_rule(data_copy):
     code, _, stderr = run(["--data", data_copy, "--out", out, "--epochs", "1", *FAST])
 
     assert code == 0, stderr
-    assert int(read_rows(out / "epochs.csv")[0]["skipped"]) == 1  # the CT; the chest film was trained on
+    assert int(csv_rows(out / "epochs.csv")[0]["skipped"]) == 1  # the CT; the chest film was trained on
     assert "skipped 1 DICOM film(s) that scan would not score (--select)" in stderr
     assert "train_ct.dcm: not a chest radiograph: Modality CT" in stderr
 
     code, _, stderr = run(["--data", data_copy, "--out", data_copy.parent / "all", "--epochs", "1", *FAST,
                            "--select", "all"])
     assert code == 0, stderr
-    assert int(read_rows(data_copy.parent / "all" / "epochs.csv")[0]["skipped"]) == 0
+    assert int(csv_rows(data_copy.parent / "all" / "epochs.csv")[0]["skipped"]) == 0
 
 
 def test_a_bad_selection_option_is_a_one_line_error(dataset, tmp_path):

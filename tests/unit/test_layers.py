@@ -12,7 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "batchcam"
 # ARCHITECTURE.md's table, in order: a module may import its own layer and the ones before it.
 LAYERS = [
-    {"batchcam", "batchcam.errors", "batchcam.options", "batchcam.records", "batchcam.config", "batchcam.resources",
+    {"batchcam", "batchcam.errors", "batchcam.options", "batchcam.schema", "batchcam.records", "batchcam.config",
+     "batchcam.resources",
      "batchcam.synthetic", "batchcam.data"},
     {"batchcam.runtime"},
     {"batchcam.decode"},
