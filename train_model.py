@@ -52,7 +52,7 @@ class TrainingError(Exception):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description="Train the NORMAL/PNEUMONIA ResNet18 that ``batchcam scan`` loads.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="ImageFolder root with train/, val/, test/")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder")
@@ -87,7 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- data
 
 def list_split(folder: Path, class_names: list[str]) -> list[tuple[Path, int]]:
-    items = []
+    items: list[tuple[Path, int]] = []
     for index, name in enumerate(class_names):
         class_dir = folder / name
         files = [candidate.path for candidate in discover(class_dir).candidates]  # exactly what scan reads
@@ -167,9 +167,9 @@ class XrayFolder(Dataset):
         square = Image.fromarray(resize_square(gray, self.image_size))
         if self.augment:
             if random.random() < 0.5:
-                square = square.transpose(Image.FLIP_LEFT_RIGHT)
+                square = square.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             if self.rotation:
-                square = square.rotate(random.uniform(-self.rotation, self.rotation), Image.BILINEAR)
+                square = square.rotate(random.uniform(-self.rotation, self.rotation), Image.Resampling.BILINEAR)
         return torch.from_numpy(np.array(square, dtype=np.uint8)), label, str(path), ""
 
 
@@ -246,8 +246,12 @@ class EpochResult:
     loss: float
     metrics: dict
     skipped: list
-    logits: torch.Tensor | None = None   # evaluation only: (n, classes) before any temperature
-    labels: torch.Tensor | None = None
+
+
+@dataclass
+class Evaluation(EpochResult):
+    logits: torch.Tensor   # (n, classes) before any temperature
+    labels: torch.Tensor
 
 
 def autocast(device: torch.device):
@@ -275,7 +279,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, spec, device, p
 
 
 def evaluate(model, loader, criterion, spec, device, class_names, progress, what="val",
-             temperature: float = 1.0) -> EpochResult:
+             temperature: float = 1.0) -> Evaluation:
     """Loss (of the raw logits) and metrics (of the probabilities at ``temperature``) on a split."""
     model.eval()
     total, labels_all, logits_all, skipped = 0.0, [], [], []
@@ -295,7 +299,7 @@ def evaluate(model, loader, criterion, spec, device, class_names, progress, what
     labels, logits = torch.cat(labels_all), torch.cat(logits_all)
     probs = scaled_probabilities(logits, temperature).numpy()
     metrics = classification_metrics(labels.numpy(), probs.argmax(1), probs, class_names)
-    return EpochResult(loss=total / len(labels), metrics=metrics, skipped=skipped, logits=logits, labels=labels)
+    return Evaluation(loss=total / len(labels), metrics=metrics, skipped=skipped, logits=logits, labels=labels)
 
 
 def features_and_logits(model, loader, spec, device, progress, what: str):
@@ -328,7 +332,7 @@ def calibrate(model, splits, args, spec, device, progress) -> Calibration:
         raise TrainingError(f"cannot calibrate the model: {e}") from None
 
 
-def ece_at(result: EpochResult, temperature: float) -> float | None:
+def ece_at(result: Evaluation, temperature: float) -> float | None:
     confidence, predicted = scaled_probabilities(result.logits, temperature).max(1)
     return expected_calibration_error((predicted == result.labels).numpy(), confidence.numpy())
 
