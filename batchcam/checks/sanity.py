@@ -65,8 +65,9 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
     """Re-initialise every parameter of ``module`` (and reset its BatchNorm statistics), seeded."""
     torch.manual_seed(seed)
     for sub in module.modules():
-        if hasattr(sub, "reset_parameters"):
-            sub.reset_parameters()
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
         if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
             sub.reset_running_stats()
 
@@ -85,6 +86,8 @@ def maps_for(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, cla
         if maps is None:
             maps = torch.zeros(x.shape[0], *cams.shape[1:])
         maps[chosen] = cams
+    if maps is None:
+        raise ValueError(f"no image has a target class below {classes}: nothing to explain")
     return maps
 
 
