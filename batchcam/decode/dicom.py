@@ -302,6 +302,7 @@ def _bounded_source(data: bytes, forced: bool) -> _BudgetedReader:
     (``INFLATE_CHUNK`` at a time, refused beyond ``MAX_INFLATED_BYTES``), then inflated into a
     new file whose meta says Explicit VR Little Endian, which is what the data set then is.
     """
+    from pydicom.filebase import DicomIO
     from pydicom.filereader import read_preamble
     from pydicom.filewriter import write_file_meta_info
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
@@ -326,7 +327,7 @@ def _bounded_source(data: bytes, forced: bool) -> _BudgetedReader:
         del meta.FileMetaInformationGroupLength  # its count changed with the UID; pydicom reads on without it
     out = _BudgetedReader()
     out.write(data[:meta_start] if preamble is not None else b"")
-    write_file_meta_info(out, meta, enforce_standard=False)
+    write_file_meta_info(DicomIO(out), meta, enforce_standard=False)
     out.write(data[meta_end:len(data) - len(body)])  # a command set, if any, as it was
     _inflate(body, out)
     out.seek(0)
@@ -390,7 +391,7 @@ def _inflate(body: memoryview, out: _BudgetedReader | None, limit: int = MAX_INF
     total = 0
     try:
         for start in range(0, len(body), DEFLATE_INPUT_CHUNK):
-            pending = body[start:start + DEFLATE_INPUT_CHUNK]
+            pending: memoryview | bytes = body[start:start + DEFLATE_INPUT_CHUNK]
             while True:
                 chunk = inflater.decompress(pending, INFLATE_CHUNK)
                 total += len(chunk)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from batchcam.decode.dataset import Sample, attach_lung_fields, collate_samples
+from batchcam.decode.dataset import Sample, collate_samples, set_model_view
 from batchcam.decode.imaging import ends_complete, exif_orientation
 from batchcam.decode.pixels import refuse_too_many_pixels
 
@@ -46,9 +46,9 @@ class BatchedJpegDecoder:
         self.decode_on_cpu = decode_on_cpu
 
     def __call__(self, samples: list[Sample]) -> tuple[list[Sample], torch.Tensor | None]:
-        deferred = [i for i, sample in enumerate(samples) if sample.encoded is not None]
+        deferred = {i: sample.encoded for i, sample in enumerate(samples) if sample.encoded is not None}
         if deferred:
-            images = self._decode([samples[i].encoded for i in deferred])
+            images = self._decode(list(deferred.values()))
             for i, image in zip(deferred, images):
                 samples[i] = self.decode_on_cpu(samples[i]) if image is None else self._complete(samples[i], image)
         return collate_samples(samples)
@@ -81,9 +81,8 @@ class BatchedJpegDecoder:
         display = pixels if scale >= 1 else _resized(pixels, max(1, round(height * scale)),
                                                        max(1, round(width * scale)))
         sample.width, sample.height = width, height
-        sample.model_view = _to_uint8(view)
+        set_model_view(sample, _to_uint8(view))
         sample.display = _to_uint8(display)
-        attach_lung_fields(sample)
         sample.encoded = None
         return sample
 
