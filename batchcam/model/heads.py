@@ -212,7 +212,7 @@ def outputs_of(layout: HeadLayout, head_state: dict[str, torch.Tensor]) -> int:
 
 
 def last_linear(head: nn.Module) -> nn.Linear:
-    return head if isinstance(head, nn.Linear) else [m for m in head if isinstance(m, nn.Linear)][-1]
+    return head if isinstance(head, nn.Linear) else [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
 
 
 def as_two_logits(linear: nn.Linear) -> nn.Linear:
