@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from batchcam.config import BACKEND_AUTO_MIN_IMAGES as AUTO_MIN_IMAGES
 from batchcam.config import MAX_MODEL_BYTES
@@ -61,7 +62,7 @@ class EagerForward:
     def __init__(self, model: nn.Module, layer: nn.Module, autocast: torch.dtype | None = None):
         self.model, self.layer, self.autocast = model, layer, autocast
         self._activations: torch.Tensor | None = None
-        self._hook = None
+        self._hook: RemovableHandle | None = None
 
     def __enter__(self) -> "EagerForward":
         self._hook = self.layer.register_forward_hook(self._keep_activations)
@@ -83,8 +84,10 @@ class EagerForward:
         with torch.inference_mode():
             with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 logits = self.model(x).float()
-            activations, self._activations = self._activations.float(), None
-        return logits, activations
+            activations, self._activations = self._activations, None
+            if activations is None:
+                raise RuntimeError("the target layer gave no output in this forward pass")
+            return logits, activations.float()
 
 
 class OnnxForward:
@@ -340,7 +343,7 @@ def export_onnx(model: nn.Module, layer_name: str, probe: torch.Tensor) -> bytes
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
-            torch.onnx.export(WithActivations(model, layer_name).eval(), (probe,), buffer, input_names=["x"],
+            torch.onnx.export(WithActivations(model, layer_name).eval(), (probe,), buffer, input_names=["x"],  # type: ignore[arg-type]  # dynamo=False writes to a file object; torch types f as a path only
                               output_names=["logits", "activations"], opset_version=OPSET, dynamo=False,
                               dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}, "activations": {0: "batch"}})
     except Exception as e:  # an exporter that cannot handle this model: the eager path still can

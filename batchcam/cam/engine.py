@@ -130,8 +130,7 @@ class CamEngine:
         self.exact = allow_exact and method == "gradcam" and self.head is not None
         self.autocast = autocast
         self.temperature = temperature
-        use_given = forward is not None and self.exact
-        self.forward = forward if use_given else EagerForward(model, self.layer, autocast)
+        self.forward = forward if forward is not None and self.exact else EagerForward(model, self.layer, autocast)
         self._image_bytes: dict[tuple[int, ...], int] = {}  # activation_bytes per image shape
 
     def _activation_bytes(self, image_shape: tuple[int, ...]) -> int:
@@ -153,12 +152,14 @@ class CamEngine:
         self.forward.__exit__(*exc)
 
     def __call__(self, x: torch.Tensor) -> CamBatch:
-        return self._exact(x) if self.exact else self._library(x)
+        if self.exact and self.head is not None:
+            return self._exact(x, self.head)
+        return self._library(x)
 
-    def _exact(self, x: torch.Tensor) -> CamBatch:
+    def _exact(self, x: torch.Tensor, head: nn.Linear) -> CamBatch:
         logits, activations = self.forward(x)
         with torch.inference_mode():
-            return from_forward(logits.to(x.device), activations.to(x.device), self.head.weight, self.target,
+            return from_forward(logits.to(x.device), activations.to(x.device), head.weight, self.target,
                                 self.temperature)
 
     def _library(self, x: torch.Tensor) -> CamBatch:
@@ -199,6 +200,7 @@ def library_chunk(method: str, input_shape: tuple[int, ...], channels: int, imag
     (it cannot take less than one image). The other methods hold their autograd graph.
     """
     batch, colours, height, width = input_shape
+    per_image: float
     if method == "scorecam":
         per_image = (colours + 2) * channels * height * width * FLOAT_BYTES
     else:

@@ -39,7 +39,8 @@ def heat_levels(cam: torch.Tensor, height: int, width: int, scale: float | None 
 
 def blended(display: torch.Tensor, cam: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """(3, h, w) uint8 overlay of a (h, w) uint8 display copy: jet colour blended with the X-ray."""
-    levels = heat_levels(cam, *display.shape, scale)
+    height, width = display.shape
+    levels = heat_levels(cam, height, width, scale)
     colour = torch.from_numpy(JET_LUT).to(display.device)[levels.long()].float().permute(2, 0, 1)
     gray = display.float()[None]
     return (colour + IMAGE_WEIGHT * (gray - colour)).to(torch.uint8)
