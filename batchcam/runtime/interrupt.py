@@ -35,7 +35,7 @@ class Interrupted(Exception):
 class InterruptGuard:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, SignalHandler] = {}
 
@@ -49,7 +49,7 @@ class InterruptGuard:
                 self._previous[signum] = signal.signal(signum, self._note)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
