@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable
+from typing import overload
 
 import numpy as np
 import torch
@@ -67,7 +68,12 @@ class BatchedJpegDecoder:
         except RuntimeError:
             return None
 
-    def _decode_jpeg(self, data: torch.Tensor | list[torch.Tensor]):
+    @overload
+    def _decode_jpeg(self, data: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    def _decode_jpeg(self, data: list[torch.Tensor]) -> list[torch.Tensor]: ...
+
+    def _decode_jpeg(self, data: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they still work
             warnings.simplefilter("ignore", DeprecationWarning)

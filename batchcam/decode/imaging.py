@@ -212,11 +212,11 @@ def exif_orientation(image: Image.Image) -> tuple[int, str]:
             value = image.getexif().get(EXIF_ORIENTATION, 1)
         except Exception as e:  # malformed EXIF: Pillow raises many types; the image is still good
             problem = f"{type(e).__name__}: {one_line(e)}"
-    if problem:
-        return 1, f"malformed EXIF ignored, image shown unrotated: {problem}"
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 8:
-        return value, ""
-    return 1, f"EXIF orientation {one_line(repr(value))[:40]} is not 1..8: ignored, image shown unrotated"
+        else:
+            if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 8:
+                return value, ""
+            return 1, f"EXIF orientation {one_line(repr(value))[:40]} is not 1..8: ignored, image shown unrotated"
+    return 1, f"malformed EXIF ignored, image shown unrotated: {problem}"
 
 
 def _exif_problem(raw: bytes | None) -> str:
