@@ -33,6 +33,7 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -41,6 +42,9 @@ from torch.utils.hooks import RemovableHandle
 from batchcam.config import BACKEND_AUTO_MIN_IMAGES as AUTO_MIN_IMAGES
 from batchcam.config import MAX_MODEL_BYTES
 from batchcam.errors import UsageError
+
+if TYPE_CHECKING:
+    import onnxruntime  # imported where a session is made: only the onnx backend needs it
 
 FORMAT = "batchcam-onnx-1"   # bump when the export changes: older cache files are then never read
 OPSET = 17
@@ -68,13 +72,13 @@ class EagerForward:
         self._hook = self.layer.register_forward_hook(self._keep_activations)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         self._activations = None
 
-    def _keep_activations(self, module, inputs, output) -> None:
+    def _keep_activations(self, module: nn.Module, inputs: tuple[object, ...], output: torch.Tensor) -> None:
         if not torch.is_grad_enabled():  # not pytorch-grad-cam's own pass: that one's graph must not be kept
             self._activations = output
 
@@ -97,7 +101,7 @@ class OnnxForward:
     they differ, this run uses ``eager`` instead (``name`` then says ``eager``), with a log line.
     """
 
-    def __init__(self, session, eager: EagerForward, file_sha256: str,
+    def __init__(self, session: onnxruntime.InferenceSession, eager: EagerForward, file_sha256: str,
                  log: Callable[[str], None] = lambda message: None):
         self.session, self.eager, self.log = session, eager, log
         self.onnx_file_sha256 = file_sha256
@@ -116,7 +120,7 @@ class OnnxForward:
     def __enter__(self) -> "OnnxForward":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         pass
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

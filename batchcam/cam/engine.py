@@ -25,8 +25,10 @@ features that the out-of-distribution score reads (``batchcam.model.calibration`
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -148,7 +150,7 @@ class CamEngine:
         self.forward.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.forward.__exit__(*exc)
 
     def __call__(self, x: torch.Tensor) -> CamBatch:
@@ -218,7 +220,7 @@ def activation_bytes(model: nn.Module, image_shape: tuple[int, ...]) -> int:
     through ``model`` allocates for its activations, whatever the architecture."""
     total = 0
 
-    def add(module, inputs, output) -> None:
+    def add(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
         nonlocal total
         if isinstance(output, torch.Tensor):
             total += output.numel() * output.element_size()
@@ -235,7 +237,10 @@ def activation_bytes(model: nn.Module, image_shape: tuple[int, ...]) -> int:
     return total
 
 
-def _no_bar(iterable, *args, **kwargs):
+T = TypeVar("T")
+
+
+def _no_bar(iterable: Iterable[T], *args: object, **kwargs: object) -> Iterable[T]:
     return iterable
 
 
@@ -259,7 +264,8 @@ def _raw_map_capturing(method_class: type) -> type:
     class RawMapCapturing(method_class):
         raw_map: np.ndarray | None = None
 
-        def compute_cam_per_layer(self, input_tensor, targets, eigen_smooth):
+        def compute_cam_per_layer(self, input_tensor: torch.Tensor, targets: list, eigen_smooth: bool
+                                  ) -> list[np.ndarray]:
             grads = self.activations_and_grads.gradients
             activations = self.activations_and_grads.activations[0].cpu().data.numpy()
             gradients = grads[0].cpu().data.numpy() if grads else None

@@ -13,6 +13,7 @@ and to the same peak.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def thumbnail_size(width: int, height: int, side: int = THUMB_MAX_SIDE) -> tuple
     if side >= width and side >= height:
         return width, height
 
-    def round_aspect(number: float, key) -> int:
+    def round_aspect(number: float, key: Callable[[int], float]) -> int:
         return max(min(math.floor(number), math.ceil(number), key=key), 1)
 
     aspect = width / height

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def read_boxes(path: Path) -> Boxes:
                      f"{','.join(RSNA_COLUMNS)}, got {','.join(header) or 'nothing'}")
 
 
-def _read(reader: csv.DictReader, path: str, parse, key_column: str) -> dict[str, list[Box]]:
+def _read(reader: csv.DictReader[str], path: str, parse: Callable[[dict[str, str]], Box | None],
+          key_column: str) -> dict[str, list[Box]]:
     boxes: dict[str, list[Box]] = {}
     for values in reader:
         if None in values:  # csv.DictReader's key for the fields beyond the header

@@ -248,6 +248,6 @@ def globally_pooled(model: nn.Module) -> bool:
     return isinstance(pool, nn.AdaptiveAvgPool2d) and _pair(pool.output_size) == (1, 1)
 
 
-def _pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
+def _pair(size: int | None | tuple[int | None, int | None]) -> tuple[int | None, int | None]:
+    return size if isinstance(size, tuple) else (size, size)
 

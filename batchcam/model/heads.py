@@ -81,7 +81,7 @@ class HeadLayout:
         return {"layers": list(self.layers), "sequential": self.sequential}
 
     @classmethod
-    def from_checkpoint(cls, raw) -> "HeadLayout":
+    def from_checkpoint(cls, raw: object) -> "HeadLayout":
         """Raises HeadError on anything malformed."""
         if not isinstance(raw, dict) or not isinstance(raw.get("layers"), list) or not raw["layers"]:
             raise HeadError("the recorded head is malformed")
