@@ -500,7 +500,8 @@ def compare_dropout(args, class_names, splits) -> None:
         print(f"== dropout {p} ==", flush=True)
         run_out = args.out / f"dropout_{p:g}"
         test = train(args, p, run_out, class_names, splits)
-        history = list(csv.DictReader(open(run_out / "epochs.csv")))
+        with open(run_out / "epochs.csv", newline="") as f:
+            history = list(csv.DictReader(f))
         best = next(r for r in history if int(r["epoch"]) == test["best_epoch"])
         rows.append({"dropout": p, "best_epoch": test["best_epoch"], "val_loss": best["val_loss"],
                      "val_accuracy": best["val_accuracy"], "val_auc": best["val_auc"],
