@@ -21,8 +21,10 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,12 +49,20 @@ SKIPPED = "not selected: "  # marks a film left out by the selection rule among 
 MIN_VAL_IMAGES = 50  # the Kaggle val/ folder has 16 images: too few to pick an epoch by
 
 
+Item = tuple[Path, int]                    # an image file and its class index
+Splits = dict[str, list[Item]]             # "train", "val", "test" -> their items
+Loaded = tuple[torch.Tensor, int, str, str]  # one item read: (image, class index, path, why it was skipped or "")
+# One batch: images and labels (both None when every file of it was skipped), and (path, why) of those skipped.
+Batch = tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[str, str]]]
+Progress = Callable[[DataLoader, str], Iterable[Batch]]
+
+
 class TrainingError(Exception):
     """A problem with the data or the options, reported as one line without a traceback."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description="Train the NORMAL/PNEUMONIA ResNet18 that ``batchcam scan`` loads.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="ImageFolder root with train/, val/, test/")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder")
@@ -86,8 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- data
 
-def list_split(folder: Path, class_names: list[str]) -> list[tuple[Path, int]]:
-    items = []
+def list_split(folder: Path, class_names: list[str]) -> list[Item]:
+    items: list[Item] = []
     for index, name in enumerate(class_names):
         class_dir = folder / name
         files = [candidate.path for candidate in discover(class_dir).candidates]  # exactly what scan reads
@@ -98,7 +108,7 @@ def list_split(folder: Path, class_names: list[str]) -> list[tuple[Path, int]]:
     return items
 
 
-def discover_splits(data: Path, val_split: float, seed: int) -> tuple[list[str], dict[str, list]]:
+def discover_splits(data: Path, val_split: float, seed: int) -> tuple[list[str], Splits]:
     train_dir = data / "train"
     if not train_dir.is_dir():
         raise TrainingError(f"{data}: no train/ folder (expected train/, val/ and test/, each with one "
@@ -124,7 +134,7 @@ def discover_splits(data: Path, val_split: float, seed: int) -> tuple[list[str],
     return class_names, splits
 
 
-def carve_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
+def carve_validation(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
     """Move a stratified random fraction of the training images into validation."""
     rng = random.Random(seed)
     train, val = [], []
@@ -146,7 +156,7 @@ class XrayFolder(Dataset):
     would not score.
     """
 
-    def __init__(self, items: list[tuple[Path, int]], image_size: int, augment: bool, rotation: float,
+    def __init__(self, items: list[Item], image_size: int, augment: bool, rotation: float,
                  selection: Selection = Selection()):
         self.items, self.image_size, self.augment, self.rotation = items, image_size, augment, rotation
         self.selection = selection
@@ -154,7 +164,7 @@ class XrayFolder(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Loaded:
         path, label = self.items[index]
         try:
             data = read_file_bounded(path, DEFAULT_MAX_FILE_BYTES)
@@ -167,13 +177,13 @@ class XrayFolder(Dataset):
         square = Image.fromarray(resize_square(gray, self.image_size))
         if self.augment:
             if random.random() < 0.5:
-                square = square.transpose(Image.FLIP_LEFT_RIGHT)
+                square = square.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             if self.rotation:
-                square = square.rotate(random.uniform(-self.rotation, self.rotation), Image.BILINEAR)
+                square = square.rotate(random.uniform(-self.rotation, self.rotation), Image.Resampling.BILINEAR)
         return torch.from_numpy(np.array(square, dtype=np.uint8)), label, str(path), ""
 
 
-def collate(batch):
+def collate(batch: list[Loaded]) -> Batch:
     good = [b for b in batch if not b[3]]
     bad = [(b[2], b[3]) for b in batch if b[3]]
     if not good:
@@ -187,7 +197,7 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_loader(items, args, augment: bool, shuffle: bool) -> DataLoader:
+def make_loader(items: list[Item], args: argparse.Namespace, augment: bool, shuffle: bool) -> DataLoader:
     """Workers are not persistent: each epoch reseeds the generator (see ``reseed``), so the
     shuffle and augmentation of epoch N are the same whether or not the run was resumed."""
     dataset = XrayFolder(items, args.image_size, augment, args.rotation, args.selection)
@@ -203,7 +213,7 @@ def reseed(loader: DataLoader, seed: int, epoch: int) -> None:
 
 # ---------------------------------------------------------------- model
 
-def initial_model(args, num_classes: int, dropout: float) -> nn.Module:
+def initial_model(args: argparse.Namespace, num_classes: int, dropout: float) -> nn.Module:
     if args.pretrained == "none":
         return build_model(num_classes, dropout)
     if args.pretrained == "imagenet":
@@ -246,21 +256,27 @@ class EpochResult:
     loss: float
     metrics: dict
     skipped: list
-    logits: torch.Tensor | None = None   # evaluation only: (n, classes) before any temperature
-    labels: torch.Tensor | None = None
 
 
-def autocast(device: torch.device):
+@dataclass
+class Evaluation(EpochResult):
+    logits: torch.Tensor   # (n, classes) before any temperature
+    labels: torch.Tensor
+
+
+def autocast(device: torch.device) -> torch.autocast:
     dtype = resolve_precision("auto", device)  # scan's rule: bf16 (else fp16) on CUDA, fp32 on the CPU
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, spec, device, progress) -> EpochResult:
+def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, spec: ModelSpec, device: torch.device,
+                    progress: Progress) -> EpochResult:
     model.train()
     total, count, skipped = 0.0, 0, []
     for gray, labels, bad in progress(loader, "train"):
         skipped += bad
-        if gray is None:
+        if gray is None or labels is None:
             continue
         x, labels = normalize(gray.to(device, non_blocking=True), spec), labels.to(device)
         with autocast(device):
@@ -274,15 +290,16 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, spec, device, p
     return EpochResult(loss=total / max(count, 1), metrics={}, skipped=skipped)
 
 
-def evaluate(model, loader, criterion, spec, device, class_names, progress, what="val",
-             temperature: float = 1.0) -> EpochResult:
+def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, spec: ModelSpec, device: torch.device,
+             class_names: list[str], progress: Progress, what: str = "val",
+             temperature: float = 1.0) -> Evaluation:
     """Loss (of the raw logits) and metrics (of the probabilities at ``temperature``) on a split."""
     model.eval()
     total, labels_all, logits_all, skipped = 0.0, [], [], []
     with torch.inference_mode():
         for gray, labels, bad in progress(loader, what):
             skipped += bad
-            if gray is None:
+            if gray is None or labels is None:
                 continue
             x, labels = normalize(gray.to(device, non_blocking=True), spec), labels.to(device)
             with autocast(device):
@@ -295,17 +312,18 @@ def evaluate(model, loader, criterion, spec, device, class_names, progress, what
     labels, logits = torch.cat(labels_all), torch.cat(logits_all)
     probs = scaled_probabilities(logits, temperature).numpy()
     metrics = classification_metrics(labels.numpy(), probs.argmax(1), probs, class_names)
-    return EpochResult(loss=total / len(labels), metrics=metrics, skipped=skipped, logits=logits, labels=labels)
+    return Evaluation(loss=total / len(labels), metrics=metrics, skipped=skipped, logits=logits, labels=labels)
 
 
-def features_and_logits(model, loader, spec, device, progress, what: str):
+def features_and_logits(model: nn.Module, loader: DataLoader, spec: ModelSpec, device: torch.device,
+                        progress: Progress, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pooled layer4 features, logits and labels of a split, read off one forward pass per batch
     by the engine scan uses (so the statistics describe exactly the features scan will score)."""
     model.eval()
     features, logits, labels = [], [], []
     with CamEngine(model, autocast=resolve_precision("auto", device)) as engine:
         for gray, batch_labels, _ in progress(loader, what):
-            if gray is None:
+            if gray is None or batch_labels is None:
                 continue
             batch = engine(normalize(gray.to(device, non_blocking=True), spec))
             features.append(batch.features)
@@ -316,7 +334,8 @@ def features_and_logits(model, loader, spec, device, progress, what: str):
     return torch.cat(features), torch.cat(logits), torch.cat(labels)
 
 
-def calibrate(model, splits, args, spec, device, progress) -> Calibration:
+def calibrate(model: nn.Module, splits: Splits, args: argparse.Namespace, spec: ModelSpec, device: torch.device,
+              progress: Progress) -> Calibration:
     """OOD statistics from the (unaugmented) training images, temperature and threshold from validation."""
     train = features_and_logits(model, make_loader(splits["train"], args, augment=False, shuffle=False), spec,
                                 device, progress, "calibrate train")
@@ -328,12 +347,12 @@ def calibrate(model, splits, args, spec, device, progress) -> Calibration:
         raise TrainingError(f"cannot calibrate the model: {e}") from None
 
 
-def ece_at(result: EpochResult, temperature: float) -> float | None:
+def ece_at(result: Evaluation, temperature: float) -> float | None:
     confidence, predicted = scaled_probabilities(result.logits, temperature).max(1)
     return expected_calibration_error((predicted == result.labels).numpy(), confidence.numpy())
 
 
-def make_progress(quiet: bool):
+def make_progress(quiet: bool) -> Progress:
     if sys.stderr.isatty() and not quiet:
         from tqdm import tqdm
         return lambda loader, what: tqdm(loader, desc=what, leave=False)
@@ -345,7 +364,7 @@ def is_better(result: EpochResult, best: float | None, select_by: str) -> tuple[
     return best is None or score < best, score
 
 
-def train(args, dropout: float, out: Path, class_names, splits) -> dict:
+def train(args: argparse.Namespace, dropout: float, out: Path, class_names: list[str], splits: Splits) -> dict:
     """One full training run into ``out``; returns the test metrics of the best epoch."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -410,12 +429,12 @@ def train(args, dropout: float, out: Path, class_names, splits) -> dict:
     return test_metrics
 
 
-def class_weights(items, num_classes: int) -> torch.Tensor:
+def class_weights(items: list[Item], num_classes: int) -> torch.Tensor:
     counts = np.bincount([label for _, label in items], minlength=num_classes).astype(np.float64)
     return torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
-def training_config(args, dropout: float, class_names, splits) -> dict:
+def training_config(args: argparse.Namespace, dropout: float, class_names: list[str], splits: Splits) -> dict:
     return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "dropout": dropout,
             "pretrained": str(args.pretrained), "rotation": args.rotation, "seed": args.seed,
             "class_weights": bool(args.class_weights), "select_by": args.select_by,
@@ -423,7 +442,7 @@ def training_config(args, dropout: float, class_names, splits) -> dict:
             "loss": "CrossEntropyLoss", "classes": list(class_names)}
 
 
-def resume_state(out: Path, model, optimizer) -> dict:
+def resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     path = out / "last.pt"
     if not path.is_file():
         raise TrainingError(f"--resume: {path} does not exist (nothing to resume)")
@@ -439,7 +458,8 @@ def resume_state(out: Path, model, optimizer) -> dict:
     return {"epoch": saved["epoch"], "best": saved["best"], "history": saved["history"]}
 
 
-def save_resume_state(out: Path, model, optimizer, state: dict, spec: ModelSpec) -> None:
+def save_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                      spec: ModelSpec) -> None:
     tmp = out / "last.pt.tmp"
     torch.save({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state["epoch"],
                 "best": state["best"], "history": state["history"], "class_names": list(spec.class_names)}, tmp)
@@ -471,7 +491,7 @@ def plot_learning_curve(path: Path, history: list[dict]) -> None:
     plt.close(fig)
 
 
-def report_skips(skipped: list) -> None:
+def report_skips(skipped: list[tuple[str, str]]) -> None:
     """One line per kind: films the selection rule left out, and files that could not be read."""
     not_selected = [(path, reason[len(SKIPPED):]) for path, reason in skipped if reason.startswith(SKIPPED)]
     unreadable = [(path, reason) for path, reason in skipped if not reason.startswith(SKIPPED)]
@@ -490,13 +510,14 @@ def print_test_metrics(metrics: dict, out: Path) -> None:
     print(f"checkpoint: {out / 'model.pt'}", flush=True)
 
 
-def compare_dropout(args, class_names, splits) -> None:
+def compare_dropout(args: argparse.Namespace, class_names: list[str], splits: Splits) -> None:
     rows = []
     for p in (0.0, args.compare_dropout):
         print(f"== dropout {p} ==", flush=True)
         run_out = args.out / f"dropout_{p:g}"
         test = train(args, p, run_out, class_names, splits)
-        history = list(csv.DictReader(open(run_out / "epochs.csv")))
+        with open(run_out / "epochs.csv", newline="") as f:
+            history = list(csv.DictReader(f))
         best = next(r for r in history if int(r["epoch"]) == test["best_epoch"])
         rows.append({"dropout": p, "best_epoch": test["best_epoch"], "val_loss": best["val_loss"],
                      "val_accuracy": best["val_accuracy"], "val_auc": best["val_auc"],
@@ -512,7 +533,7 @@ def compare_dropout(args, class_names, splits) -> None:
     print("\n".join(lines), flush=True)
 
 
-def jsonable(value):
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -522,7 +543,7 @@ def jsonable(value):
     return value
 
 
-def _round(value, digits: int = 4):
+def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(float(value), digits)
 
 

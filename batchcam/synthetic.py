@@ -43,8 +43,7 @@ def generate(seed: int, label: str, size: tuple[int, int] | None = None) -> Synt
     if label == "PNEUMONIA":
         opacity, mask = _opacities(x, y, lungs, anatomy, rng)
         picture += opacity
-    picture = _finish(picture, width, rng)
-    return SyntheticXray(image=picture, label=label, mask=mask, lungs=lungs)
+    return SyntheticXray(image=_finish(picture, width, rng), label=label, mask=mask, lungs=lungs)
 
 
 def write_imagefolder(root: str | Path, count: int, *, seed: int = 0, splits: dict[str, float] | None = None,
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m batchcam.synthetic",
-                                     description=write_imagefolder.__doc__.splitlines()[0],
+                                     description="Write an ImageFolder tree (split/CLASS/name) of synthetic X-rays.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out", type=Path, help="folder to write train/, val/, test/ into")
     parser.add_argument("--count", type=int, default=200, help="images in all, split 70/15/15")

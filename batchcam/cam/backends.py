@@ -33,13 +33,18 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from batchcam.config import BACKEND_AUTO_MIN_IMAGES as AUTO_MIN_IMAGES
 from batchcam.config import MAX_MODEL_BYTES
 from batchcam.errors import UsageError
+
+if TYPE_CHECKING:
+    import onnxruntime  # imported where a session is made: only the onnx backend needs it
 
 FORMAT = "batchcam-onnx-1"   # bump when the export changes: older cache files are then never read
 OPSET = 17
@@ -61,19 +66,19 @@ class EagerForward:
     def __init__(self, model: nn.Module, layer: nn.Module, autocast: torch.dtype | None = None):
         self.model, self.layer, self.autocast = model, layer, autocast
         self._activations: torch.Tensor | None = None
-        self._hook = None
+        self._hook: RemovableHandle | None = None
 
     def __enter__(self) -> "EagerForward":
         self._hook = self.layer.register_forward_hook(self._keep_activations)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         self._activations = None
 
-    def _keep_activations(self, module, inputs, output) -> None:
+    def _keep_activations(self, module: nn.Module, inputs: tuple[object, ...], output: torch.Tensor) -> None:
         if not torch.is_grad_enabled():  # not pytorch-grad-cam's own pass: that one's graph must not be kept
             self._activations = output
 
@@ -83,8 +88,10 @@ class EagerForward:
         with torch.inference_mode():
             with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 logits = self.model(x).float()
-            activations, self._activations = self._activations.float(), None
-        return logits, activations
+            activations, self._activations = self._activations, None
+            if activations is None:
+                raise RuntimeError("the target layer gave no output in this forward pass")
+            return logits, activations.float()
 
 
 class OnnxForward:
@@ -94,7 +101,7 @@ class OnnxForward:
     they differ, this run uses ``eager`` instead (``name`` then says ``eager``), with a log line.
     """
 
-    def __init__(self, session, eager: EagerForward, file_sha256: str,
+    def __init__(self, session: onnxruntime.InferenceSession, eager: EagerForward, file_sha256: str,
                  log: Callable[[str], None] = lambda message: None):
         self.session, self.eager, self.log = session, eager, log
         self.onnx_file_sha256 = file_sha256
@@ -113,7 +120,7 @@ class OnnxForward:
     def __enter__(self) -> "OnnxForward":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         pass
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,7 +347,7 @@ def export_onnx(model: nn.Module, layer_name: str, probe: torch.Tensor) -> bytes
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
-            torch.onnx.export(WithActivations(model, layer_name).eval(), (probe,), buffer, input_names=["x"],
+            torch.onnx.export(WithActivations(model, layer_name).eval(), (probe,), buffer, input_names=["x"],  # type: ignore[arg-type]  # dynamo=False writes to a file object; torch types f as a path only
                               output_names=["logits", "activations"], opset_version=OPSET, dynamo=False,
                               dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}, "activations": {0: "batch"}})
     except Exception as e:  # an exporter that cannot handle this model: the eager path still can

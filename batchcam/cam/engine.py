@@ -25,8 +25,10 @@ features that the out-of-distribution score reads (``batchcam.model.calibration`
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -130,8 +132,7 @@ class CamEngine:
         self.exact = allow_exact and method == "gradcam" and self.head is not None
         self.autocast = autocast
         self.temperature = temperature
-        use_given = forward is not None and self.exact
-        self.forward = forward if use_given else EagerForward(model, self.layer, autocast)
+        self.forward = forward if forward is not None and self.exact else EagerForward(model, self.layer, autocast)
         self._image_bytes: dict[tuple[int, ...], int] = {}  # activation_bytes per image shape
 
     def _activation_bytes(self, image_shape: tuple[int, ...]) -> int:
@@ -149,16 +150,18 @@ class CamEngine:
         self.forward.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.forward.__exit__(*exc)
 
     def __call__(self, x: torch.Tensor) -> CamBatch:
-        return self._exact(x) if self.exact else self._library(x)
+        if self.exact and self.head is not None:
+            return self._exact(x, self.head)
+        return self._library(x)
 
-    def _exact(self, x: torch.Tensor) -> CamBatch:
+    def _exact(self, x: torch.Tensor, head: nn.Linear) -> CamBatch:
         logits, activations = self.forward(x)
         with torch.inference_mode():
-            return from_forward(logits.to(x.device), activations.to(x.device), self.head.weight, self.target,
+            return from_forward(logits.to(x.device), activations.to(x.device), head.weight, self.target,
                                 self.temperature)
 
     def _library(self, x: torch.Tensor) -> CamBatch:
@@ -199,6 +202,7 @@ def library_chunk(method: str, input_shape: tuple[int, ...], channels: int, imag
     (it cannot take less than one image). The other methods hold their autograd graph.
     """
     batch, colours, height, width = input_shape
+    per_image: float
     if method == "scorecam":
         per_image = (colours + 2) * channels * height * width * FLOAT_BYTES
     else:
@@ -216,7 +220,7 @@ def activation_bytes(model: nn.Module, image_shape: tuple[int, ...]) -> int:
     through ``model`` allocates for its activations, whatever the architecture."""
     total = 0
 
-    def add(module, inputs, output) -> None:
+    def add(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
         nonlocal total
         if isinstance(output, torch.Tensor):
             total += output.numel() * output.element_size()
@@ -233,7 +237,10 @@ def activation_bytes(model: nn.Module, image_shape: tuple[int, ...]) -> int:
     return total
 
 
-def _no_bar(iterable, *args, **kwargs):
+T = TypeVar("T")
+
+
+def _no_bar(iterable: Iterable[T], *args: object, **kwargs: object) -> Iterable[T]:
     return iterable
 
 
@@ -257,7 +264,8 @@ def _raw_map_capturing(method_class: type) -> type:
     class RawMapCapturing(method_class):
         raw_map: np.ndarray | None = None
 
-        def compute_cam_per_layer(self, input_tensor, targets, eigen_smooth):
+        def compute_cam_per_layer(self, input_tensor: torch.Tensor, targets: list, eigen_smooth: bool
+                                  ) -> list[np.ndarray]:
             grads = self.activations_and_grads.gradients
             activations = self.activations_and_grads.activations[0].cpu().data.numpy()
             gradients = grads[0].cpu().data.numpy() if grads else None

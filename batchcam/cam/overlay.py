@@ -74,7 +74,7 @@ def heat_levels(cam: torch.Tensor, height: int, width: int, scale: float | None 
     """
     unit = normalise(cam.float()) if scale is None else (cam.float() / scale).clamp(0, 1)
     scaled = unit.numpy().astype(np.float32) * 255 + 0.5
-    levels = Image.fromarray(scaled, mode="F").resize((width, height), Image.BILINEAR)
+    levels = Image.fromarray(scaled, mode="F").resize((width, height), Image.Resampling.BILINEAR)
     return levels.convert("L")
 
 
@@ -91,7 +91,7 @@ def render(display: np.ndarray, cam: torch.Tensor, width: int, height: int,
     original = Image.fromarray(display, mode="L")
     overlay = Image.blend(colour.convert("RGB"), original.convert("RGB"), IMAGE_WEIGHT)
     thumb = overlay.copy()
-    thumb.thumbnail((THUMB_MAX_SIDE, THUMB_MAX_SIDE), Image.BILINEAR, reducing_gap=DISPLAY_REDUCING_GAP)
+    thumb.thumbnail((THUMB_MAX_SIDE, THUMB_MAX_SIDE), Image.Resampling.BILINEAR, reducing_gap=DISPLAY_REDUCING_GAP)
     peak_x, peak_y = peak_in_original(cam, width, height)
     return RenderedOverlay(_jpeg(overlay), _jpeg(thumb), _jpeg(original), peak_x, peak_y)
 

@@ -13,6 +13,7 @@ and to the same peak.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ def heat_levels(cam: torch.Tensor, height: int, width: int, scale: float | None 
 
 def blended(display: torch.Tensor, cam: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """(3, h, w) uint8 overlay of a (h, w) uint8 display copy: jet colour blended with the X-ray."""
-    levels = heat_levels(cam, *display.shape, scale)
+    height, width = display.shape
+    levels = heat_levels(cam, height, width, scale)
     colour = torch.from_numpy(JET_LUT).to(display.device)[levels.long()].float().permute(2, 0, 1)
     gray = display.float()[None]
     return (colour + IMAGE_WEIGHT * (gray - colour)).to(torch.uint8)
@@ -50,7 +52,7 @@ def thumbnail_size(width: int, height: int, side: int = THUMB_MAX_SIDE) -> tuple
     if side >= width and side >= height:
         return width, height
 
-    def round_aspect(number: float, key) -> int:
+    def round_aspect(number: float, key: Callable[[int], float]) -> int:
         return max(min(math.floor(number), math.ceil(number), key=key), 1)
 
     aspect = width / height

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def read_boxes(path: Path) -> Boxes:
                      f"{','.join(RSNA_COLUMNS)}, got {','.join(header) or 'nothing'}")
 
 
-def _read(reader: csv.DictReader, path: str, parse, key_column: str) -> dict[str, list[Box]]:
+def _read(reader: csv.DictReader[str], path: str, parse: Callable[[dict[str, str]], Box | None],
+          key_column: str) -> dict[str, list[Box]]:
     boxes: dict[str, list[Box]] = {}
     for values in reader:
         if None in values:  # csv.DictReader's key for the fields beyond the header
@@ -142,20 +144,22 @@ def energy_in_boxes(cam: torch.Tensor, width: int, height: int, boxes: list[Box]
 
 def localisation(rows: list[Row], boxes: Boxes, cams: dict[str, np.ndarray] | None, boxes_file: str) -> dict:
     """Per-image and overall pointing game and energy share (see the module's docstring)."""
-    images = []
+    images: list[dict[str, object]] = []
+    hits, energies = 0, []
     for row in rows:
         row_boxes = boxes.for_row(row)
-        if not row.ok or not row_boxes or row.cam_peak_x is None:
+        if not row.ok or not row_boxes or row.cam_peak_x is None or row.cam_peak_y is None:
             continue
         energy = None
-        if cams is not None and row.path in cams:
+        if cams is not None and row.path in cams and row.width is not None and row.height is not None:
             energy = energy_in_boxes(torch.from_numpy(np.asarray(cams[row.path], dtype=np.float32)),
                                      row.width, row.height, row_boxes)
-        images.append({"path": row.path, "boxes": len(row_boxes),
-                       "hit": point_in_boxes(row.cam_peak_x, row.cam_peak_y, row_boxes),
-                       "energy_inside": None if energy is None else round(energy, 6)})
-    energies = [image["energy_inside"] for image in images if image["energy_inside"] is not None]
-    hits = sum(image["hit"] for image in images)
+        hit = point_in_boxes(row.cam_peak_x, row.cam_peak_y, row_boxes)
+        energy_inside = None if energy is None else round(energy, 6)
+        hits += hit
+        if energy_inside is not None:
+            energies.append(energy_inside)
+        images.append({"path": row.path, "boxes": len(row_boxes), "hit": hit, "energy_inside": energy_inside})
     known = {row.path if boxes.format == "generic" else row.path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
              for row in rows}
     return {"boxes_file": boxes_file, "format": boxes.format, "n": len(images),

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 def positive_class_index(class_names: Sequence[str]) -> int:
@@ -12,8 +13,8 @@ def positive_class_index(class_names: Sequence[str]) -> int:
     return upper.index("PNEUMONIA") if "PNEUMONIA" in upper else len(class_names) - 1
 
 
-def classification_metrics(labels: Sequence[int], predictions: Sequence[int],
-                           probabilities: np.ndarray, class_names: Sequence[str]) -> dict:
+def classification_metrics(labels: ArrayLike, predictions: ArrayLike,
+                           probabilities: ArrayLike, class_names: Sequence[str]) -> dict:
     """Accuracy, sensitivity, specificity, precision, F1, ROC AUC and the confusion matrix.
 
     ``probabilities`` is (n, classes). Sensitivity, specificity, precision and F1 treat the positive
@@ -103,7 +104,7 @@ def _ratio(numerator: int, denominator: int) -> float | None:
 ECE_BINS = 15
 
 
-def reliability_bins(correct: Sequence[bool], confidence: Sequence[float],
+def reliability_bins(correct: ArrayLike, confidence: ArrayLike,
                      bins: int = ECE_BINS) -> list[dict]:
     """Equal-width confidence bins (lower edge excluded, the first includes 0): for each non-empty
     one, its edges, how many predictions fall in it, their mean confidence and their accuracy."""
@@ -120,7 +121,7 @@ def reliability_bins(correct: Sequence[bool], confidence: Sequence[float],
     return result
 
 
-def expected_calibration_error(correct: Sequence[bool], confidence: Sequence[float],
+def expected_calibration_error(correct: ArrayLike, confidence: ArrayLike,
                                bins: int = ECE_BINS) -> float | None:
     """ECE (Naeini et al. 2015; Guo et al. 2017): the count-weighted mean |accuracy - confidence|
     over equal-width confidence bins of the predicted class's probability. None without predictions."""

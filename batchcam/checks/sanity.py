@@ -29,7 +29,7 @@ from batchcam.cam.engine import CamEngine
 from batchcam.checks.metrics import _average_ranks
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_SANITY_SAMPLE
 from batchcam.decode.dataset import Sample, collate_samples, decode_sample
-from batchcam.decode.discover import discover
+from batchcam.decode.discover import Candidate, discover
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import LoadedModel, normalize
 from batchcam.runtime.bounded import FileTooLarge, read_file_bounded
@@ -65,8 +65,9 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
     """Re-initialise every parameter of ``module`` (and reset its BatchNorm statistics), seeded."""
     torch.manual_seed(seed)
     for sub in module.modules():
-        if hasattr(sub, "reset_parameters"):
-            sub.reset_parameters()
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
         if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
             sub.reset_running_stats()
 
@@ -85,10 +86,12 @@ def maps_for(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, cla
         if maps is None:
             maps = torch.zeros(x.shape[0], *cams.shape[1:])
         maps[chosen] = cams
+    if maps is None:
+        raise ValueError(f"no image has a target class below {classes}: nothing to explain")
     return maps
 
 
-def sample_files(root: Path, count: int, seed: int = SEED) -> list:
+def sample_files(root: Path, count: int, seed: int = SEED) -> list[Candidate]:
     candidates = discover(root).candidates
     if not candidates:
         raise UsageError(f"no image files under {root}")
@@ -98,7 +101,7 @@ def sample_files(root: Path, count: int, seed: int = SEED) -> list:
     return [candidates[i] for i in sorted(chosen)]
 
 
-def read_and_decode(candidate, image_size: int) -> Sample:
+def read_and_decode(candidate: Candidate, image_size: int) -> Sample:
     """A sampled file decoded; one that cannot be read (a broken link, say) is an error sample, left out."""
     try:
         data = read_file_bounded(Path(candidate.path), DEFAULT_MAX_FILE_BYTES)

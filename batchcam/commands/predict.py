@@ -102,6 +102,8 @@ def _save_overlay(explanation: Explanation, out: Path) -> Path | None:
     counts as written. Anything else at the name (someone's file, a link) is left exactly as it is
     and the file becomes an error; so does a write that fails.
     """
+    if explanation.rendered is None:  # an error row: no overlay to write
+        return None
     name = Path(explanation.row.overlay).name
     path, data = out / name, explanation.rendered.overlay_jpeg
     try:

@@ -9,6 +9,7 @@ its reason, and REPORT is left exactly as it was.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def read_export(path: Path) -> str:
         raise UsageError(f"--import {shown(path)} is not UTF-8 text: not a gallery's review.csv") from None
 
 
-def _import_locked(report: ReportFolder, text: str, source: str, stop) -> ImportResult:
+def _import_locked(report: ReportFolder, text: str, source: str, stop: Callable[[], None]) -> ImportResult:
     """Check the import, publish the generation showing it, then write reviews.csv (after the switch:
     a failure or a signal before it leaves the report and reviews.csv as they were)."""
     manifest, rows, class_names = report.read_scan()
@@ -77,7 +78,8 @@ def _import_locked(report: ReportFolder, text: str, source: str, stop) -> Import
     metrics = reviewlib.with_review(metrics, rows, decisions)
     files = render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest),
                            reviews=decisions, runs=report.read_runs())
-    files["metrics.json"] = json_content(metrics)
+    if metrics is not None:  # no labels and no decision on a file as it is now: none, as a scan writes none
+        files["metrics.json"] = json_content(metrics)
     report.publish(files, reuse=KEPT, stop=stop)
     try:
         report.write_reviews(merged)

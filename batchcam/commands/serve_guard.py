@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the serve extra's package, imported when serve runs
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
 SAFE_METHODS = ("GET", "HEAD")
 # A Host header (or an Origin's authority): a bracketed IPv6 address or a name/IPv4 address, and a port.
@@ -100,7 +104,7 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
     return origin.startswith("http://") and host_allowed(origin[len("http://"):], allowed)
 
 
-def request_refusal(scope: dict, allowed: tuple[str, ...]) -> str | None:
+def request_refusal(scope: Scope, allowed: tuple[str, ...]) -> str | None:
     """Why a request is refused (403), or None: a Host that is not this server's, or a cross-origin
     call of the API (or of any method but GET and HEAD)."""
     headers = scope.get("headers") or []
@@ -120,10 +124,10 @@ def request_refusal(scope: dict, allowed: tuple[str, ...]) -> str | None:
 class RequestGuard:
     """ASGI middleware: every HTTP request passes ``request_refusal`` or gets 403 with a JSON reason."""
 
-    def __init__(self, app, allowed_hosts: tuple[str, ...]):
+    def __init__(self, app: ASGIApp, allowed_hosts: tuple[str, ...]):
         self.app, self.allowed_hosts = app, tuple(allowed_hosts)
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             reason = request_refusal(scope, self.allowed_hosts)
             if reason is not None:

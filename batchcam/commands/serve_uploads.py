@@ -21,12 +21,18 @@ from __future__ import annotations
 import io
 import threading
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING
 
 from batchcam.config import MEGABYTE, MEGAPIXEL
 from batchcam.decode.imaging import ALLOWED_FORMATS, EIGHT_BIT_MODES
 from batchcam.decode.pixels import has_dicom_magic, is_dicom
+
+if TYPE_CHECKING:  # the serve extra's packages, imported when serve runs
+    from python_multipart.multipart import Field, File, FormParser
+    from starlette.requests import Request
 
 RETRY_AFTER_SECONDS = 2              # what a 503 for a busy server asks the client to wait
 FLOAT_DECODE_WEIGHT = 4              # an image decoded through 64-bit floats may hold 1/4 of the pixel cap
@@ -91,7 +97,7 @@ class TooManyParts(Exception):
     """Raised from the multipart parser's callbacks: stops parsing at the first part too many."""
 
 
-def upload_parser(content_type: str, limits: Limits, uploads: list[tuple[str, bytes]]):
+def upload_parser(content_type: str, limits: Limits, uploads: list[tuple[str, bytes]]) -> FormParser:
     """A python-multipart parser that appends each file part to ``uploads`` as it ends, all in
     memory (its in-memory threshold is above the body cap, so no part is ever flushed to a
     temporary file), and raises TooManyParts at the first file or form field too many."""
@@ -103,15 +109,17 @@ def upload_parser(content_type: str, limits: Limits, uploads: list[tuple[str, by
         raise UploadRejected(400, f"send multipart/form-data with one or more '{UPLOAD_FIELD}' file parts")
     fields = 0
 
-    def on_file(part) -> None:
+    def on_file(part: File) -> None:
         if len(uploads) >= limits.max_files:
             raise TooManyParts(f"too many files: more than {limits.max_files} in one request (see --max-files)")
-        if not part.in_memory:  # cannot happen with the threshold above; never go on if it did
+        buffer = part.file_object
+        # Always in memory, with the threshold below; never go on if a part was spooled to disk.
+        if not part.in_memory or not isinstance(buffer, io.BytesIO):
             raise RuntimeError("an upload part was spooled to disk")
-        uploads.append((upload_name(part.file_name), part.file_object.getvalue()))
+        uploads.append((upload_name(part.file_name), buffer.getvalue()))
         part.close()  # the bytes above are the only copy kept
 
-    def on_field(field) -> None:
+    def on_field(field: Field) -> None:
         nonlocal fields
         fields += 1
         if fields > MAX_FORM_FIELDS:
@@ -122,7 +130,7 @@ def upload_parser(content_type: str, limits: Limits, uploads: list[tuple[str, by
                       config=config)
 
 
-async def discard_rest(stream, budget: int) -> None:
+async def discard_rest(stream: AsyncIterator[bytes], budget: int) -> None:
     """Read and drop what is left of a refused request's body, stopping once past ``budget`` bytes."""
     async for chunk in stream:
         budget -= len(chunk)
@@ -240,7 +248,7 @@ def check_pixels(uploads: list[tuple[str, bytes]], extents: list[Extent | None],
 # --- decoding and explaining, batch by batch ---------------------------------------------------
 
 
-async def read_uploads(request, limits: Limits) -> list[tuple[str, bytes]]:
+async def read_uploads(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
     """(file name, bytes) of every file part, parsed as the body streams in.
 
     Refused with 413 as soon as the body passes ``max_upload_bytes`` or the parser has seen one
@@ -264,7 +272,7 @@ async def read_uploads(request, limits: Limits) -> list[tuple[str, bytes]]:
     return uploads
 
 
-async def parse_uploads(request, limits: Limits, uploads: list[tuple[str, bytes]]) -> None:
+async def parse_uploads(request: Request, limits: Limits, uploads: list[tuple[str, bytes]]) -> None:
     """Parse the body into ``uploads``; see read_uploads."""
     from python_multipart.exceptions import FormParserError
 

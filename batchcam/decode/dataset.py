@@ -93,6 +93,8 @@ class ScanDataset(Dataset):
 
     def decode_deferred(self, sample: Sample) -> Sample:
         """A deferred sample the batched decoder rejected, decoded on the CPU after all."""
+        if sample.encoded is None:
+            raise ValueError(f"{sample.relpath}: not a deferred sample (its bytes are already decoded)")
         decoded = decode_sample(sample.relpath, sample.encoded, self.image_size, self.display_max_side,
                                 self.selection)
         decoded.size, decoded.mtime_ns = sample.size, sample.mtime_ns
@@ -146,18 +148,19 @@ def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: 
         return sample
     sample.width, sample.height = decoded.width, decoded.height
     sample.warnings = tuple(decoded.warnings)
-    sample.model_view = resize_square(decoded.gray, image_size)
-    attach_lung_fields(sample)  # here, in the decoding workers
+    set_model_view(sample, resize_square(decoded.gray, image_size))  # the lung fields too: in the decoding workers
     sample.display = np.asarray(fit_within(decoded.gray, display_max_side), dtype=np.uint8)
     return sample
 
 
-def attach_lung_fields(sample: Sample) -> None:
-    """The lung fields of the sample's model view; a refusal becomes a warning for the run's log.
+def set_model_view(sample: Sample, view: np.ndarray) -> None:
+    """The sample's model view and the lung fields estimated on it; a refusal becomes a warning for
+    the run's log.
 
     ``attention_outside`` is then left empty for this file, and the log says why (one line).
     """
-    estimate = estimate_lung_fields(sample.model_view)
+    sample.model_view = view
+    estimate = estimate_lung_fields(view)
     sample.lung_fields = estimate.fields
     if estimate.fields is None:
         sample.warnings += (f"attention_outside left empty: {estimate.refusal}",)

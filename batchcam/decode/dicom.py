@@ -27,7 +27,10 @@ import re
 import struct
 import warnings
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -44,6 +47,11 @@ from batchcam.decode.pixels import (
     refuse_too_many_pixels,
 )
 from batchcam.decode.selection import SELECTION_TAGS, acquisition_of, skip_reason
+
+if TYPE_CHECKING:  # pydicom itself is imported where a DICOM is read: it is optional and slow to import
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels.decoders.base import Decoder
+    from pydicom.uid import UID
 
 INSTALL_HINT = 'pip install "batchcam[dicom]"'
 PIXEL_DATA_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -134,7 +142,7 @@ def decode_dicom(data: bytes, has_preamble: bool = True, selection: Selection | 
                         warnings=_safe_warnings(w.message for w in caught))
 
 
-def _import_pydicom():
+def _import_pydicom() -> ModuleType:
     """pydicom, configured not to validate values (its warnings would quote them), or a DecodeError."""
     try:
         import pydicom
@@ -145,7 +153,7 @@ def _import_pydicom():
     return pydicom
 
 
-def _display_unit(ds, truncated: bool, forced: bool) -> tuple[np.ndarray, Geometry]:
+def _display_unit(ds: Dataset, truncated: bool, forced: bool) -> tuple[np.ndarray, Geometry]:
     """The frame's display values in 0..1, bright meaning dense (bone), and the checked geometry."""
     geometry, decoder = _check_decodable(ds, truncated, forced)
     arr = _first_frame_pixels(ds, decoder, geometry)
@@ -155,7 +163,7 @@ def _display_unit(ds, truncated: bool, forced: bool) -> tuple[np.ndarray, Geomet
     return _monochrome_unit(arr, ds, invert=geometry.photometric == "MONOCHROME1"), geometry
 
 
-def _check_decodable(ds, truncated: bool, forced: bool):
+def _check_decodable(ds: Dataset, truncated: bool, forced: bool) -> tuple[Geometry, Decoder]:
     """Refuse, with a specific reason, what pixel decoding would refuse vaguely (or not at all),
     or what it would only refuse after spending too much; the geometry and the pixel decoder."""
     from pydicom.pixels import get_decoder
@@ -197,7 +205,7 @@ def _check_decodable(ds, truncated: bool, forced: bool):
     return geometry, decoder
 
 
-def _photometric(ds) -> str:
+def _photometric(ds: Dataset) -> str:
     """(0028,0004) as one of the supported terms, or a reason that quotes only a defined term."""
     try:
         value = ds.get("PhotometricInterpretation")
@@ -215,7 +223,7 @@ def _photometric(ds) -> str:
     raise DecodeError("unsupported DICOM photometric interpretation (not a defined term)")
 
 
-def _int_element(ds, keyword: str, default: int | None = None, minimum: int = 0) -> int:
+def _int_element(ds: Dataset, keyword: str, default: int | None = None, minimum: int = 0) -> int:
     """One whole number at least ``minimum``; ``default`` when absent or empty, else a reason."""
     try:
         value = ds.get(keyword)
@@ -235,7 +243,7 @@ def _int_element(ds, keyword: str, default: int | None = None, minimum: int = 0)
     return int(number)
 
 
-def _check_decimal(ds, keyword: str) -> None:
+def _check_decimal(ds: Dataset, keyword: str) -> None:
     """A decimal display element, when present, is one or more finite numbers."""
     from pydicom.multival import MultiValue
 
@@ -252,7 +260,7 @@ def _check_decimal(ds, keyword: str) -> None:
         raise DecodeError(f"malformed DICOM element {keyword}")
 
 
-def _check_native_length(ds, geometry: Geometry) -> None:
+def _check_native_length(ds: Dataset, geometry: Geometry) -> None:
     """Uncompressed pixel data shorter than its geometry needs is a cut file, said as such."""
     bits = geometry.rows * geometry.columns * geometry.samples * _int_element(ds, "BitsAllocated", minimum=1)
     expected, present = (bits + 7) // 8, len(ds.PixelData)
@@ -288,7 +296,7 @@ class _BudgetedReader(io.BytesIO):
         return super().read(size)
 
 
-def _refuse_if_over_budget(source) -> None:
+def _refuse_if_over_budget(source: object) -> None:
     if getattr(source, "spent", False):
         raise DecodeError(f"refused: DICOM data set has too many elements and items (over {MAX_DICOM_READS} reads)")
 
@@ -302,6 +310,7 @@ def _bounded_source(data: bytes, forced: bool) -> _BudgetedReader:
     (``INFLATE_CHUNK`` at a time, refused beyond ``MAX_INFLATED_BYTES``), then inflated into a
     new file whose meta says Explicit VR Little Endian, which is what the data set then is.
     """
+    from pydicom.filebase import DicomIO
     from pydicom.filereader import read_preamble
     from pydicom.filewriter import write_file_meta_info
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
@@ -326,14 +335,14 @@ def _bounded_source(data: bytes, forced: bool) -> _BudgetedReader:
         del meta.FileMetaInformationGroupLength  # its count changed with the UID; pydicom reads on without it
     out = _BudgetedReader()
     out.write(data[:meta_start] if preamble is not None else b"")
-    write_file_meta_info(out, meta, enforce_standard=False)
+    write_file_meta_info(DicomIO(out), meta, enforce_standard=False)
     out.write(data[meta_end:len(data) - len(body)])  # a command set, if any, as it was
     _inflate(body, out)
     out.seek(0)
     return out
 
 
-def _read_file_meta(fp):
+def _read_file_meta(fp: BinaryIO) -> FileMetaDataset:
     """The file meta group, read by pydicom's own reader so both agree on the transfer syntax."""
     try:
         from pydicom.filereader import _read_file_meta_info
@@ -346,7 +355,7 @@ def _read_file_meta(fp):
     return _read_file_meta_info(fp)
 
 
-def _skip_command_set(fp) -> None:
+def _skip_command_set(fp: BinaryIO) -> None:
     """pydicom reads group 0000 elements (if any) before it inflates; the stream starts after them."""
     try:
         from pydicom.filereader import _read_command_set_elements
@@ -390,7 +399,7 @@ def _inflate(body: memoryview, out: _BudgetedReader | None, limit: int = MAX_INF
     total = 0
     try:
         for start in range(0, len(body), DEFLATE_INPUT_CHUNK):
-            pending = body[start:start + DEFLATE_INPUT_CHUNK]
+            pending: memoryview | bytes = body[start:start + DEFLATE_INPUT_CHUNK]
             while True:
                 chunk = inflater.decompress(pending, INFLATE_CHUNK)
                 total += len(chunk)
@@ -412,7 +421,7 @@ def _inflate(body: memoryview, out: _BudgetedReader | None, limit: int = MAX_INF
     return total
 
 
-def _encapsulated_frame(ds) -> bytes:
+def _encapsulated_frame(ds: Dataset) -> bytes:
     """The one frame's encoded bytes, found exactly as pydicom's decoder finds them for index 0."""
     from pydicom.encaps import get_frame
 
@@ -427,7 +436,7 @@ def _encapsulated_frame(ds) -> bytes:
         raise DecodeError("cannot decode DICOM: malformed encapsulated pixel data") from None
 
 
-def _check_encapsulated_frame(frame: bytes, syntax, geometry: Geometry) -> None:
+def _check_encapsulated_frame(frame: bytes, syntax: UID, geometry: Geometry) -> None:
     """Refuse a frame whose own header says another size than Rows and Columns, before decoding.
 
     A decoder allocates what the frame's header says, whatever the DICOM claims: a 64x64 DICOM
@@ -545,7 +554,7 @@ def _jp2_codestream(data: bytes) -> bytes:
     raise ValueError("no codestream box")
 
 
-def _first_frame_pixels(ds, decoder, geometry: Geometry) -> np.ndarray:
+def _first_frame_pixels(ds: Dataset, decoder: Decoder, geometry: Geometry) -> np.ndarray:
     """The first (only) frame as pydicom decodes it, never by an unbounded RLE decoder.
 
     Decoding index 0 alone (not ``pixel_array``'s default of every frame) means only the frame
@@ -609,7 +618,7 @@ def _rle_expanded_length(segment: bytes, stop_after: int) -> int:
     return total
 
 
-def _ensure_transfer_syntax(ds) -> None:
+def _ensure_transfer_syntax(ds: Dataset) -> None:
     """A bare data set has no file meta; its encoding, as pydicom read it, names the syntax."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -623,7 +632,7 @@ def _ensure_transfer_syntax(ds) -> None:
                                       ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
-def _monochrome_unit(arr: np.ndarray, ds, invert: bool) -> np.ndarray:
+def _monochrome_unit(arr: np.ndarray, ds: Dataset, invert: bool) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_windowing
 
     values = apply_modality_lut(arr, ds)
@@ -636,7 +645,7 @@ def _monochrome_unit(arr: np.ndarray, ds, invert: bool) -> np.ndarray:
     return _unit(values, low, high, invert)
 
 
-def _apply_voi_table(values: np.ndarray, ds) -> np.ndarray:
+def _apply_voi_table(values: np.ndarray, ds: Dataset) -> np.ndarray:
     """The first VOI LUT of the VOI LUT Sequence, as PS3.3 C.11.2.1.1 defines it.
 
     Applied here rather than with pydicom's ``apply_voi``, which in pydicom 3.0 holds the table
@@ -651,7 +660,7 @@ def _apply_voi_table(values: np.ndarray, ds) -> np.ndarray:
     return table[np.clip(np.round(values).astype(np.int64) - first, 0, last)]
 
 
-def _lut_values(item, ds) -> np.ndarray:
+def _lut_values(item: Dataset, ds: Dataset) -> np.ndarray:
     element = item["LUTData"]
     if element.VR == "OW":  # raw 16-bit words in the data set's byte order
         little = ds.file_meta.TransferSyntaxUID.is_little_endian
@@ -670,7 +679,7 @@ def _unit(values: np.ndarray, low: float, high: float, invert: bool) -> np.ndarr
     return ((high - values) if invert else (values - low)) / (high - low)
 
 
-def _voi_output_range(ds) -> tuple[float, float] | None:
+def _voi_output_range(ds: Dataset) -> tuple[float, float] | None:
     """The (low, high) output range of the VOI transform, or None when there is none.
 
     A VOI LUT's output spans 0..2^n-1 (n from its descriptor); a window's spans what pydicom
@@ -688,13 +697,13 @@ def _voi_output_range(ds) -> tuple[float, float] | None:
     return (low, high) if high > low else None
 
 
-def _has_voi_lut(ds) -> bool:
+def _has_voi_lut(ds: Dataset) -> bool:
     """A usable VOI LUT, which (as in pydicom's apply_voi_lut) is preferred to a window."""
     sequence = ds.get("VOILUTSequence")
     return bool(sequence) and None not in (sequence[0].get("LUTDescriptor"), sequence[0].get("LUTData"))
 
 
-def _syntax_label(uid) -> str:
+def _syntax_label(uid: str) -> str:
     """A transfer syntax's name and UID; an odd value is shown only if it looks like a UID."""
     code = str(uid)
     if not re.fullmatch(r"[0-9.]{1,64}", code):
@@ -720,7 +729,7 @@ def _element_names() -> frozenset[str]:
     return frozenset(entry[2] for entry in DicomDictionary.values())
 
 
-def _safe_warnings(messages) -> tuple[str, ...]:
+def _safe_warnings(messages: Iterable[object]) -> tuple[str, ...]:
     """pydicom's warnings as one-line notes, each quoted value withheld, said once each.
 
     pydicom quotes element values in its warnings (an unknown character set, say), and element

@@ -95,7 +95,7 @@ def discover(root: Path, exclude: Path | None = None) -> Discovery:
                 continue
             path = os.path.join(folder, name)
             if _has_image_extension(name):
-                problem = _not_regular(path)
+                problem: str | None = _not_regular(path)
             elif _has_no_extension(name):
                 problem = _not_dicom(path)
                 if problem is None:

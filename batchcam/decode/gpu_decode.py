@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable
+from typing import overload
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from batchcam.decode.dataset import Sample, attach_lung_fields, collate_samples
+from batchcam.decode.dataset import Sample, collate_samples, set_model_view
 from batchcam.decode.imaging import ends_complete, exif_orientation
 from batchcam.decode.pixels import refuse_too_many_pixels
 
@@ -46,9 +47,9 @@ class BatchedJpegDecoder:
         self.decode_on_cpu = decode_on_cpu
 
     def __call__(self, samples: list[Sample]) -> tuple[list[Sample], torch.Tensor | None]:
-        deferred = [i for i, sample in enumerate(samples) if sample.encoded is not None]
+        deferred = {i: sample.encoded for i, sample in enumerate(samples) if sample.encoded is not None}
         if deferred:
-            images = self._decode([samples[i].encoded for i in deferred])
+            images = self._decode(list(deferred.values()))
             for i, image in zip(deferred, images):
                 samples[i] = self.decode_on_cpu(samples[i]) if image is None else self._complete(samples[i], image)
         return collate_samples(samples)
@@ -67,7 +68,12 @@ class BatchedJpegDecoder:
         except RuntimeError:
             return None
 
-    def _decode_jpeg(self, data: torch.Tensor | list[torch.Tensor]):
+    @overload
+    def _decode_jpeg(self, data: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    def _decode_jpeg(self, data: list[torch.Tensor]) -> list[torch.Tensor]: ...
+
+    def _decode_jpeg(self, data: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they still work
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -81,9 +87,8 @@ class BatchedJpegDecoder:
         display = pixels if scale >= 1 else _resized(pixels, max(1, round(height * scale)),
                                                        max(1, round(width * scale)))
         sample.width, sample.height = width, height
-        sample.model_view = _to_uint8(view)
+        set_model_view(sample, _to_uint8(view))
         sample.display = _to_uint8(display)
-        attach_lung_fields(sample)
         sample.encoded = None
         return sample
 

@@ -112,7 +112,7 @@ def to_grayscale(image: Image.Image) -> Image.Image:
 
 def resize_square(gray: Image.Image, size: int) -> np.ndarray:
     """The model's view: the whole image squashed to size x size (as in training), uint8."""
-    return np.asarray(gray.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return np.asarray(gray.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def model_view(gray: Image.Image, size: int, resize: str = "squash") -> np.ndarray:
@@ -127,7 +127,7 @@ def model_view(gray: Image.Image, size: int, resize: str = "squash") -> np.ndarr
         return resize_square(gray, size)
     if resize != "center-crop":
         raise ValueError(f"unknown resize {resize!r}; choose one of {', '.join(RESIZE_MODES)}")
-    resized = gray.resize(shorter_side_resized(gray.size, round(size / CENTER_CROP_RATIO)), Image.BILINEAR)
+    resized = gray.resize(shorter_side_resized(gray.size, round(size / CENTER_CROP_RATIO)), Image.Resampling.BILINEAR)
     left, top = center_crop_origin(resized.size, size)
     return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
@@ -171,7 +171,7 @@ def fit_within(gray: Image.Image, max_side: int) -> Image.Image:
     if scale >= 1:
         return gray
     size = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
-    return gray.resize(size, Image.BILINEAR, reducing_gap=DISPLAY_REDUCING_GAP)
+    return gray.resize(size, Image.Resampling.BILINEAR, reducing_gap=DISPLAY_REDUCING_GAP)
 
 
 def _open_and_load(data: bytes, min_long_side: int | None) -> tuple[Image.Image, tuple[int, int]]:
@@ -212,11 +212,11 @@ def exif_orientation(image: Image.Image) -> tuple[int, str]:
             value = image.getexif().get(EXIF_ORIENTATION, 1)
         except Exception as e:  # malformed EXIF: Pillow raises many types; the image is still good
             problem = f"{type(e).__name__}: {one_line(e)}"
-    if problem:
-        return 1, f"malformed EXIF ignored, image shown unrotated: {problem}"
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 8:
-        return value, ""
-    return 1, f"EXIF orientation {one_line(repr(value))[:40]} is not 1..8: ignored, image shown unrotated"
+        else:
+            if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 8:
+                return value, ""
+            return 1, f"EXIF orientation {one_line(repr(value))[:40]} is not 1..8: ignored, image shown unrotated"
+    return 1, f"malformed EXIF ignored, image shown unrotated: {problem}"
 
 
 def _exif_problem(raw: bytes | None) -> str:

@@ -147,8 +147,7 @@ def exposed_field(pixels: np.ndarray, flat: float) -> tuple[int, int, int, int]:
 
 def estimate_in_field(pixels: np.ndarray, grey_range: float) -> np.ndarray | None:
     """The grown lung fields of the exposed field on a ``LUNG_GRID`` grid, or None: steps 1-4."""
-    gray = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(pixels))[None, None], LUNG_GRID)[0, 0]
-    gray = gray.numpy()
+    gray = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(pixels))[None, None], LUNG_GRID)[0, 0].numpy()
     for threshold in np.quantile(gray, LEVELS):
         labels = region_labels(gray <= threshold)
         regions = [_Region.of(labels == label, gray) for label in _inner_labels(labels, PIECE_AREA)]
@@ -218,7 +217,7 @@ def _grown_fields(pair: tuple[_Region, _Region], air: np.ndarray) -> np.ndarray:
 def gap_between(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """In each row holding both masks: the cells strictly between ``left``'s last and ``right``'s first."""
     columns = np.arange(left.shape[1])
-    both = left.any(axis=1) & right.any(axis=1)
+    both = np.any(left, axis=1) & np.any(right, axis=1)
     left_end = left.shape[1] - 1 - left[:, ::-1].argmax(axis=1)
     right_start = right.argmax(axis=1)
     return both[:, None] & (columns > left_end[:, None]) & (columns < right_start[:, None])

@@ -9,8 +9,12 @@ header read. Files without tags (JPEG, PNG, ...) are always scored; the OOD flag
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from batchcam.config import DICOM_CODE, Selection
+
+if TYPE_CHECKING:  # pydicom is imported only where a DICOM is read
+    from pydicom.dataset import Dataset
 
 SELECTION_TAGS = ("Modality", "BodyPartExamined", "ViewPosition")
 # A BodyPartExamined naming the chest contains one of these (CHEST, THORAX, LUNG, CHESTABDOMEN, ...).
@@ -28,7 +32,7 @@ class Acquisition:
     view: str = ""
 
 
-def acquisition_of(ds) -> Acquisition:
+def acquisition_of(ds: Dataset) -> Acquisition:
     """The tags of a pydicom data set (read with ``SELECTION_TAGS`` among its specific tags)."""
     return Acquisition(*(_code(ds, keyword) for keyword in SELECTION_TAGS))
 
@@ -55,7 +59,7 @@ def quoted(code: str) -> str:
     return code if DICOM_CODE.fullmatch(code) else "(not a DICOM code)"
 
 
-def _code(ds, keyword: str) -> str:
+def _code(ds: Dataset, keyword: str) -> str:
     try:
         value = ds.get(keyword)
     except Exception:  # a malformed element reads as absent's opposite: present and unusable

@@ -190,9 +190,11 @@ def build_backbone(arch: Architecture, channels: int, factory: Callable[[], nn.M
     model = (factory or arch.factory)()
     if channels != 3:
         stem = model.get_submodule(arch.stem)
-        replace_module(model, arch.stem, nn.Conv2d(channels, stem.out_channels, stem.kernel_size, stem.stride,
-                                                   stem.padding, stem.dilation, stem.groups,
-                                                   bias=stem.bias is not None))
+        if not isinstance(stem, nn.Conv2d):
+            raise TypeError(f"{arch.name}'s stem {arch.stem} is a {type(stem).__name__}, not a Conv2d")
+        sizes = (stem.kernel_size, stem.stride, stem.padding, stem.dilation)
+        conv = nn.Conv2d(channels, stem.out_channels, *sizes, stem.groups, bias=stem.bias is not None)  # type: ignore[arg-type]  # torch types a built Conv2d's sizes tuple[int, ...], its arguments pairs
+        replace_module(model, arch.stem, conv)
     return model
 
 
@@ -246,6 +248,6 @@ def globally_pooled(model: nn.Module) -> bool:
     return isinstance(pool, nn.AdaptiveAvgPool2d) and _pair(pool.output_size) == (1, 1)
 
 
-def _pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
+def _pair(size: int | None | tuple[int | None, int | None]) -> tuple[int | None, int | None]:
+    return size if isinstance(size, tuple) else (size, size)
 

@@ -297,10 +297,11 @@ def read_found_weights(file: ModelFile, raw: Any) -> CheckpointReading:
     return CheckpointReading(spec, state, network, found.source, info, assumed)
 
 
-def network_of(file: ModelFile, state: dict[str, torch.Tensor], **how) -> tuple[Network, tuple[str, ...]]:
+def network_of(file: ModelFile, state: dict[str, torch.Tensor], *, declared_arch: str | None = None,
+               recorded_head: HeadLayout | None = None) -> tuple[Network, tuple[str, ...]]:
     """``read_network`` with its refusal naming the file."""
     try:
-        network, assumed, _ = read_network(state, **how)
+        network, assumed, _ = read_network(state, declared_arch=declared_arch, recorded_head=recorded_head)
     except NetworkError as e:
         raise file.refuse(str(e)) from None
     return network, assumed

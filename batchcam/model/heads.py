@@ -81,7 +81,7 @@ class HeadLayout:
         return {"layers": list(self.layers), "sequential": self.sequential}
 
     @classmethod
-    def from_checkpoint(cls, raw) -> "HeadLayout":
+    def from_checkpoint(cls, raw: object) -> "HeadLayout":
         """Raises HeadError on anything malformed."""
         if not isinstance(raw, dict) or not isinstance(raw.get("layers"), list) or not raw["layers"]:
             raise HeadError("the recorded head is malformed")
@@ -212,7 +212,7 @@ def outputs_of(layout: HeadLayout, head_state: dict[str, torch.Tensor]) -> int:
 
 
 def last_linear(head: nn.Module) -> nn.Linear:
-    return head if isinstance(head, nn.Linear) else [m for m in head if isinstance(m, nn.Linear)][-1]
+    return head if isinstance(head, nn.Linear) else [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
 
 
 def as_two_logits(linear: nn.Linear) -> nn.Linear:

@@ -33,6 +33,7 @@ from torch import nn
 from batchcam.decode.imaging import RESIZE_MODES, model_view
 from batchcam.errors import UsageError
 from batchcam.model.architectures import ARCHITECTURES
+from batchcam.model.calibration import OodStatistics
 from batchcam.model.checkpoint import (
     DEFAULT_CLASS_NAMES,
     DEFAULT_IMAGE_SIZE,
@@ -189,8 +190,7 @@ def import_model(source: str | os.PathLike, out: str | os.PathLike, declaration:
 
 def _read_source(file: ModelFile, trust_pickle: bool) -> _Source:
     if archive_kind(file) == "torchscript":
-        module = load_torchscript(file)
-        return _module_source("a TorchScript model", module, None)
+        return _module_source("a TorchScript model", load_torchscript(file), None)
     try:
         raw = load_weights_only(file)
     except PickledObjects:
@@ -270,7 +270,7 @@ def _spec(file: ModelFile, origin: _Source, network: Network,
     spec = ModelSpec(class_names=tuple(names), image_size=size, mean=mean, std=std,
                      dropout=recorded.dropout if recorded else 0.0, arch=network.arch, channels=network.channels,
                      resize=resize)
-    notes = ()
+    notes: tuple[str, ...] = ()
     reading = origin.batchcam
     if reading is not None and (reading.temperature != 1.0 or reading.ood is not None) and spec != recorded:
         notes = ("calibration left out: the preprocessing or the classes changed (batchcam calibrate fits it again)",)
@@ -279,8 +279,8 @@ def _spec(file: ModelFile, origin: _Source, network: Network,
 
 def _normalisation(file: ModelFile, network: Network, declaration: Declaration, recorded: ModelSpec | None,
                    defaults: list[str]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    if declaration.mean is not None:
-        mean, std = declaration.mean, declaration.std
+    mean, std = declaration.mean, declaration.std
+    if mean is not None and std is not None:  # validate() lets through both or neither
         if network.channels == 1 and (len(mean) != 1 or len(std) != 1):
             raise file.refuse(f"{network.describe()}: a 1-channel model takes one --mean and one --std value")
         if network.channels == 3 and len(mean) == 1:
@@ -302,14 +302,15 @@ def _normalisation(file: ModelFile, network: Network, declaration: Declaration, 
 def _payload(file: ModelFile, origin: _Source, network: Network, spec: ModelSpec, defaults: tuple[str, ...],
              inferred: tuple[str, ...], keep_calibration: bool) -> dict[str, Any]:
     reading = origin.batchcam
-    calibration = {}
+    temperature: float | None = None
+    ood: OodStatistics | None = None
     if reading is not None and keep_calibration:
-        calibration = {"temperature": reading.temperature if reading.temperature != 1.0 else None, "ood": reading.ood}
+        temperature, ood = (reading.temperature if reading.temperature != 1.0 else None), reading.ood
     info = reading.info if reading is not None else {}
     source = {"kind": origin.kind, "file": file.path.name, "sha256": file.sha256, "defaults": list(defaults),
               "inferred": list(inferred)}
     return payload(spec, origin.state, network.head, training=info.get("training"), metrics=info.get("metrics"),
-                   source=source, **calibration)
+                   source=source, temperature=temperature, ood=ood)
 
 
 def _check(file: ModelFile, origin: _Source, network: Network, activation: str | None,

@@ -103,7 +103,8 @@ def read_network(state: dict[str, torch.Tensor], *, declared_arch: str | None = 
         raise NetworkError(str(e)) from None
     arch = backbone.architecture
     head_state = {k[len(arch.head) + 1:]: v for k, v in state.items() if k.startswith(arch.head + ".")}
-    activation, assumed = None, ()
+    activation: str | None = None
+    assumed: tuple[str, ...] = ()
     try:
         if recorded_head is not None:
             layout = recorded_head
@@ -169,7 +170,7 @@ def build_network(network: Network, state: dict[str, torch.Tensor], *, plain: bo
     if network.single_logit and not plain:
         head = model.get_submodule(arch.head)
         two = as_two_logits(last_linear(head))
-        if network.head.sequential:
+        if isinstance(head, nn.Sequential):  # network.head.sequential: build_head made a Sequential
             head[network.head.linear_positions[-1]] = two
         else:
             replace_module(model, arch.head, two)

@@ -12,7 +12,7 @@ import io
 import json
 import threading
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
@@ -224,7 +224,7 @@ class ReportFolder:
     def _generations(self) -> Generations:
         return Generations(self._folder(""), self.state(), lambda: self._folder("gallery"))
 
-    def publish(self, files: dict[str, Content], reuse: Iterable[str] = (),
+    def publish(self, files: Mapping[str, Content], reuse: Iterable[str] = (),
                 stop: Callable[[], None] = lambda: None) -> None:
         """Publish a new generation holding ``files`` (name -> content) and, linked from the last
         publication, those of the files named in ``reuse`` that it has: written in full, then

@@ -142,7 +142,11 @@ class NewGeneration:
         if name not in self.files:
             raise ValueError(f"{name!r} is not a file this generation was recorded with")
         folder, base = _split(name)
-        return (self.gallery if folder else self.folder), base
+        if not folder:
+            return self.folder, base
+        if folder != GALLERY or self.gallery is None:
+            raise ValueError(f"{name!r}: a generation holds files at its top and in {GALLERY}/ only")
+        return self.gallery, base
 
     def reuse(self, name: str, source: SafeDir) -> None:
         """``name`` as another link of the file of the same base name in ``source`` (the current
@@ -253,9 +257,9 @@ class Generations:
                 before, had_nothing = folder.readlink(base), folder.lstat(base) is None
                 if self._relink(name, target) and (had_nothing or before is not None):
                     undo.append((name, before))
-            for name in sorted(old_files - set(new.files)):
+            for name in sorted(old_files - set(new.files)):  # none without an old generation
                 folder, base = self._place(name)
-                if folder.readlink(base) == link_target(name):
+                if old and folder.readlink(base) == link_target(name):
                     self._relink(name, direct_target(old, name))
                     undo.append((name, link_target(name)))
             self.report.fsync()

@@ -123,19 +123,19 @@ class ReportLock:
                    if not folder.exists()]
         try:
             self.folder = SafeDir.open(self.report, create=True)
-            self.state = self.folder.subdir(STATE_DIR, replace_link=False)
+            self.state = state = self.folder.subdir(STATE_DIR, replace_link=False)
             self.created = missing[::-1]
-            self.fd = self._lock()
+            self.fd = self._lock(state)
         except BaseException:
             self._close_folders()
             raise
-        self._mark()
+        self._mark(state)
         return self
 
-    def _lock(self) -> int:
+    def _lock(self, state: SafeDir) -> int:
         """Lock the file at ``.batchcam/lock``: the one at the name once locked, not one replaced meanwhile."""
         for _ in range(LOCK_TRIES):
-            fd = self.state.open_lock_file(LOCK)
+            fd = state.open_lock_file(LOCK)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -144,7 +144,7 @@ class ReportLock:
                     raise ReportLocked(f"another batchcam run is writing {self.report} "
                                        f"(lock held: {self.path})") from None
                 raise
-            if self.state.same_file(LOCK, fd):
+            if state.same_file(LOCK, fd):
                 if os.fstat(fd).st_nlink == 1:  # the pid, for people; a lock shared with a backup is left as it is
                     os.ftruncate(fd, 0)
                     os.write(fd, f"{os.getpid()}\n".encode())
@@ -152,15 +152,15 @@ class ReportLock:
             os.close(fd)
         raise OSError(errno.EAGAIN, "the lock file keeps being replaced", str(self.path))
 
-    def _mark(self) -> None:
-        if self.state.is_file(MARKER):
+    def _mark(self, state: SafeDir) -> None:
+        if state.is_file(MARKER):
             return
         claimed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         marker = {"tool": "batchcam", "format": 1, "claimed_at": claimed_at, "id": uuid.uuid4().hex[:16]}
-        self.state.write_bytes(MARKER, (json.dumps(marker) + "\n").encode())
+        state.write_bytes(MARKER, (json.dumps(marker) + "\n").encode())
         self.marked = True
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the record lock
             self.fd = None

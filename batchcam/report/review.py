@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from typing import IO
 
 from batchcam.errors import UsageError
 from batchcam.records import Row, one_line
@@ -83,24 +84,25 @@ def parse_export(text: str, source: str, class_names: Sequence[str], report_id: 
 
 
 def checked_review(values: dict[str, str | None], class_names: Sequence[str]) -> Review:
-    if None in values or any(values.get(name) is None for name in EXPORT_COLUMNS):
+    fields = {name: value for name in EXPORT_COLUMNS if (value := values.get(name)) is not None}
+    if None in values or len(fields) != len(EXPORT_COLUMNS):
         raise ValueError("wrong number of fields")
-    decision, sha256, prediction = values["decision"], values["sha256"], values["prediction"]
+    decision, sha256, prediction = fields["decision"], fields["sha256"], fields["prediction"]
     if decision not in DECISIONS:
         raise ValueError(f"decision {decision!r} is not one of {', '.join(DECISIONS)}")
     if not SHA256.fullmatch(sha256):
         raise ValueError(f"sha256 {sha256!r} is not 64 lowercase hex digits")
     if prediction and prediction not in class_names:
         raise ValueError(f"prediction {prediction!r} is not a class of this report ({', '.join(class_names)})")
-    if values["confidence"]:
-        confidence = float(values["confidence"])
+    if fields["confidence"]:
+        confidence = float(fields["confidence"])
         if not 0 <= confidence <= 1:
             raise ValueError(f"confidence {confidence} is not within 0..1")
-    note = one_line(formula_unescaped(values["note"]))
+    note = one_line(formula_unescaped(fields["note"]))
     if len(note) > MAX_NOTE:
         raise ValueError(f"note longer than {MAX_NOTE} characters")
-    return Review(path=values["path"], sha256=sha256, prediction=prediction, confidence=values["confidence"],
-                  decision=decision, note=note, reviewed_at=utc_time(values["reviewed_at"]))
+    return Review(path=fields["path"], sha256=sha256, prediction=prediction, confidence=fields["confidence"],
+                  decision=decision, note=note, reviewed_at=utc_time(fields["reviewed_at"]))
 
 
 def utc_time(text: str) -> str:
@@ -232,7 +234,7 @@ def mark_states(reviews: Iterable[Review], rows: Sequence[Row]) -> list[Review]:
     return marked
 
 
-def write_reviews(stream: io.TextIOBase, reviews: Iterable[Review]) -> None:
+def write_reviews(stream: IO[str], reviews: Iterable[Review]) -> None:
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(STORED_COLUMNS)
     for review in reviews:
@@ -262,7 +264,7 @@ def review_summary(rows: Sequence[Row], decisions: dict[str, Review]) -> dict:
             tally = by_class.setdefault(row.prediction, {name: 0 for name in DECISIONS})
             tally[review.decision] += 1
     reviewed = sum(counts.values())
-    summary = {"counts": {"reviewed": reviewed, **counts, "not_reviewed": len(rows) - reviewed}}
+    summary: dict[str, dict] = {"counts": {"reviewed": reviewed, **counts, "not_reviewed": len(rows) - reviewed}}
     if reviewed:
         summary["agreement"] = {"overall": agreement(counts),
                                 "by_predicted_class": {name: {**tally, "agreement": agreement(tally)}

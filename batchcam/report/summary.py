@@ -55,7 +55,7 @@ def ood_summary(rows: Sequence[Row]) -> dict | None:
     scored = [row for row in rows if row.ok and row.ood_flag is not None]
     if not scored:
         return None
-    flagged = sum(row.ood_flag for row in scored)
+    flagged = sum(1 for row in scored if row.ood_flag)
     return {"n": len(scored), "flagged": flagged, "share_flagged": round(flagged / len(scored), 6)}
 
 

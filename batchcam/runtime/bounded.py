@@ -40,7 +40,8 @@ class FileTooLarge(Exception):
         super().__init__(f"file too large: {size_label(size)} (limit {limit_label(limit)}, --max-file-mb)")
         self.size, self.limit, self.mtime_ns = size, limit, mtime_ns
 
-    def __reduce__(self):  # crosses process boundaries (DataLoader workers) intact
+    def __reduce__(self) -> tuple[type[FileTooLarge], tuple[int, int, int]]:
+        # crosses process boundaries (DataLoader workers) intact
         return type(self), (self.size, self.limit, self.mtime_ns)
 
 

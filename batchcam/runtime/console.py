@@ -12,15 +12,15 @@ T = TypeVar("T")
 class Console:
     """stderr for people (quiet keeps only warnings), and a detailed log file once REPORT is known."""
 
-    def __init__(self, quiet: bool = False, stream=None):
+    def __init__(self, quiet: bool = False, stream: IO[str] | None = None):
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._log = None
+        self._log: IO[str] | None = None
         self.images_total: int | None = None  # of the last ``progress``: for the log's last line
         self.images_done = 0                  # images handed on, counted as each batch is
 
-    def attach_log(self, open_log: Callable[[], IO]) -> None:
+    def attach_log(self, open_log: Callable[[], IO[str]]) -> None:
         """Append this run's details to the stream ``open_log()`` opens (REPORT/batchcam.log); best
         effort, never fatal."""
         try:
@@ -52,7 +52,7 @@ class Console:
         except OSError:
             pass  # a full disk must not turn a log line into a failed run
 
-    def progress(self, batches: Iterable[T], total_images: int, sizes) -> Iterator[T]:
+    def progress(self, batches: Iterable[T], total_images: int, sizes: Callable[[T], int]) -> Iterator[T]:
         """Yield batches while showing progress in images (``sizes(batch)`` counts one batch)."""
         self.images_total, self.images_done = total_images, 0
         batches = self._counted(batches, sizes)
@@ -73,13 +73,13 @@ class Console:
             return "no image processed"
         return f"{self.images_done} of {self.images_total} images processed"
 
-    def _counted(self, batches: Iterable[T], sizes) -> Iterator[T]:
+    def _counted(self, batches: Iterable[T], sizes: Callable[[T], int]) -> Iterator[T]:
         """A batch counts once it is handed on: a stopped run finishes the batch it holds."""
         for batch in batches:
             self.images_done += sizes(batch)
             yield batch
 
-    def _lines(self, batches: Iterable[T], total: int, sizes) -> Iterator[T]:
+    def _lines(self, batches: Iterable[T], total: int, sizes: Callable[[T], int]) -> Iterator[T]:
         """At most one line per tenth of the work, so a cron mail stays short."""
         done, next_report, started = 0, max(1, total // 10), time.monotonic()
         for batch in batches:

@@ -33,7 +33,7 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        if device.index is not None and device.index >= torch.cuda.device_count():  # type: ignore[redundant-expr]  # torch types index int; "cuda" has None
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
     return device
 

@@ -24,7 +24,7 @@ import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, BinaryIO
 
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -77,7 +77,7 @@ class SafeDir:
     def __enter__(self) -> "SafeDir":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -154,9 +154,10 @@ class SafeDir:
         return found is not None and stat.S_ISREG(found.st_mode)
 
     @contextlib.contextmanager
-    def atomic_write(self, name: str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    def atomic_write(self, name: str, mode: str = "w", *, encoding: str | None = None,
+                     newline: str | None = None) -> Iterator[IO]:
         """Write a temporary file, flush, fsync, then rename it over ``name`` (a link there is replaced)."""
-        with self._about(name), self._atomic_write(name, mode, **open_kwargs) as f:
+        with self._about(name), self._atomic_write(name, mode, encoding, newline) as f:
             yield f
 
     def create_temporary(self, name: str, access: int = os.O_WRONLY) -> tuple[str, int]:
@@ -170,10 +171,10 @@ class SafeDir:
         raise FileExistsError(errno.EEXIST, "no free temporary name", str(self.path / name))
 
     @contextlib.contextmanager
-    def _atomic_write(self, name: str, mode: str, **open_kwargs) -> Iterator[IO]:
+    def _atomic_write(self, name: str, mode: str, encoding: str | None, newline: str | None) -> Iterator[IO]:
         temporary, fd = self.create_temporary(name)
         try:
-            with open(fd, mode, **open_kwargs) as f:
+            with open(fd, mode, encoding=encoding, newline=newline) as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
@@ -187,7 +188,7 @@ class SafeDir:
         with self._about(name):
             return open(os.open(name, os.O_WRONLY | _NEW_FILE, 0o644, dir_fd=self.fd), "wb")
 
-    def open_existing(self, name: str) -> IO[bytes]:
+    def open_existing(self, name: str) -> BinaryIO:
         """The regular file ``name`` opened for writing from empty (never a link, FIFO or device)."""
         with self._about(name):
             fd = os.open(name, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
@@ -277,7 +278,7 @@ class SafeDir:
         with self.atomic_write(name, "wb") as f:
             f.write(data)
 
-    def open_append(self, name: str, **open_kwargs) -> IO:
+    def open_append(self, name: str, *, encoding: str | None = None, errors: str | None = None) -> IO[str]:
         """``name`` opened for appending text, its lines kept. A link, FIFO or device in its place is
         replaced by a new, empty file (never written through, never waited on). A file that shares
         its inode with other names (a hard-link backup) is first copied to a file of its own, so the
@@ -285,7 +286,7 @@ class SafeDir:
         fd = self._open_own_file(name, os.O_RDWR | os.O_APPEND)
         if os.fstat(fd).st_nlink > 1:
             fd = self._copy_of_own(name, fd)
-        return open(fd, "a", **open_kwargs)
+        return open(fd, "a", encoding=encoding, errors=errors)
 
     def open_lock_file(self, name: str) -> int:
         """A read-write descriptor of ``name``, made when missing. A regular file there is opened in

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+# What signal.signal accepts and returns: a function, SIG_DFL/SIG_IGN, or None (set outside Python).
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class Interrupted(Exception):
@@ -29,9 +35,9 @@ class Interrupted(Exception):
 class InterruptGuard:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, SignalHandler] = {}
 
     @property
     def requested(self) -> bool:
@@ -43,7 +49,7 @@ class InterruptGuard:
                 self._previous[signum] = signal.signal(signum, self._note)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
@@ -53,7 +59,7 @@ class InterruptGuard:
         if self.signum is not None:
             raise Interrupted(self.signum)
 
-    def _note(self, signum, frame) -> None:
+    def _note(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:  # asked twice: stop now; the journal still has every finished batch
             raise KeyboardInterrupt
         self.signum = signum

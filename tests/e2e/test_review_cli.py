@@ -222,6 +222,25 @@ def test_prediction_and_confidence_are_the_reports_not_the_csvs(report, tmp_path
     assert (stored["prediction"], stored["confidence"]) == (rows[path]["prediction"], rows[path]["confidence"])
 
 
+def test_an_unlabelled_report_keeps_no_metrics_json_when_no_imported_decision_is_about_its_files_as_they_are(
+        tmp_path, tiny_model):
+    """Decisions about older bytes of its files only: nothing to count, and metrics.json was written as null."""
+    root = tmp_path / "unlabelled"
+    root.mkdir()
+    for seed in range(2):
+        generate(seed, "NORMAL", (160, 128)).image.save(root / f"img{seed}.png")
+    report = tmp_path / "report"
+    assert scan(root, report, tiny_model) == 0
+    assert not (report / "metrics.json").exists()
+    rows = read_rows(report)
+    older_bytes = {**rows[sorted(rows)[0]], "sha256": "0" * 64}
+    export = write_export(tmp_path / "review.csv", [export_line(older_bytes, "agree", "", "2026-12-02T08:00:00Z",
+                                                                report)])
+    assert main(["review", str(report), "--import", str(export)]) == 0
+    assert [r["sha256"] for r in stored_reviews(report)] == ["0" * 64]
+    assert not (report / "metrics.json").exists()
+
+
 def test_import_needs_a_batchcam_report_and_waits_for_no_lock(report, tmp_path, capsys):
     rows = rows_by_path(report)
     export = write_export(tmp_path / "review.csv",

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import shutil
+import subprocess
 import sys
 import urllib.error
 from pathlib import Path
@@ -83,6 +84,14 @@ def trained(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     code, stdout, stderr = run(["--data", dataset, "--out", out, "--epochs", "2", "--lr", "1e-4", *FAST])
     return code, out, stdout, stderr
+
+
+def test_help_works_when_python_strips_docstrings():
+    """``python -OO`` sets ``__doc__`` to None: the description once came from the module docstring."""
+    done = subprocess.run([sys.executable, "-OO", str(REPO / "train_model.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ResNet18" in done.stdout
 
 
 # ------------------------------------------------------------------ a normal run

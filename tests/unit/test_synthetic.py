@@ -1,6 +1,8 @@
 """batchcam.synthetic: deterministic, plausible stand-ins for chest X-rays and their ImageFolder tree."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -164,3 +166,11 @@ def test_scanning_the_generators_output_finds_only_the_xrays_not_the_masks(tmp_p
     assert len(masks) == len(images) >= 8
     found = [candidate.path for candidate in discover(out).candidates]
     assert sorted(found) == images
+
+
+def test_help_works_when_python_strips_docstrings():
+    """``python -OO`` sets every ``__doc__`` to None: the description once came from a docstring."""
+    done = subprocess.run([sys.executable, "-OO", "-m", "batchcam.synthetic", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "ImageFolder tree" in done.stdout
