@@ -101,7 +101,7 @@ class Number(Kind):
     dtype: ClassVar[str] = "float64"
     empty: ClassVar[Any] = None
 
-    def write(self, value: float | None) -> str:
+    def write(self, value: float | int | None) -> str:
         if value is None:
             return ""
         return f"{value:.{self.digits}f}" if isinstance(value, float) else str(value)

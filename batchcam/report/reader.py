@@ -47,7 +47,7 @@ def read_report(report: str | Path) -> pd.DataFrame:
         reviews = folder.read_text(REVIEWS)
     class_names = list(manifest["model"]["class_names"])
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    frame = pd.DataFrame(list(reader), columns=reader.fieldnames, dtype="string")
+    frame = pd.DataFrame(list(reader), columns=list(reader.fieldnames or ()), dtype="string")
     dtypes = csv_dtypes(class_names)
     for name in frame.columns:
         if name in dtypes:
@@ -63,8 +63,10 @@ def typed(cells: pd.Series, column: CsvColumn) -> pd.Series:
     import pandas as pd
 
     values = cells.replace("", None)
-    if column.dtype in ("float64", "Int64"):
-        return pd.to_numeric(values, errors="coerce").astype(column.dtype)
+    if column.dtype == "float64":
+        return pd.to_numeric(values, errors="coerce").astype("float64")
+    if column.dtype == "Int64":
+        return pd.to_numeric(values, errors="coerce").astype("Int64")
     if column.dtype == "boolean":
         return cells.map({"true": True, "false": False, "": pd.NA}).astype("boolean")
     if column.dtype == "category":
@@ -99,7 +101,7 @@ def join_reviews(frame: pd.DataFrame, text: str) -> pd.DataFrame:
     import pandas as pd
 
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    reviews = pd.DataFrame(list(reader), columns=reader.fieldnames, dtype="string")
+    reviews = pd.DataFrame(list(reader), columns=list(reader.fieldnames or ()), dtype="string")
     reviews = reviews.loc[reviews["decision"].isin(DECISIONS), ["path", "sha256", "decision", "note", "reviewed_at"]]
     reviews = reviews.drop_duplicates(["path", "sha256"], keep="last")
     joined = frame.merge(reviews, on=["path", "sha256"], how="left", validate="many_to_one")

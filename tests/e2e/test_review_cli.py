@@ -232,7 +232,7 @@ def test_an_unlabelled_report_keeps_no_metrics_json_when_no_imported_decision_is
     report = tmp_path / "report"
     assert scan(root, report, tiny_model) == 0
     assert not (report / "metrics.json").exists()
-    rows = read_rows(report)
+    rows = rows_by_path(report)
     older_bytes = {**rows[sorted(rows)[0]], "sha256": "0" * 64}
     export = write_export(tmp_path / "review.csv", [export_line(older_bytes, "agree", "", "2026-12-02T08:00:00Z",
                                                                 report)])

@@ -15,8 +15,11 @@ import pytest
 
 import batchcam
 from batchcam import records
+from batchcam.cli import build_parser
+from batchcam.config import ScanConfig
+from batchcam.options import from_values
 from batchcam.records import ROW_COMPUTATION, ROW_FORMAT, SCHEMA, Row, columns, read_csv, reported, write_csv
-from batchcam.report.store import Settings
+from batchcam.report import store
 from batchcam.schema import (
     COLUMN,
     Choice,
@@ -233,9 +236,9 @@ def test_the_row_format_is_the_same_in_every_process():
         assert run.stdout.strip() == ROW_FORMAT, run.stderr
 
 
-def test_a_new_row_format_makes_a_new_settings_key_so_stored_rows_are_not_reused():
-    settings = Settings(model_sha256="m", cam="gradcam", target="predicted", target_layer="layer4", image_size=224,
-                        mean=(0.5,), std=(0.5,))
-    assert settings.row_format == ROW_FORMAT
-    other = Settings(**{**asdict(settings), "row_format": f"{ROW_COMPUTATION}-{Schema(Stored).digest}"})
-    assert other.key != settings.key
+def test_a_new_row_format_makes_a_new_settings_key_so_stored_rows_are_not_reused(monkeypatch):
+    config = from_values(ScanConfig, vars(build_parser().parse_args(["scan", "root", "--out", "out"])))
+    resolved = {"model": {"sha256": "m"}, "precision": "fp32", "target": "predicted"}
+    key = store.settings_key(config, resolved)
+    monkeypatch.setattr(store, "ROW_FORMAT", f"{ROW_COMPUTATION}-{Schema(Stored).digest}")
+    assert store.settings_key(config, resolved) != key
