@@ -1,7 +1,7 @@
 """Explaining a few in-memory X-rays with scan's own stages: what ``predict`` and ``serve`` share.
 
 There is no second copy of any stage here: decoding is ``dataset.decode_sample``, batching is
-``dataset.collate_samples``, model + CAM is ``pipeline.explain_batch`` under a ``CamEngine``, and
+``dataset.collate_samples``, model + CAM is ``stages.explain_batch`` under a ``CamEngine``, and
 the overlay is ``overlay.render``. So a file explained here gets exactly the prediction, map and
 overlay that a scan would give it.
 """

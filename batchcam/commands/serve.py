@@ -12,8 +12,8 @@ decoded one at a time server-wide and go through the model in batches of at most
 decoded batch by batch, so memory does not grow with the number of files. After each request the
 memory it freed goes back to the operating system (``release_freed_memory``): without that, glibc
 keeps what the busiest moment needed for the server's whole life. With the defaults, the server's
-peak RSS stays under 2 GB with the demo model on the CPU (benchmarks/bench_serve_memory.py
-measures it).
+peak memory is bounded whatever a request holds (benchmarks/bench_serve_memory.py measures it;
+benchmarks/RESULTS.md has the figures).
 
 Every request must name this server in its Host header, and the API answers only this server's own
 page (serve_guard.py).

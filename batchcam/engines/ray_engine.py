@@ -1,7 +1,7 @@
 """``scan --engine ray``: the process stage on a Ray cluster, with the local engine's contract.
 
 Discovery, the incremental plan, the journal and every report writer stay on the driver (this
-process), exactly as in ``pipeline.scan``; only ``pipeline.process`` is replaced:
+process), exactly as in ``commands.scan_run``; only ``engines.local.process`` is replaced:
 
     paths (Ray Dataset) -> decode (CPU tasks, map_batches) -> model + CAM + overlays (actor pool)
                         -> rows stream back -> journaled batch by batch on the driver
@@ -110,7 +110,7 @@ def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str
 
 def journal(batches: Generator[list[Explained], None, None], total: int, store: RowStore, console: Console,
             guard: InterruptGuard) -> tuple[list[Row], dict[str, np.ndarray]]:
-    """Journal each batch the moment it arrives, as ``pipeline.process`` does.
+    """Journal each batch the moment it arrives, as ``engines.local.process`` does.
 
     After SIGINT/SIGTERM (also one received while the cluster started) it stops after the batch
     that arrives next; the pipeline is closed, its other batches are redone by the next run.

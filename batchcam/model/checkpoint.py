@@ -21,7 +21,7 @@ import hashlib
 import io
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -373,11 +373,6 @@ def _calibration(file: ModelFile, raw: dict) -> tuple[float, OodStatistics | Non
     if not 0 < temperature < float("inf"):
         raise file.refuse(f"checkpoint temperature must be a positive number, got {temperature}")
     return temperature, ood
-
-
-def spec_as_dict(spec: ModelSpec) -> dict[str, Any]:
-    data = asdict(spec)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
 def normalize(gray: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
