@@ -28,11 +28,10 @@ from batchcam.cam import overlay as overlays
 from batchcam.cam.engine import CamEngine
 from batchcam.checks.metrics import _average_ranks
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_SANITY_SAMPLE
-from batchcam.decode.dataset import Sample, collate_samples, decode_sample
+from batchcam.decode.dataset import Sample, collate_samples, decode_sample, read_sample
 from batchcam.decode.discover import Candidate, discover
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import LoadedModel, normalize
-from batchcam.runtime.bounded import FileTooLarge, read_file_bounded
 from batchcam.runtime.devices import resolve_device
 from batchcam.runtime.fsutil import SafeDir
 
@@ -103,11 +102,8 @@ def sample_files(root: Path, count: int, seed: int = SEED) -> list[Candidate]:
 
 def read_and_decode(candidate: Candidate, image_size: int) -> Sample:
     """A sampled file decoded; one that cannot be read (a broken link, say) is an error sample, left out."""
-    try:
-        data = read_file_bounded(Path(candidate.path), DEFAULT_MAX_FILE_BYTES)
-    except (OSError, FileTooLarge) as e:
-        return Sample(relpath=candidate.relpath, error=f"cannot read file: {getattr(e, 'strerror', None) or e}")
-    return decode_sample(candidate.relpath, data, image_size)
+    return read_sample(Path(candidate.path), candidate.relpath, DEFAULT_MAX_FILE_BYTES,
+                       lambda relpath, data: decode_sample(relpath, data, image_size))
 
 
 def sanity_check(loaded: LoadedModel, root: Path, sample: int = DEFAULT_SANITY_SAMPLE, device: str = "auto",

@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from batchcam.config import DEFAULT_MAX_FILE_BYTES, OVERLAY_LONG_SIDE, Selection
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, fit_within, resize_square
 from batchcam.decode.lungs import estimate_lung_fields
 from batchcam.decode.pixels import DecodeError, NotSelected, is_dicom
-from batchcam.runtime.bounded import FileInFlux, FileTooLarge, read_consistently
+from batchcam.runtime.bounded import FileInFlux, FileTooLarge, read_consistently, read_file_bounded
 
 
 @dataclass
@@ -83,7 +84,7 @@ class ScanDataset(Dataset):
         except FileTooLarge as e:  # re-decided every run (a stat), so a raised --max-file-mb takes effect
             return Sample(relpath=item.relpath, error=str(e), size=e.size, mtime_ns=e.mtime_ns, transient=True)
         except OSError as e:
-            return Sample(relpath=item.relpath, error=f"cannot read file: {e.strerror or e}")
+            return Sample(relpath=item.relpath, error=cannot_read(e))
         if self.can_defer is not None and self.can_defer(data):
             sample = Sample(relpath=item.relpath, sha256=hashlib.sha256(data).hexdigest(), encoded=data)
         else:
@@ -99,6 +100,26 @@ class ScanDataset(Dataset):
                                 self.selection)
         decoded.size, decoded.mtime_ns = sample.size, sample.mtime_ns
         return decoded
+
+
+def cannot_read(error: OSError) -> str:
+    return f"cannot read file: {error.strerror or error}"
+
+
+def read_sample(path: Path, relpath: str, max_file_bytes: int, decode: Callable[[str, bytes], Sample]) -> Sample:
+    """One file read whole (bounded, a regular file only) and decoded by ``decode``; a file that cannot
+    be read, or is over the size cap, becomes an error sample like one that cannot be decoded.
+
+    For the commands that read a few named files (predict, sanity); a scan's ``ScanDataset`` also
+    records the file's size and mtime and notices a file that changes while it is read.
+    """
+    try:
+        data = read_file_bounded(path, max_file_bytes)
+    except FileTooLarge as e:
+        return Sample(relpath=relpath, error=str(e))
+    except OSError as e:
+        return Sample(relpath=relpath, error="is a folder (use scan for folders)" if path.is_dir() else cannot_read(e))
+    return decode(relpath, data)
 
 
 def worker_init(parent_pid: int, worker_id: int) -> None:
