@@ -6,11 +6,7 @@ slide onto a neighbour's row.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
-import os
-import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +50,6 @@ class Sample:
     @property
     def status(self) -> str:
         return "error" if self.error else "skipped" if self.skip_reason else "ok"
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ScanDataset(Dataset):
@@ -120,29 +113,6 @@ def read_sample(path: Path, relpath: str, max_file_bytes: int, decode: Callable[
     except OSError as e:
         return Sample(relpath=relpath, error="is a folder (use scan for folders)" if path.is_dir() else cannot_read(e))
     return decode(relpath, data)
-
-
-def worker_init(parent_pid: int, worker_id: int) -> None:
-    """DataLoader worker set-up: tie each worker's life to the run's.
-
-    Ctrl-C reaches the whole process group, but only the main process decides how a run stops (it
-    finishes the batch in flight and saves), so workers ignore SIGINT. And a worker must not
-    outlive a run killed with SIGKILL: blocked on a full queue nobody reads, it would stay forever,
-    so on Linux the kernel is asked to kill it when its parent dies. Bind ``parent_pid`` with
-    ``functools.partial(worker_init, os.getpid())``.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(parent_pid)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: workers then rely on torch's own parent check
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: int = OVERLAY_LONG_SIDE,

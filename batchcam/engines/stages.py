@@ -20,12 +20,13 @@ from batchcam.cam import overlay_tensor
 from batchcam.cam.engine import CamBatch, CamEngine
 from batchcam.checks import attention
 from batchcam.config import Measures, ScanConfig
-from batchcam.decode.dataset import Sample, ScanDataset, collate_samples, worker_init
+from batchcam.decode.dataset import Sample, ScanDataset, collate_samples
 from batchcam.model.checkpoint import LoadedModel, normalize
 from batchcam.records import Row, display_path, overlay_path
 from batchcam.report.folder import ReportFolder
 from batchcam.report.summary import label_for
 from batchcam.runtime.console import Console
+from batchcam.runtime.workers import worker_init
 
 
 def prepared_model(loaded: LoadedModel, device: torch.device, compile: bool = False) -> torch.nn.Module:
