@@ -21,10 +21,10 @@ from batchcam.cam.engine import CamBatch, CamEngine
 from batchcam.checks import attention
 from batchcam.config import Measures, ScanConfig
 from batchcam.decode.dataset import Sample, ScanDataset, collate_samples
+from batchcam.decode.discover import label_for
 from batchcam.model.checkpoint import LoadedModel, normalize
 from batchcam.records import Row, display_path, overlay_path
 from batchcam.report.folder import ReportFolder
-from batchcam.report.summary import label_for
 from batchcam.runtime.console import Console
 from batchcam.runtime.workers import worker_init
 
