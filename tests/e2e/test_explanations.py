@@ -12,8 +12,9 @@ import torch
 from helpers import page_cards, read_rows, records, rows_by_path, rows_script
 
 from batchcam.checks.attention import attention_outside
-from batchcam.checks.sanity import sanity_check, spearman
+from batchcam.checks.sanity import spearman
 from batchcam.cli import main
+from batchcam.commands.sanity import sanity_check
 from batchcam.decode.imaging import resize_square
 from batchcam.decode.lungs import estimate_lung_fields
 from batchcam.model.checkpoint import load_checkpoint
