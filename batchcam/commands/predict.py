@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from batchcam.commands.explain import Explainer, Explanation
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, PredictConfig, resolve_target
 from batchcam.decode.dataset import Sample
 from batchcam.decode.dataset import read_sample as read_file_sample
@@ -22,6 +21,7 @@ from batchcam.model.checkpoint import load_model
 from batchcam.runtime.console import Console
 from batchcam.runtime.devices import resolve_device
 from batchcam.runtime.fsutil import SafeDir, publish_new
+from batchcam.serving.explain import Explainer, Explanation
 
 
 @dataclass
