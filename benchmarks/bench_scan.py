@@ -179,11 +179,11 @@ def library_batches(loaded, paths: list[Path], out: Path, workers: int) -> dict[
     return results
 
 
-# Benchmark only: scan_run's backend factory replaced by a model step that costs nothing and gives
+# Benchmark only: commands/scan/run.py's backend factory replaced by a model step that costs nothing and gives
 # outputs of the model's shapes (logits, 512 x 7 x 7 activations), to measure what the CPUs can feed.
 ZERO_COST_MODEL = """
 import torch
-from batchcam.commands import scan_run
+from batchcam.commands.scan import run as scan_run
 
 class ZeroCostForward:
     name = "zero-cost stand-in"

@@ -1,7 +1,7 @@
 """``scan --engine ray``: the process stage on a Ray cluster, with the local engine's contract.
 
 Discovery, the incremental plan, the journal and every report writer stay on the driver (this
-process), exactly as in ``commands.scan_run``; only ``engines.local.process`` is replaced:
+process), exactly as in ``commands.scan.run``; only ``engines.local.process`` is replaced:
 
     paths (Ray Dataset) -> decode (CPU tasks, map_batches) -> model + CAM + overlays (actor pool)
                         -> rows stream back -> journaled batch by batch on the driver

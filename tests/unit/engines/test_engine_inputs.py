@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from batchcam.cam.engine import CamEngine
-from batchcam.commands.scan_run import backend_for
+from batchcam.commands.scan.run import backend_for
 from batchcam.config import Measures, ScanConfig, Selection
 from batchcam.decode.dataset import collate_samples
 from batchcam.engines import ray_engine
