@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from batchcam.cam.engine import CamEngine
+from batchcam.cam.explainer import CamExplainer
 from batchcam.checks.metrics import classification_metrics, expected_calibration_error
 from batchcam.cli import add_selection_options, selection
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, Selection
@@ -321,11 +321,11 @@ def features_and_logits(model: nn.Module, loader: DataLoader, spec: ModelSpec, d
     by the engine scan uses (so the statistics describe exactly the features scan will score)."""
     model.eval()
     features, logits, labels = [], [], []
-    with CamEngine(model, autocast=resolve_precision("auto", device)) as engine:
+    with CamExplainer(model, autocast=resolve_precision("auto", device)) as explainer:
         for gray, batch_labels, _ in progress(loader, what):
             if gray is None or batch_labels is None:
                 continue
-            batch = engine(normalize(gray.to(device, non_blocking=True), spec))
+            batch = explainer(normalize(gray.to(device, non_blocking=True), spec))
             features.append(batch.features)
             logits.append(batch.logits)
             labels.append(batch_labels)

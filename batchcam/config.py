@@ -23,7 +23,7 @@ from batchcam.errors import UsageError
 from batchcam.options import Config, Group, Option, check_choice, nested, path_argument, switch
 from batchcam.records import display_path
 
-# CAM methods: the exact fast path (gradcam) and pytorch-grad-cam's classes (cam.engine maps them).
+# CAM methods: the exact fast path (gradcam) and pytorch-grad-cam's classes (cam.explainer maps them).
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 HEAT_SCALES = ("image", "run")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -51,7 +51,7 @@ from bench_scan import small_folder as linked  # noqa: E402
 
 from batchcam.cam import overlay  # noqa: E402
 from batchcam.cam.backends import make_forward  # noqa: E402
-from batchcam.cam.engine import TARGET_LAYER, from_forward  # noqa: E402
+from batchcam.cam.explainer import TARGET_LAYER, from_forward  # noqa: E402
 from batchcam.checks.attention import attention_outside  # noqa: E402
 from batchcam.config import OVERLAY_LONG_SIDE  # noqa: E402
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, fit_within, resize_square  # noqa: E402

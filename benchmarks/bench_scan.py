@@ -45,7 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from batchcam.cam.backends import make_forward
-from batchcam.cam.engine import TARGET_LAYER, CamEngine
+from batchcam.cam.explainer import TARGET_LAYER, CamExplainer
 from batchcam.config import OVERLAY_LONG_SIDE
 from batchcam.decode.dataset import ScanDataset, collate_samples
 from batchcam.decode.discover import discover
@@ -101,10 +101,10 @@ def forward_steps(forward, tensors: list[torch.Tensor]) -> None:
 
 
 def backend_agreement(loaded, forward, tensors: list[torch.Tensor]) -> dict:
-    """ONNX Runtime against eager PyTorch through CamEngine: largest probability difference, same peaks."""
+    """ONNX Runtime against eager PyTorch through CamExplainer: largest probability difference, same peaks."""
     model = loaded.model.to(memory_format=torch.channels_last)
     largest, same_peaks, images = 0.0, 0, 0
-    with CamEngine(model) as eager, CamEngine(model, forward=forward) as fast:
+    with CamExplainer(model) as eager, CamExplainer(model, forward=forward) as fast:
         for batch in tensors:
             expected, actual = eager(batch), fast(batch)
             largest = max(largest, float((expected.probabilities - actual.probabilities).abs().max()))

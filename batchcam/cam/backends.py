@@ -1,6 +1,6 @@
 """The model step of the exact Grad-CAM path: a batch ``x`` -> ``(logits, target-layer activations)``.
 
-``CamEngine`` turns those two tensors into probabilities and maps in one place, whichever backend
+``CamExplainer`` turns those two tensors into probabilities and maps in one place, whichever backend
 produced them:
 
 - ``EagerForward``: the PyTorch model itself, the activations caught by a forward hook scoped by
@@ -84,7 +84,7 @@ class EagerForward:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._hook is None:
-            raise RuntimeError("CamEngine must be used inside a 'with' block")
+            raise RuntimeError("CamExplainer must be used inside a 'with' block")
         with torch.inference_mode():
             with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 logits = self.model(x).float()

@@ -4,7 +4,7 @@
 A map that explains the model must change when the model's weights are destroyed. On a deep copy
 of the model, the layers are re-initialised from the top down, cascading (``fc``, then ``layer4``,
 ``layer3``, ``layer2``, ``layer1``, then the stem ``conv1``/``bn1``), with a fixed seed; after each
-step the maps of a sample of images are computed again with the exact Grad-CAM of ``CamEngine``
+step the maps of a sample of images are computed again with the exact Grad-CAM of ``CamExplainer``
 (which reads the fc weights, so re-initialising fc already changes the map), for the class each
 image's original map explained. Each randomised map is compared with the original by Spearman's
 rank correlation over the map's cells (a flat map shares no ranking with anything: 0). Maps that
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batchcam.cam.engine import CamEngine
+from batchcam.cam.explainer import CamExplainer
 from batchcam.checks.metrics import _average_ranks
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import LoadedModel, normalize
@@ -66,10 +66,10 @@ def maps_for(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, cla
         chosen = targets == c
         if not chosen.any():
             continue
-        with CamEngine(model, "gradcam", target=c) as engine:
-            if not engine.exact:
+        with CamExplainer(model, "gradcam", target=c) as explainer:
+            if not explainer.exact:
                 raise UsageError("the sanity check needs a ResNet head of avgpool -> Linear (exact Grad-CAM)")
-            cams = engine(x[chosen.to(x.device)]).cams
+            cams = explainer(x[chosen.to(x.device)]).cams
         if maps is None:
             maps = torch.zeros(x.shape[0], *cams.shape[1:])
         maps[chosen] = cams
@@ -86,8 +86,8 @@ def cascading_randomisation(loaded: LoadedModel, views: torch.Tensor, device: to
     model = copy.deepcopy(loaded.model).to(device).eval()
     x = normalize(views.to(device), loaded.spec)
     classes = len(loaded.spec.class_names)
-    with CamEngine(model) as engine:
-        targets = engine(x).targets
+    with CamExplainer(model) as explainer:
+        targets = explainer(x).targets
     original = maps_for(model, x, targets, classes)
     steps, maps, correlations, done = ["original"], {"original": original}, {"original": [1.0] * len(paths)}, []
     for depth, names in enumerate(CASCADE):

@@ -18,7 +18,7 @@ import torch
 from helpers import rows_by_path
 from PIL import Image
 
-from batchcam.cam.engine import CamEngine
+from batchcam.cam.explainer import CamExplainer
 from batchcam.cli import main
 from batchcam.decode.dataset import Sample, ScanDataset, collate_samples, decode_sample
 from batchcam.decode.discover import discover
@@ -111,7 +111,7 @@ def test_batched_decoding_matches_the_cpu_decoder(tmp_path, demo):
         assert sample.display.shape == expected.display.shape
         assert np.abs(sample.model_view.astype(int) - expected.model_view).mean() < 1.5
         assert sample.lung_fields is not None
-    with CamEngine(demo.model) as engine:
+    with CamExplainer(demo.model) as engine:
         batched = engine(normalize(views, demo.spec))
         plain = engine(normalize(reference_views, demo.spec))
     assert torch.equal(batched.probabilities.argmax(1), plain.probabilities.argmax(1))
@@ -133,9 +133,9 @@ def test_a_jpeg_the_batched_decoder_rejects_gets_the_cpu_decoders_row(tmp_path):
 def test_autocast_computes_the_map_in_float32_close_to_fp32(demo):
     x = normalize(torch.from_numpy(np.stack([np.asarray(generate(s, "PNEUMONIA", (224, 224)).image)
                                              for s in range(4)])), demo.spec)
-    with CamEngine(demo.model) as engine:
+    with CamExplainer(demo.model) as engine:
         fp32 = engine(x)
-    with CamEngine(demo.model, autocast=torch.bfloat16) as engine:
+    with CamExplainer(demo.model, autocast=torch.bfloat16) as engine:
         bf16 = engine(x)
     assert bf16.cams.dtype == torch.float32 and bf16.probabilities.dtype == torch.float32
     assert torch.equal(bf16.targets, fp32.targets)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from batchcam.cam.backends import EagerForward, OnnxForward, choose_backend, make_forward
-from batchcam.cam.engine import TARGET_LAYER, CamEngine, linear_head
+from batchcam.cam.explainer import TARGET_LAYER, CamExplainer, linear_head
 from batchcam.config import ScanConfig, resolve_target
 from batchcam.decode.discover import IMAGE_EXTENSIONS, Discovery, discover
 from batchcam.engines import local
@@ -197,11 +197,11 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
         counts = {"found": len(files), "processed": len(processed), "reused": len(plan.reuse),
                   **status_counts(rows)}
         seconds = time.monotonic() - started
-        forward = job.cam_engine.forward if config.engine == "local" else None  # ray: the actors build their own
+        forward = job.cam_explainer.forward if config.engine == "local" else None  # ray: the actors build their own
         backend = forward.name if forward is not None else job.resolved.backend
         cam_info: dict[str, object] = {
             "method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
-            "exact_fast_path": job.cam_engine.exact, "heat_scale": config.heat_scale, "backend": backend,
+            "exact_fast_path": job.cam_explainer.exact, "heat_scale": config.heat_scale, "backend": backend,
             "backend_file_sha256": forward.file_sha256 if forward is not None else None}
         if config.heat_scale == "run":
             cam_info["run_scale"] = rescale_overlays(rows, files, {**previous_cams, **new_cams}, job)
@@ -243,11 +243,11 @@ def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportF
     loaded, device, autocast = ready.loaded, ready.device, ready.autocast
     model = prepared_model(loaded, device, config.compile)
     step = ready.step or model_step(config, loaded, model, device, autocast, images, console.log)
-    cam_engine = CamEngine(model, config.cam, ready.target, autocast=autocast, temperature=loaded.temperature,
+    cam_explainer = CamExplainer(model, config.cam, ready.target, autocast=autocast, temperature=loaded.temperature,
                            forward=step.forward)
     resolved = Resolved(autocast=autocast, target=ready.target, backend=step.backend,
                         settings_key=ready.settings_key)
-    return ScanJob(config=config, resolved=resolved, loaded=loaded, device=device, cam_engine=cam_engine,
+    return ScanJob(config=config, resolved=resolved, loaded=loaded, device=device, cam_explainer=cam_explainer,
                    report=report, store=store, console=console)
 
 
