@@ -51,7 +51,7 @@ from batchcam.decode.dataset import ScanDataset, collate_samples
 from batchcam.decode.discover import discover
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, resize_square
 from batchcam.model.calibration import scaled_probabilities
-from batchcam.model.checkpoint import load_checkpoint, normalize
+from batchcam.model.checkpoint import load_checkpoint, model_input
 from batchcam.resources import DEMO_MODEL
 from batchcam.runtime.allocator import keep_freed_memory
 from batchcam.synthetic import generate
@@ -165,7 +165,7 @@ def library_batches(loaded, paths: list[Path], out: Path, workers: int) -> dict[
     results = {}
     loader = DataLoader(Decoded(paths, spec.image_size), batch_size=BATCH, num_workers=workers)
     for gray, indices in loader:
-        x = normalize(gray, spec)
+        x = model_input(gray, spec)
         with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
             heats = cam(input_tensor=x, targets=None)
             predictions = cam.outputs.argmax(1).tolist()
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     paths = make_images(root, args.images, args.format)
     loaded = load_checkpoint(DEMO_MODEL, demo=True)
     spec = loaded.spec
-    tensors = [normalize(torch.from_numpy(np.stack([resize_square(decode_grayscale(p.read_bytes()).gray,
+    tensors = [model_input(torch.from_numpy(np.stack([resize_square(decode_grayscale(p.read_bytes()).gray,
                                                                   spec.image_size) for p in paths[i:i + BATCH]])),
                          spec).contiguous(memory_format=torch.channels_last) for i in range(0, len(paths), BATCH)]
 
@@ -427,7 +427,7 @@ def report_gpu(args: argparse.Namespace, work: Path) -> int:
     loaded = load_checkpoint(DEMO_MODEL, demo=True)
     loaded.model.to("cuda", memory_format=torch.channels_last)
     spec = loaded.spec
-    tensors = [normalize(torch.from_numpy(np.stack([resize_square(decode_grayscale(p.read_bytes()).gray,
+    tensors = [model_input(torch.from_numpy(np.stack([resize_square(decode_grayscale(p.read_bytes()).gray,
                                                                   spec.image_size) for p in paths[i:i + BATCH]])),
                          spec).to("cuda").contiguous(memory_format=torch.channels_last)
                for i in range(0, len(paths), BATCH)]

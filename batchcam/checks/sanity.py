@@ -23,7 +23,7 @@ import torch
 from batchcam.cam.explainer import CamExplainer
 from batchcam.checks.metrics import _average_ranks
 from batchcam.errors import UsageError
-from batchcam.model.checkpoint import LoadedModel, normalize
+from batchcam.model.checkpoint import LoadedModel, model_input
 
 CASCADE = (("fc",), ("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1"))
 SEED = 0
@@ -84,7 +84,7 @@ def cascading_randomisation(loaded: LoadedModel, views: torch.Tensor, device: to
     each step of ``CASCADE`` re-initialised in turn on a copy of the model, every map compared with
     the original by Spearman's rank correlation."""
     model = copy.deepcopy(loaded.model).to(device).eval()
-    x = normalize(views.to(device), loaded.spec)
+    x = model_input(views.to(device), loaded.spec)
     classes = len(loaded.spec.class_names)
     with CamExplainer(model) as explainer:
         targets = explainer(x).targets

@@ -38,7 +38,7 @@ from batchcam.model.calibration import (
     temperature_warning,
     too_few_images,
 )
-from batchcam.model.checkpoint import LoadedModel, load_checkpoint, normalize, save_calibrated
+from batchcam.model.checkpoint import LoadedModel, load_checkpoint, model_input, save_calibrated
 from batchcam.records import display_path
 from batchcam.runtime.console import Console
 from batchcam.runtime.devices import resolve_device
@@ -160,7 +160,7 @@ def forward_all(files: list[LabelledFile], loaded: LoadedModel, config: Calibrat
                                 f"{sample.error or sample.skip_reason}")
             if views is None:
                 continue
-            batch = explainer(normalize(views.to(device), loaded.spec))
+            batch = explainer(model_input(views.to(device), loaded.spec))
             good = [by_relpath[s.relpath] for s in samples if s.ok]
             features.append(batch.features)
             logits.append(batch.logits)

@@ -22,7 +22,7 @@ from batchcam.checks import attention
 from batchcam.config import Measures, ScanConfig
 from batchcam.decode.dataset import Sample, ScanDataset, collate_samples
 from batchcam.decode.discover import label_for
-from batchcam.model.checkpoint import LoadedModel, normalize
+from batchcam.model.checkpoint import LoadedModel, model_input
 from batchcam.records import Row, display_path, overlay_path
 from batchcam.report.folder import ReportFolder
 from batchcam.runtime.console import Console
@@ -66,7 +66,7 @@ def explain_batch(samples: list[Sample], views: torch.Tensor | None, explainer: 
     """
     cam_batch, x = None, None
     if views is not None:
-        x = normalize(views.to(device, non_blocking=True), loaded.spec).contiguous(memory_format=torch.channels_last)
+        x = model_input(views.to(device, non_blocking=True), loaded.spec).contiguous(memory_format=torch.channels_last)
         cam_batch = explainer(x)
     results = batch_rows(samples, cam_batch, loaded, settings_key)
     if measures.faithfulness and cam_batch is not None and x is not None:

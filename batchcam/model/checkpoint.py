@@ -375,7 +375,7 @@ def _calibration(file: ModelFile, raw: dict) -> tuple[float, OodStatistics | Non
     return temperature, ood
 
 
-def normalize(gray: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+def model_input(gray: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     """uint8 grayscale batch (B, H, W) -> float (B, C, H, W) normalised with the checkpoint's mean/std.
 
     X-rays are decoded once as one channel; a 3-channel model's input channels are that image

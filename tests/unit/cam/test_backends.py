@@ -144,12 +144,13 @@ def xray_batch(count: int = 4) -> torch.Tensor:
     import numpy as np
 
     from batchcam.decode.imaging import resize_square
-    from batchcam.model.checkpoint import ModelSpec, normalize
+    from batchcam.model.checkpoint import ModelSpec, model_input
     from batchcam.synthetic import generate
 
     views = [resize_square(generate(i, ("NORMAL", "PNEUMONIA")[i % 2], (96, 80)).image.convert("L"), SIZE)
              for i in range(count)]
-    return normalize(torch.from_numpy(np.stack(views)), ModelSpec(class_names=("NORMAL", "PNEUMONIA"), image_size=SIZE))
+    return model_input(torch.from_numpy(np.stack(views)),
+                       ModelSpec(class_names=("NORMAL", "PNEUMONIA"), image_size=SIZE))
 
 
 def plant_in_cache(cache, data: bytes):

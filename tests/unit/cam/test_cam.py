@@ -7,7 +7,7 @@ import torch
 from pytorch_grad_cam import GradCAM
 
 from batchcam.cam.explainer import LIBRARY_METHODS, CamExplainer, linear_head
-from batchcam.cam.overlay import normalise, upsample
+from batchcam.cam.overlay import min_max_scaled, upsample
 from batchcam.model.checkpoint import build_model
 
 SIZE = 64
@@ -35,7 +35,7 @@ def fast_gradcam_normalised(model: torch.nn.Module, x: torch.Tensor) -> np.ndarr
     with CamExplainer(model, "gradcam") as engine:
         assert engine.exact
         batch = engine(x)
-    return np.stack([normalise(upsample(normalise(cam), SIZE, SIZE)).numpy() for cam in batch.cams])
+    return np.stack([min_max_scaled(upsample(min_max_scaled(cam), SIZE, SIZE)).numpy() for cam in batch.cams])
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
@@ -59,7 +59,7 @@ def test_exact_gradcam_explains_a_fixed_target_class_like_the_library():
         expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)] * 4)
     with CamExplainer(model, "gradcam", target=0) as engine:
         batch = engine(x)
-    actual = np.stack([normalise(upsample(normalise(c), SIZE, SIZE)).numpy() for c in batch.cams])
+    actual = np.stack([min_max_scaled(upsample(min_max_scaled(c), SIZE, SIZE)).numpy() for c in batch.cams])
     assert batch.targets.tolist() == [0, 0, 0, 0]
     assert np.abs(actual - expected).max() < 1e-4
 

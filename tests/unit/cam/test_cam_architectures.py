@@ -13,7 +13,7 @@ from torchvision import models
 
 from batchcam.cam.backends import EagerForward, WithActivations, make_forward
 from batchcam.cam.explainer import CamExplainer, linear_head, target_layer_of
-from batchcam.cam.overlay import normalise, upsample
+from batchcam.cam.overlay import min_max_scaled, upsample
 from batchcam.model.architectures import ARCHITECTURES
 from batchcam.model.calibration import fit_ood
 from batchcam.model.heads import HeadLayout
@@ -72,7 +72,7 @@ def test_the_exact_path_equals_pytorch_grad_cam_on_the_target_layer_and_releases
     assert not layer._forward_hooks
     with GradCAM(model=model, target_layers=[layer]) as cam:
         expected = cam(input_tensor=x.clone(), targets=None)
-    actual = np.stack([normalise(upsample(normalise(c), SIZE, SIZE)).numpy() for c in batch.cams])
+    actual = np.stack([min_max_scaled(upsample(min_max_scaled(c), SIZE, SIZE)).numpy() for c in batch.cams])
     assert np.abs(actual - expected).max() <= 1e-4
     assert batch.features.shape == (len(x), WIDTHS[arch])
 
@@ -89,7 +89,7 @@ def test_an_mlp_head_runs_pytorch_grad_cam_on_the_whole_batch(x):
     assert not layer._forward_hooks and not layer._backward_hooks
     with GradCAM(model=model, target_layers=[layer]) as cam:
         expected = cam(input_tensor=x.clone(), targets=None)
-    actual = np.stack([normalise(upsample(normalise(c), SIZE, SIZE)).numpy() for c in batch.cams])
+    actual = np.stack([min_max_scaled(upsample(min_max_scaled(c), SIZE, SIZE)).numpy() for c in batch.cams])
     assert np.abs(actual - expected).max() <= 1e-4
 
 
@@ -109,7 +109,7 @@ def test_a_single_logit_is_two_logits_giving_the_sigmoid_at_any_temperature_and_
             ours = engine(x).cams
         with GradCAM(model=logit, target_layers=[logit.layer4]) as cam:   # of z, and of -z for the first class
             expected = cam(input_tensor=x.clone(), targets=[score] * len(x))
-        actual = np.stack([normalise(upsample(normalise(c), SIZE, SIZE)).numpy() for c in ours])
+        actual = np.stack([min_max_scaled(upsample(min_max_scaled(c), SIZE, SIZE)).numpy() for c in ours])
         assert np.abs(actual - expected).max() <= 1e-4, target
 
 
