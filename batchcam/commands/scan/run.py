@@ -1,7 +1,8 @@
 """What a scan does once REPORT is locked: discover, plan, run an engine, write the report.
 
     discover -> plan (reuse unchanged rows) -> engine (decode -> model + CAM -> overlays, journaled)
-             -> [heat-scale pass] -> a new generation (CSV, manifest, metrics, cams, gallery) -> switch
+             -> changes (first_seen, change) -> [heat-scale pass]
+             -> a new generation (CSV, manifest, metrics, cams, gallery: report.outputs) -> switch
              -> tidy (old generation) -> prune overlays -> commit rows -> runs.jsonl line
 
 The device, the precision and the CAM target are resolved once, here, and handed down.
