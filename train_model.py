@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from batchcam.cam.engine import CamEngine
+from batchcam.cam.explainer import CamExplainer
 from batchcam.checks.metrics import classification_metrics, expected_calibration_error
 from batchcam.cli import add_selection_options, selection
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, Selection
@@ -41,7 +41,7 @@ from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, resi
 from batchcam.decode.pixels import DecodeError, NotSelected
 from batchcam.errors import UsageError
 from batchcam.model.calibration import Calibration, fit_calibration, scaled_probabilities
-from batchcam.model.checkpoint import ModelSpec, build_model, normalize, save_checkpoint
+from batchcam.model.checkpoint import ModelSpec, build_model, model_input, save_checkpoint
 from batchcam.runtime.bounded import FileTooLarge, read_file_bounded
 from batchcam.runtime.devices import resolve_device, resolve_precision
 
@@ -278,7 +278,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
         skipped += bad
         if gray is None or labels is None:
             continue
-        x, labels = normalize(gray.to(device, non_blocking=True), spec), labels.to(device)
+        x, labels = model_input(gray.to(device, non_blocking=True), spec), labels.to(device)
         with autocast(device):
             loss = criterion(model(x), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -301,7 +301,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, spec: M
             skipped += bad
             if gray is None or labels is None:
                 continue
-            x, labels = normalize(gray.to(device, non_blocking=True), spec), labels.to(device)
+            x, labels = model_input(gray.to(device, non_blocking=True), spec), labels.to(device)
             with autocast(device):
                 logits = model(x)
             total += criterion(logits.float(), labels).item() * len(labels)
@@ -321,11 +321,11 @@ def features_and_logits(model: nn.Module, loader: DataLoader, spec: ModelSpec, d
     by the engine scan uses (so the statistics describe exactly the features scan will score)."""
     model.eval()
     features, logits, labels = [], [], []
-    with CamEngine(model, autocast=resolve_precision("auto", device)) as engine:
+    with CamExplainer(model, autocast=resolve_precision("auto", device)) as explainer:
         for gray, batch_labels, _ in progress(loader, what):
             if gray is None or batch_labels is None:
                 continue
-            batch = engine(normalize(gray.to(device, non_blocking=True), spec))
+            batch = explainer(model_input(gray.to(device, non_blocking=True), spec))
             features.append(batch.features)
             logits.append(batch.logits)
             labels.append(batch_labels)

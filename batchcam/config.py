@@ -23,7 +23,7 @@ from batchcam.errors import UsageError
 from batchcam.options import Config, Group, Option, check_choice, nested, path_argument, switch
 from batchcam.records import display_path
 
-# CAM methods: the exact fast path (gradcam) and pytorch-grad-cam's classes (cam.engine maps them).
+# CAM methods: the exact fast path (gradcam) and pytorch-grad-cam's classes (cam.explainer maps them).
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 HEAT_SCALES = ("image", "run")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -230,7 +230,7 @@ ROOT = Option(flag="root", parse=path_argument, metavar="ROOT", help="folder to 
 REPORT_OUT = Option(flag="--out", parse=path_argument, metavar="REPORT", help="report folder to write",
                     check=folder_or_new, affects_rows=False)
 SAVE_CAMS = switch("--save-cams", "also write cams.npz with the raw low-resolution map of every ok image",
-                   affects_rows=False)  # a row whose map cams.npz lacks is redone (scan_run.write_scan)
+                   affects_rows=False)  # a row whose map cams.npz lacks is redone (scan.run.write_scan)
 FULL = switch("--full", "recompute every image (default: reuse rows of unchanged files and settings)",
               affects_rows=False)
 QUIET = switch("--quiet", "print only warnings, errors and the summary line", affects_rows=False)

@@ -51,12 +51,12 @@ from bench_scan import small_folder as linked  # noqa: E402
 
 from batchcam.cam import overlay  # noqa: E402
 from batchcam.cam.backends import make_forward  # noqa: E402
-from batchcam.cam.engine import TARGET_LAYER, from_forward  # noqa: E402
+from batchcam.cam.explainer import TARGET_LAYER, from_forward  # noqa: E402
 from batchcam.checks.attention import attention_outside  # noqa: E402
 from batchcam.config import OVERLAY_LONG_SIDE  # noqa: E402
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, fit_within, resize_square  # noqa: E402
 from batchcam.decode.lungs import estimate_lung_fields  # noqa: E402
-from batchcam.model.checkpoint import load_checkpoint, normalize  # noqa: E402
+from batchcam.model.checkpoint import load_checkpoint, model_input  # noqa: E402
 from batchcam.resources import DEMO_MODEL  # noqa: E402
 from batchcam.runtime.fsutil import SafeDir  # noqa: E402
 
@@ -123,7 +123,7 @@ def model_steps(views: list[np.ndarray], threads: int) -> tuple[dict[str, float]
     torch.set_num_threads(threads)
     loaded = load_checkpoint(DEMO_MODEL, demo=True)
     model = loaded.model.to(memory_format=torch.channels_last)
-    batches = [normalize(torch.from_numpy(np.stack(views[i:i + BATCH])), loaded.spec)
+    batches = [model_input(torch.from_numpy(np.stack(views[i:i + BATCH])), loaded.spec)
                .contiguous(memory_format=torch.channels_last) for i in range(0, len(views), BATCH)]
     images = sum(batch.shape[0] for batch in batches)
     measured, outputs = {}, []

@@ -18,7 +18,7 @@ import time
 import torch
 
 from batchcam.cam.backends import WithActivations, export_onnx
-from batchcam.cam.engine import TARGET_LAYER
+from batchcam.cam.explainer import TARGET_LAYER
 from batchcam.model.checkpoint import load_checkpoint
 from batchcam.resources import DEMO_MODEL
 from batchcam.runtime.allocator import keep_freed_memory

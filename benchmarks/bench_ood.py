@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from batchcam.cam.engine import CamEngine, from_forward
+from batchcam.cam.explainer import CamExplainer, from_forward
 from batchcam.model.checkpoint import load_checkpoint
 from batchcam.resources import DEMO_MODEL
 from batchcam.runtime.allocator import keep_freed_memory
@@ -34,7 +34,7 @@ def milliseconds(function) -> tuple[float, object]:
     return (time.perf_counter() - started) * 1000, result
 
 
-def one_batch(engine: CamEngine, loaded, batch_size: int, size: int) -> dict[str, float]:
+def one_batch(engine: CamExplainer, loaded, batch_size: int, size: int) -> dict[str, float]:
     """Milliseconds of each step on one random batch."""
     x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
     forward, (logits, activations) = milliseconds(lambda: engine.forward(x))
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     model = loaded.model.to(memory_format=torch.channels_last)
     size = loaded.spec.image_size
     times: dict[str, list[float]] = {"forward": [], "from_forward": [], "distances": []}
-    with CamEngine(model, temperature=loaded.temperature) as engine:
+    with CamExplainer(model, temperature=loaded.temperature) as engine:
         engine.forward(torch.randn(args.batch_size, 3, size, size))   # warm-up: kernel selection
         for _ in range(args.batches):
             for name, took in one_batch(engine, loaded, args.batch_size, size).items():

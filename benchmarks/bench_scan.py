@@ -45,13 +45,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from batchcam.cam.backends import make_forward
-from batchcam.cam.engine import TARGET_LAYER, CamEngine
+from batchcam.cam.explainer import TARGET_LAYER, CamExplainer
 from batchcam.config import OVERLAY_LONG_SIDE
 from batchcam.decode.dataset import ScanDataset, collate_samples
 from batchcam.decode.discover import discover
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, resize_square
 from batchcam.model.calibration import scaled_probabilities
-from batchcam.model.checkpoint import load_checkpoint, normalize
+from batchcam.model.checkpoint import load_checkpoint, model_input
 from batchcam.resources import DEMO_MODEL
 from batchcam.runtime.allocator import keep_freed_memory
 from batchcam.synthetic import generate
@@ -101,10 +101,10 @@ def forward_steps(forward, tensors: list[torch.Tensor]) -> None:
 
 
 def backend_agreement(loaded, forward, tensors: list[torch.Tensor]) -> dict:
-    """ONNX Runtime against eager PyTorch through CamEngine: largest probability difference, same peaks."""
+    """ONNX Runtime against eager PyTorch through CamExplainer: largest probability difference, same peaks."""
     model = loaded.model.to(memory_format=torch.channels_last)
     largest, same_peaks, images = 0.0, 0, 0
-    with CamEngine(model) as eager, CamEngine(model, forward=forward) as fast:
+    with CamExplainer(model) as eager, CamExplainer(model, forward=forward) as fast:
         for batch in tensors:
             expected, actual = eager(batch), fast(batch)
             largest = max(largest, float((expected.probabilities - actual.probabilities).abs().max()))
@@ -165,7 +165,7 @@ def library_batches(loaded, paths: list[Path], out: Path, workers: int) -> dict[
     results = {}
     loader = DataLoader(Decoded(paths, spec.image_size), batch_size=BATCH, num_workers=workers)
     for gray, indices in loader:
-        x = normalize(gray, spec)
+        x = model_input(gray, spec)
         with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
             heats = cam(input_tensor=x, targets=None)
             predictions = cam.outputs.argmax(1).tolist()
@@ -179,11 +179,11 @@ def library_batches(loaded, paths: list[Path], out: Path, workers: int) -> dict[
     return results
 
 
-# Benchmark only: scan_run's backend factory replaced by a model step that costs nothing and gives
+# Benchmark only: commands/scan/run.py's backend factory replaced by a model step that costs nothing and gives
 # outputs of the model's shapes (logits, 512 x 7 x 7 activations), to measure what the CPUs can feed.
 ZERO_COST_MODEL = """
 import torch
-from batchcam.commands import scan_run
+from batchcam.commands.scan import run as scan_run
 
 class ZeroCostForward:
     name = "zero-cost stand-in"
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     paths = make_images(root, args.images, args.format)
     loaded = load_checkpoint(DEMO_MODEL, demo=True)
     spec = loaded.spec
-    tensors = [normalize(torch.from_numpy(np.stack([resize_square(decode_grayscale(p.read_bytes()).gray,
+    tensors = [model_input(torch.from_numpy(np.stack([resize_square(decode_grayscale(p.read_bytes()).gray,
                                                                   spec.image_size) for p in paths[i:i + BATCH]])),
                          spec).contiguous(memory_format=torch.channels_last) for i in range(0, len(paths), BATCH)]
 
@@ -427,7 +427,7 @@ def report_gpu(args: argparse.Namespace, work: Path) -> int:
     loaded = load_checkpoint(DEMO_MODEL, demo=True)
     loaded.model.to("cuda", memory_format=torch.channels_last)
     spec = loaded.spec
-    tensors = [normalize(torch.from_numpy(np.stack([resize_square(decode_grayscale(p.read_bytes()).gray,
+    tensors = [model_input(torch.from_numpy(np.stack([resize_square(decode_grayscale(p.read_bytes()).gray,
                                                                   spec.image_size) for p in paths[i:i + BATCH]])),
                          spec).to("cuda").contiguous(memory_format=torch.channels_last)
                for i in range(0, len(paths), BATCH)]

@@ -70,17 +70,17 @@ def xray_folder(tmp_path) -> Path:
 
 @pytest.fixture
 def model_calls(monkeypatch) -> list[int]:
-    """Counts images through the model (CamEngine calls), however the engine is built."""
-    from batchcam.cam import engine
+    """Counts images through the model (CamExplainer calls), however the engine is built."""
+    from batchcam.cam import explainer
 
     calls: list[int] = []
-    original = engine.CamEngine.__call__
+    original = explainer.CamExplainer.__call__
 
     def counting(self, x):
         calls.append(x.shape[0])
         return original(self, x)
 
-    monkeypatch.setattr(engine.CamEngine, "__call__", counting)
+    monkeypatch.setattr(explainer.CamExplainer, "__call__", counting)
     return calls
 
 

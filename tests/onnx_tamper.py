@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from batchcam.cam import backends
-from batchcam.cam.engine import TARGET_LAYER
+from batchcam.cam.explainer import TARGET_LAYER
 
 
 class SwapsOnSmoothImages(torch.nn.Module):

@@ -1,12 +1,12 @@
 """The model step of the exact Grad-CAM path: a batch ``x`` -> ``(logits, target-layer activations)``.
 
-``CamEngine`` turns those two tensors into probabilities and maps in one place, whichever backend
+``CamExplainer`` turns those two tensors into probabilities and maps in one place, whichever backend
 produced them:
 
 - ``EagerForward``: the PyTorch model itself, the activations caught by a forward hook scoped by
   ``with``. Every device and precision; the reference.
 - ``OnnxForward``: the same model exported once to ONNX with both outputs and run by ONNX Runtime
-  on the CPU, float32 (about 1.2-1.3 x eager's rate on the benchmark's CPU; benchmarks/RESULTS.md).
+  on the CPU, float32: faster than eager there (benchmarks/RESULTS.md, "Lever 1", has the rates).
   The export is cached per checkpoint and library versions (``model_cache``).
 
 The cache is code batchcam runs, so it is trusted like the installed package and guarded as ssh
@@ -19,7 +19,7 @@ falls back to eager with a log line. The digest in a file's name is its own sha2
 truncated file, not a rewritten one. ``OnnxForward.file_sha256`` names the file a run used.
 
 ``choose_backend`` picks one from ``--backend``: ``auto`` takes ONNX Runtime for CPU runs of at
-least ``AUTO_MIN_IMAGES`` images (its start-up, a cache read or a 2 s export, is paid back by then),
+least ``AUTO_MIN_IMAGES`` images (its start-up, a cache read or a first export, is paid back by then),
 eager otherwise; ``make_forward`` falls back to eager with a log line when ONNX Runtime is missing.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ class EagerForward:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._hook is None:
-            raise RuntimeError("CamEngine must be used inside a 'with' block")
+            raise RuntimeError("CamExplainer must be used inside a 'with' block")
         with torch.inference_mode():
             with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 logits = self.model(x).float()

@@ -31,7 +31,7 @@ class RenderedOverlay:
     peak_y: int
 
 
-def normalise(cam: torch.Tensor) -> torch.Tensor:
+def min_max_scaled(cam: torch.Tensor) -> torch.Tensor:
     """Min-max scale a map to 0..1 (a flat map becomes all zeros, not a division by zero)."""
     low, high = cam.min(), cam.max()
     return (cam - low) / (high - low) if high > low else torch.zeros_like(cam)
@@ -72,7 +72,7 @@ def heat_levels(cam: torch.Tensor, height: int, width: int, scale: float | None 
     8 bits round instead of truncate. ``scale`` (``--heat-scale run``): the map divided by this
     run-wide constant and clipped to 0..1 instead of min-max normalised, so heat compares across images.
     """
-    unit = normalise(cam.float()) if scale is None else (cam.float() / scale).clamp(0, 1)
+    unit = min_max_scaled(cam.float()) if scale is None else (cam.float() / scale).clamp(0, 1)
     scaled = unit.numpy().astype(np.float32) * 255 + 0.5
     levels = Image.fromarray(scaled, mode="F").resize((width, height), Image.Resampling.BILINEAR)
     return levels.convert("L")

@@ -25,14 +25,14 @@ from batchcam.cam.overlay import (
     JPEG_QUALITY,
     THUMB_MAX_SIDE,
     RenderedOverlay,
-    normalise,
+    min_max_scaled,
     peak_in_original,
 )
 
 
 def heat_levels(cam: torch.Tensor, height: int, width: int, scale: float | None = None) -> torch.Tensor:
     """(height, width) uint8 levels of the map, as ``overlay.heat_levels`` computes them in Pillow."""
-    unit = normalise(cam.float()) if scale is None else (cam.float() / scale).clamp(0, 1)
+    unit = min_max_scaled(cam.float()) if scale is None else (cam.float() / scale).clamp(0, 1)
     scaled = unit * 255 + 0.5
     upsampled = F.interpolate(scaled[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     return upsampled.clamp(0, 255).to(torch.uint8)  # truncates, as Pillow's F -> L conversion does

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchcam.cam.overlay import normalise, upsample
+from batchcam.cam.overlay import min_max_scaled, upsample
 from batchcam.decode.lungs import LUNG_GRID
 
 REMOVED_FRACTION = 0.20       # share of the input removed by the faithfulness test
@@ -44,7 +44,7 @@ def heat_grid(cam: torch.Tensor, width: int, height: int, longest: int = 256) ->
     """
     scale = min(1.0, longest / max(width, height))
     rows, columns = max(1, round(height * scale)), max(1, round(width * scale))
-    return upsample(normalise(cam.float()), rows, columns)
+    return upsample(min_max_scaled(cam.float()), rows, columns)
 
 
 def energy_share(heat: torch.Tensor, region: torch.Tensor) -> float | None:
@@ -61,7 +61,7 @@ def attention_outside(cam: torch.Tensor, lung_fields: np.ndarray | None) -> floa
     """
     if lung_fields is None:
         return None
-    heat = upsample(normalise(cam.float()), LUNG_GRID, LUNG_GRID)
+    heat = upsample(min_max_scaled(cam.float()), LUNG_GRID, LUNG_GRID)
     return energy_share(heat, ~torch.from_numpy(lung_fields))
 
 

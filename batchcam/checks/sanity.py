@@ -1,45 +1,32 @@
-"""``batchcam sanity ROOT``: the model-randomisation test for the heatmaps (Adebayo et al.,
+"""The model-randomisation test for the heatmaps (Adebayo et al.,
 "Sanity Checks for Saliency Maps", NeurIPS 2018).
 
 A map that explains the model must change when the model's weights are destroyed. On a deep copy
 of the model, the layers are re-initialised from the top down, cascading (``fc``, then ``layer4``,
 ``layer3``, ``layer2``, ``layer1``, then the stem ``conv1``/``bn1``), with a fixed seed; after each
-step the maps of a sample of images are computed again with the exact Grad-CAM of ``CamEngine``
+step the maps of a sample of images are computed again with the exact Grad-CAM of ``CamExplainer``
 (which reads the fc weights, so re-initialising fc already changes the map), for the class each
 image's original map explained. Each randomised map is compared with the original by Spearman's
 rank correlation over the map's cells (a flat map shares no ranking with anything: 0). Maps that
 pass the check decorrelate quickly (below 0.5 once layer4 is randomised is what batchcam's tests
-demand of the demo model). Writes ``sanity.md`` (a table of layer -> mean correlation),
-``sanity.json`` and ``sanity.png`` (the maps of a few images per step) into ``--out``.
+demand of the demo model). ``batchcam sanity`` (commands/sanity.py) samples the images and
+writes the results.
 """
 from __future__ import annotations
 
 import copy
-import io
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
-from batchcam.cam import overlay as overlays
-from batchcam.cam.engine import CamEngine
+from batchcam.cam.explainer import CamExplainer
 from batchcam.checks.metrics import _average_ranks
-from batchcam.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_SANITY_SAMPLE
-from batchcam.decode.dataset import Sample, collate_samples, decode_sample
-from batchcam.decode.discover import Candidate, discover
 from batchcam.errors import UsageError
-from batchcam.model.checkpoint import LoadedModel, normalize
-from batchcam.runtime.bounded import FileTooLarge, read_file_bounded
-from batchcam.runtime.devices import resolve_device
-from batchcam.runtime.fsutil import SafeDir
+from batchcam.model.checkpoint import LoadedModel, model_input
 
 CASCADE = (("fc",), ("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1"))
 SEED = 0
-FIGURE_IMAGES = 4      # rows of the figure
-FIGURE_CELL = 96       # px per map in the figure
 
 
 @dataclass
@@ -79,10 +66,10 @@ def maps_for(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, cla
         chosen = targets == c
         if not chosen.any():
             continue
-        with CamEngine(model, "gradcam", target=c) as engine:
-            if not engine.exact:
+        with CamExplainer(model, "gradcam", target=c) as explainer:
+            if not explainer.exact:
                 raise UsageError("the sanity check needs a ResNet head of avgpool -> Linear (exact Grad-CAM)")
-            cams = engine(x[chosen.to(x.device)]).cams
+            cams = explainer(x[chosen.to(x.device)]).cams
         if maps is None:
             maps = torch.zeros(x.shape[0], *cams.shape[1:])
         maps[chosen] = cams
@@ -91,43 +78,18 @@ def maps_for(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, cla
     return maps
 
 
-def sample_files(root: Path, count: int, seed: int = SEED) -> list[Candidate]:
-    candidates = discover(root).candidates
-    if not candidates:
-        raise UsageError(f"no image files under {root}")
-    if len(candidates) <= count:
-        return list(candidates)
-    chosen = np.random.default_rng(seed).choice(len(candidates), size=count, replace=False)
-    return [candidates[i] for i in sorted(chosen)]
-
-
-def read_and_decode(candidate: Candidate, image_size: int) -> Sample:
-    """A sampled file decoded; one that cannot be read (a broken link, say) is an error sample, left out."""
-    try:
-        data = read_file_bounded(Path(candidate.path), DEFAULT_MAX_FILE_BYTES)
-    except (OSError, FileTooLarge) as e:
-        return Sample(relpath=candidate.relpath, error=f"cannot read file: {getattr(e, 'strerror', None) or e}")
-    return decode_sample(candidate.relpath, data, image_size)
-
-
-def sanity_check(loaded: LoadedModel, root: Path, sample: int = DEFAULT_SANITY_SAMPLE, device: str = "auto",
-                 seed: int = SEED) -> SanityResult:
-    if sample < 1:
-        raise UsageError(f"--sample must be at least 1, got {sample}")
-    if not root.is_dir():
-        raise UsageError(f"ROOT {root} is not a folder")
-    where = resolve_device(device)
-    samples = [read_and_decode(c, loaded.spec.image_size) for c in sample_files(root, sample, seed)]
-    samples, views = collate_samples([s for s in samples if s.ok])
-    if views is None:
-        raise UsageError(f"none of the sampled images under {root} could be decoded")
-    model = copy.deepcopy(loaded.model).to(where).eval()
-    x = normalize(views.to(where), loaded.spec)
+def cascading_randomisation(loaded: LoadedModel, views: torch.Tensor, device: torch.device, paths: list[str],
+                            seed: int = SEED) -> SanityResult:
+    """The test itself on a batch of model views (uint8, (N, size, size)) of the images at ``paths``:
+    each step of ``CASCADE`` re-initialised in turn on a copy of the model, every map compared with
+    the original by Spearman's rank correlation."""
+    model = copy.deepcopy(loaded.model).to(device).eval()
+    x = model_input(views.to(device), loaded.spec)
     classes = len(loaded.spec.class_names)
-    with CamEngine(model) as engine:
-        targets = engine(x).targets
+    with CamExplainer(model) as explainer:
+        targets = explainer(x).targets
     original = maps_for(model, x, targets, classes)
-    steps, maps, correlations, done = ["original"], {"original": original}, {"original": [1.0] * len(samples)}, []
+    steps, maps, correlations, done = ["original"], {"original": original}, {"original": [1.0] * len(paths)}, []
     for depth, names in enumerate(CASCADE):
         for name in names:
             randomise(getattr(model, name), seed + depth)
@@ -136,46 +98,4 @@ def sanity_check(loaded: LoadedModel, root: Path, sample: int = DEFAULT_SANITY_S
         steps.append(step)
         maps[step] = maps_for(model, x, targets, classes)
         correlations[step] = [spearman(a.numpy(), b.numpy()) for a, b in zip(original, maps[step])]
-    return SanityResult(steps, correlations, [s.relpath for s in samples], maps)
-
-
-def write_sanity(result: SanityResult, out: Path, model_name: str) -> None:
-    """``sanity.md``, ``sanity.json`` and ``sanity.png`` in ``out`` (made when missing), each written
-    atomically relative to the folder's descriptor: a link planted at one of these names is replaced,
-    never written through."""
-    lines = ["# Sanity check: cascading model randomisation", "",
-             f"Model `{model_name}`, {len(result.paths)} images; layers re-initialised from the top down "
-             "(Adebayo et al., NeurIPS 2018). Spearman rank correlation of each image's exact Grad-CAM map "
-             "with its original map; maps that depend on the learned weights fall towards 0.", "",
-             "| randomised | mean correlation | min | max |", "|---|---|---|---|"]
-    for step in result.steps[1:]:
-        values = result.correlations[step]
-        lines.append(f"| {step} | {np.mean(values):.3f} | {np.min(values):.3f} | {np.max(values):.3f} |")
-    lines += ["", "![maps per randomisation step](sanity.png)", ""]
-    summary = {"model": model_name, "images": result.paths, "steps": result.steps[1:],
-               "mean_correlation": {s: round(result.mean(s), 6) for s in result.steps[1:]},
-               "correlations": {s: [round(v, 6) for v in result.correlations[s]] for s in result.steps[1:]}}
-    png = io.BytesIO()
-    figure(result).save(png, format="PNG")
-    with SafeDir.open(out, create=True) as folder:
-        folder.write_bytes("sanity.md", "\n".join(lines).encode("utf-8"))
-        folder.write_bytes("sanity.json", json.dumps(summary, indent=2).encode("utf-8"))
-        folder.write_bytes("sanity.png", png.getvalue())
-
-
-def figure(result: SanityResult) -> Image.Image:
-    """A grid: one row per image (up to FIGURE_IMAGES), one column per step, maps in jet colours."""
-    shown = min(FIGURE_IMAGES, len(result.paths))
-    header = 28
-    image = Image.new("RGB", (FIGURE_CELL * len(result.steps), header + FIGURE_CELL * shown), "white")
-    draw = ImageDraw.Draw(image)
-    for column, step in enumerate(result.steps):
-        label = "+".join(CASCADE[column - 1]) if column else "original"
-        draw.text((column * FIGURE_CELL + 4, 2), f"+{label}" if column > 1 else label, fill="black")
-        if column:
-            draw.text((column * FIGURE_CELL + 4, 14), f"rho {result.mean(step):.2f}", fill="black")
-        for row in range(shown):
-            levels = overlays.heat_levels(result.maps[step][row], FIGURE_CELL, FIGURE_CELL)
-            levels.putpalette(overlays.JET_LUT.tobytes())
-            image.paste(levels.convert("RGB"), (column * FIGURE_CELL, header + row * FIGURE_CELL))
-    return image
+    return SanityResult(steps, correlations, paths, maps)

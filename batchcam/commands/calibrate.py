@@ -1,7 +1,7 @@
 """``batchcam calibrate ROOT --model M --out M2``: add OOD statistics and a temperature to a model.
 
 ROOT is a labelled ImageFolder tree (``ROOT/<CLASS>/...``, class names as the model's). Its files are
-decoded exactly as scan decodes them and run through the same engine (one forward pass each); a
+decoded exactly as scan decodes them and run through the same CamExplainer (one forward pass each); a
 fixed, stratified share of them (chosen by a hash of the path, so a rerun picks the same ones) is
 held out: the others fit the class means and covariance, the held-out ones set the temperature and
 the flag threshold (``batchcam.model.calibration``). M2 gets M's weights unchanged.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from batchcam.cam.engine import CamEngine
+from batchcam.cam.explainer import CamExplainer
 from batchcam.checks.metrics import expected_calibration_error
 from batchcam.config import CalibrateConfig, shown
 from batchcam.decode.dataset import ScanDataset
@@ -38,7 +38,7 @@ from batchcam.model.calibration import (
     temperature_warning,
     too_few_images,
 )
-from batchcam.model.checkpoint import LoadedModel, load_checkpoint, normalize, save_calibrated
+from batchcam.model.checkpoint import LoadedModel, load_checkpoint, model_input, save_calibrated
 from batchcam.records import display_path
 from batchcam.runtime.console import Console
 from batchcam.runtime.devices import resolve_device
@@ -151,7 +151,7 @@ def forward_all(files: list[LabelledFile], loaded: LoadedModel, config: Calibrat
     by_relpath = {f.relpath: f for f in files}
     features, logits, labels, held_out, unreadable = [], [], [], [], 0
     model = loaded.model.to(device)
-    with CamEngine(model) as engine:
+    with CamExplainer(model) as explainer:
         for samples, views in decode_loader(dataset, config.batch_size, config.workers):
             for sample in samples:
                 if not sample.ok:
@@ -160,7 +160,7 @@ def forward_all(files: list[LabelledFile], loaded: LoadedModel, config: Calibrat
                                 f"{sample.error or sample.skip_reason}")
             if views is None:
                 continue
-            batch = engine(normalize(views.to(device), loaded.spec))
+            batch = explainer(model_input(views.to(device), loaded.spec))
             good = [by_relpath[s.relpath] for s in samples if s.ok]
             features.append(batch.features)
             logits.append(batch.logits)

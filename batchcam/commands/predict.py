@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from batchcam.commands.explain import Explainer, Explanation
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, PredictConfig, resolve_target
 from batchcam.decode.dataset import Sample
+from batchcam.decode.dataset import read_sample as read_file_sample
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import load_model
-from batchcam.runtime.bounded import FileTooLarge, read_file_bounded
 from batchcam.runtime.console import Console
 from batchcam.runtime.devices import resolve_device
 from batchcam.runtime.fsutil import SafeDir, publish_new
+from batchcam.serving.explain import Explainer, Explanation
 
 
 @dataclass
@@ -78,14 +78,7 @@ def read_sample(explainer: Explainer, name: str, max_file_bytes: int = DEFAULT_M
     """A file that cannot be read (or is over the size cap) becomes an error sample, like one that
     cannot be decoded."""
     path = Path(name)
-    try:
-        data = read_file_bounded(path, max_file_bytes)
-    except FileTooLarge as e:
-        return Sample(relpath=path.as_posix(), error=str(e))
-    except OSError as e:
-        reason = "is a folder (use scan for folders)" if path.is_dir() else f"cannot read file: {e.strerror or e}"
-        return Sample(relpath=path.as_posix(), error=reason)
-    return explainer.decode(path.as_posix(), data)
+    return read_file_sample(path, path.as_posix(), max_file_bytes, explainer.decode)
 
 
 def _make_folder(out: Path) -> None:

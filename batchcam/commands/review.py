@@ -13,16 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchcam.commands.evaluate import KEPT, page_size_of
 from batchcam.config import MAX_REVIEW_IMPORT_BYTES, shown
 from batchcam.errors import NotOurFolder, ReportWriteError, UsageError
 from batchcam.report import review as reviewlib
-from batchcam.report.folder import ReportFolder, json_content, published_but
-from batchcam.report.gallery import render_gallery
-from batchcam.report.lock import MARKER, STATE_DIR, ReportLock, is_report
+from batchcam.report.folder import ReportFolder, published_but
+from batchcam.report.lock import MARKER, STATE_DIR, is_report
+from batchcam.report.outputs import page_size_of, publish_outputs, under_lock
 from batchcam.report.summary import scan_metrics
 from batchcam.runtime.bounded import read_input
-from batchcam.runtime.interrupt import InterruptGuard
 
 
 @dataclass(frozen=True)
@@ -41,17 +39,8 @@ def import_reviews(report_path: Path, csv_path: Path) -> ImportResult:
         raise NotOurFolder(f"{shown(report_path)} is not a batchcam report (no {STATE_DIR}/{MARKER}): "
                            "nothing was imported")
     text = read_export(Path(csv_path))
-    try:
-        with ReportLock(report_path) as lock, InterruptGuard() as guard:
-            report = ReportFolder.of(lock)
-            try:
-                return _import_locked(report, text, shown(csv_path), guard.check)
-            finally:
-                report.close()
-    except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        raise ReportWriteError(f"cannot write the report in {report_path}: {e.strerror or e}{where}; "
-                               "the report and reviews.csv are unchanged") from None
+    return under_lock(report_path, lambda report, stop: _import_locked(report, text, shown(csv_path), stop),
+                      "the report and reviews.csv are unchanged")
 
 
 def read_export(path: Path) -> str:
@@ -76,11 +65,8 @@ def _import_locked(report: ReportFolder, text: str, source: str, stop: Callable[
     if not isinstance(metrics, dict):
         metrics = scan_metrics(rows, class_names)
     metrics = reviewlib.with_review(metrics, rows, decisions)
-    files = render_gallery(rows, class_names, manifest, metrics, page_size_of(manifest),
-                           reviews=decisions, runs=report.read_runs())
-    if metrics is not None:  # no labels and no decision on a file as it is now: none, as a scan writes none
-        files["metrics.json"] = json_content(metrics)
-    report.publish(files, reuse=KEPT, stop=stop)
+    publish_outputs(report, rows, class_names, manifest, metrics, page_size_of(manifest), decisions=decisions,
+                    runs=report.read_runs(), stop=stop)
     try:
         report.write_reviews(merged)
     except OSError as e:

@@ -5,18 +5,18 @@ The model is loaded once, before the server starts, and shared by every request 
 the body is parsed in memory as it arrives, under a size cap (Starlette's own form parser would
 spool any file over 1 MB to a temporary file), and overlays go back inline as data URLs.
 
-What one request may cost is bounded before any pixel is decoded (serve_uploads.py), and so is
+What one request may cost is bounded before any pixel is decoded (serving/uploads.py), and so is
 the number of requests in the decoding stage at once (``--max-concurrent-requests``; one more
 gets 503 with Retry-After), so memory does not grow with the number of clients either. Files are
 decoded one at a time server-wide and go through the model in batches of at most ``BATCH_SIZE``,
 decoded batch by batch, so memory does not grow with the number of files. After each request the
 memory it freed goes back to the operating system (``release_freed_memory``): without that, glibc
 keeps what the busiest moment needed for the server's whole life. With the defaults, the server's
-peak RSS stays under 2 GB with the demo model on the CPU (benchmarks/bench_serve_memory.py
-measures it).
+peak memory is bounded whatever a request holds (benchmarks/bench_serve_memory.py measures it;
+benchmarks/RESULTS.md has the figures).
 
 Every request must name this server in its Host header, and the API answers only this server's own
-page (serve_guard.py).
+page (serving/guard.py).
 
 FastAPI, uvicorn and python-multipart come with the optional ``serve`` extra and are imported only
 here, so ``scan`` and ``predict`` never need them.
@@ -26,20 +26,6 @@ here, so ``scan`` and ``predict`` never need them.
 import threading
 from typing import TYPE_CHECKING
 
-from batchcam.commands.explain import Explainer, Explanation, jpeg_data_url
-from batchcam.commands.serve_guard import RequestGuard, allowed_hosts_for, is_loopback
-from batchcam.commands.serve_uploads import (
-    BATCH_SIZE,
-    RETRY_AFTER_SECONDS,
-    UPLOAD_FIELD,
-    Limits,
-    RequestSlots,
-    UploadRejected,
-    check_pixels,
-    discard_rest,
-    image_extent,
-    read_uploads,
-)
 from batchcam.config import (
     DEFAULT_MAX_FILES,
     DEFAULT_MAX_MEGAPIXELS,
@@ -56,6 +42,20 @@ from batchcam.resources import templates_dir
 from batchcam.runtime.allocator import release_freed_memory
 from batchcam.runtime.console import Console
 from batchcam.runtime.devices import resolve_device
+from batchcam.serving.explain import Explainer, Explanation, jpeg_data_url
+from batchcam.serving.guard import RequestGuard, allowed_hosts_for, is_loopback
+from batchcam.serving.uploads import (
+    BATCH_SIZE,
+    RETRY_AFTER_SECONDS,
+    UPLOAD_FIELD,
+    Limits,
+    RequestSlots,
+    UploadRejected,
+    check_pixels,
+    discard_rest,
+    image_extent,
+    read_uploads,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

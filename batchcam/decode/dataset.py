@@ -6,13 +6,10 @@ slide onto a neighbour's row.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
-import os
-import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +19,7 @@ from batchcam.config import DEFAULT_MAX_FILE_BYTES, OVERLAY_LONG_SIDE, Selection
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, fit_within, resize_square
 from batchcam.decode.lungs import estimate_lung_fields
 from batchcam.decode.pixels import DecodeError, NotSelected, is_dicom
-from batchcam.runtime.bounded import FileInFlux, FileTooLarge, read_consistently
+from batchcam.runtime.bounded import FileInFlux, FileTooLarge, read_consistently, read_file_bounded
 
 
 @dataclass
@@ -55,9 +52,6 @@ class Sample:
         return "error" if self.error else "skipped" if self.skip_reason else "ok"
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
 class ScanDataset(Dataset):
     """Items are anything with ``relpath`` and ``path`` (a discovery Candidate, a PlannedFile)."""
 
@@ -83,7 +77,7 @@ class ScanDataset(Dataset):
         except FileTooLarge as e:  # re-decided every run (a stat), so a raised --max-file-mb takes effect
             return Sample(relpath=item.relpath, error=str(e), size=e.size, mtime_ns=e.mtime_ns, transient=True)
         except OSError as e:
-            return Sample(relpath=item.relpath, error=f"cannot read file: {e.strerror or e}")
+            return Sample(relpath=item.relpath, error=cannot_read(e))
         if self.can_defer is not None and self.can_defer(data):
             sample = Sample(relpath=item.relpath, sha256=hashlib.sha256(data).hexdigest(), encoded=data)
         else:
@@ -101,27 +95,24 @@ class ScanDataset(Dataset):
         return decoded
 
 
-def worker_init(parent_pid: int, worker_id: int) -> None:
-    """DataLoader worker set-up: tie each worker's life to the run's.
+def cannot_read(error: OSError) -> str:
+    return f"cannot read file: {error.strerror or error}"
 
-    Ctrl-C reaches the whole process group, but only the main process decides how a run stops (it
-    finishes the batch in flight and saves), so workers ignore SIGINT. And a worker must not
-    outlive a run killed with SIGKILL: blocked on a full queue nobody reads, it would stay forever,
-    so on Linux the kernel is asked to kill it when its parent dies. Bind ``parent_pid`` with
-    ``functools.partial(worker_init, os.getpid())``.
+
+def read_sample(path: Path, relpath: str, max_file_bytes: int, decode: Callable[[str, bytes], Sample]) -> Sample:
+    """One file read whole (bounded, a regular file only) and decoded by ``decode``; a file that cannot
+    be read, or is over the size cap, becomes an error sample like one that cannot be decoded.
+
+    For the commands that read a few named files (predict, sanity); a scan's ``ScanDataset`` also
+    records the file's size and mtime and notices a file that changes while it is read.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(parent_pid)
-
-
-def _die_with_parent(parent_pid: int) -> None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: workers then rely on torch's own parent check
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+        data = read_file_bounded(path, max_file_bytes)
+    except FileTooLarge as e:
+        return Sample(relpath=relpath, error=str(e))
+    except OSError as e:
+        return Sample(relpath=relpath, error="is a folder (use scan for folders)" if path.is_dir() else cannot_read(e))
+    return decode(relpath, data)
 
 
 def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: int = OVERLAY_LONG_SIDE,

@@ -279,9 +279,10 @@ class _BudgetedReader(io.BytesIO):
 
     ``specific_tags`` lets pydicom skip a defined-length element by seeking past it, but an
     undefined-length sequence is parsed item by item into Python objects wherever it is, a few
-    hundred bytes each for the 16 bytes an empty item takes in the file: 38 MB of empty items
-    cost 1.7 GB. Every element and item pydicom reads starts with a read of this file object,
-    so counting reads bounds what a data set can cost, whatever its shape.
+    hundred bytes each for the 16 bytes an empty item takes in the file, so a file of empty items
+    costs many times its size in memory (benchmarks/RESULTS.md has the figure). Every element and
+    item pydicom reads starts with a read of this file object, so counting reads bounds what a
+    data set can cost, whatever its shape.
     """
 
     def __init__(self, data: bytes = b""):

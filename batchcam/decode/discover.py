@@ -2,13 +2,15 @@
 
 Candidates are chosen by name, so discovery stays a directory walk: the only bytes it reads are
 the first 132 of files without an extension, where DICOM exports often put their images
-(``IM000001``, or a UID like ``1.2.840.113619.2.55.3.1``), to look for the ``DICM`` magic.
+(``IM000001``, or a UID like ``1.2.840.113619.2.55.3.1``), to look for the ``DICM`` magic. A file's
+folder names its true class when it is named like one (``label_for``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,3 +169,12 @@ def _not_dicom(path: str) -> str | None:
     finally:
         os.close(fd)
     return "" if head[DICOM_MAGIC_OFFSET:] == DICOM_MAGIC else None
+
+
+def label_for(relpath: str, class_names: Sequence[str]) -> str:
+    """The true class when the file's parent folder is named like a class (case-insensitive)."""
+    parts = relpath.split("/")
+    if len(parts) < 2:
+        return ""
+    parent = parts[-2].lower()
+    return next((name for name in class_names if name.lower() == parent), "")

@@ -35,8 +35,9 @@ from batchcam.decode.pixels import (
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")
 # JPEGs decode at a reduced DCT scale (1/2, 1/4, 1/8) but never below this longer side: training
-# and scanning use the same value, and the model's view stays within 1e-3 in probability of a
-# full decode (measured on 2049-3200 px films; a 448 px floor moved some by 1e-2).
+# and scanning use the same value, and the model's view stays within the agreement target (1e-3
+# in probability) of a full decode, where lower floors do not (benchmarks/RESULTS.md, "Where the
+# time goes", has the measurements).
 DECODE_MIN_LONG_SIDE = 1024
 # How a model's view is made from an image (a checkpoint declares one): the whole image squashed to
 # a square, or torchvision's evaluation transform (shorter side to size / 0.875, then the centre crop).

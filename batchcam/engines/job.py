@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batchcam.cam.engine import CamEngine
+from batchcam.cam.explainer import CamExplainer
 from batchcam.config import ScanConfig
 from batchcam.model.checkpoint import LoadedModel
 from batchcam.report.folder import ReportFolder
@@ -35,7 +35,7 @@ class ScanJob:
     resolved: Resolved
     loaded: LoadedModel
     device: torch.device
-    cam_engine: CamEngine       # model + CAM on ``device`` (the ray engine's actors build their own)
+    cam_explainer: CamExplainer       # model + CAM on ``device`` (the ray engine's actors build their own)
     report: ReportFolder
     store: RowStore
     console: Console

@@ -38,11 +38,11 @@ def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str
         job.store.append(finished)
         rows.extend(finished)
 
-    with InterruptGuard() as guard, job.cam_engine, OverlayStage(job.report, render_on=render_device(job)) as stage:
+    with InterruptGuard() as guard, job.cam_explainer, OverlayStage(job.report, render_on=render_device(job)) as stage:
         for samples, views in job.console.progress(loader, len(dataset), lambda batch: len(batch[0])):
             if decode_deferred is not None:
                 samples, views = decode_deferred(samples)
-            results = explain_batch(samples, views, job.cam_engine, job.loaded, job.device,
+            results = explain_batch(samples, views, job.cam_explainer, job.loaded, job.device,
                                     settings_key=job.settings_key, measures=config.measures)
             log_decode_warnings(samples, job.console)
             job.store.announce(name for row, _, cam in results if cam is not None

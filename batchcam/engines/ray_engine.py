@@ -1,7 +1,7 @@
 """``scan --engine ray``: the process stage on a Ray cluster, with the local engine's contract.
 
 Discovery, the incremental plan, the journal and every report writer stay on the driver (this
-process), exactly as in ``pipeline.scan``; only ``pipeline.process`` is replaced:
+process), exactly as in ``commands.scan.run``; only ``engines.local.process`` is replaced:
 
     paths (Ray Dataset) -> decode (CPU tasks, map_batches) -> model + CAM + overlays (actor pool)
                         -> rows stream back -> journaled batch by batch on the driver
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from batchcam.cam.backends import make_forward
-from batchcam.cam.engine import TARGET_LAYER, CamEngine
+from batchcam.cam.explainer import TARGET_LAYER, CamExplainer
 from batchcam.config import RAY_EXTRA_HINT, ScanConfig
 from batchcam.decode.dataset import Sample, ScanDataset, collate_samples
 from batchcam.engines.job import Resolved, ScanJob
@@ -110,7 +110,7 @@ def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str
 
 def journal(batches: Generator[list[Explained], None, None], total: int, store: RowStore, console: Console,
             guard: InterruptGuard) -> tuple[list[Row], dict[str, np.ndarray]]:
-    """Journal each batch the moment it arrives, as ``pipeline.process`` does.
+    """Journal each batch the moment it arrives, as ``engines.local.process`` does.
 
     After SIGINT/SIGTERM (also one received while the cluster started) it stops after the batch
     that arrives next; the pipeline is closed, its other batches are redone by the next run.
@@ -306,7 +306,7 @@ class CamWorker:
         backend = resolved.backend if self.device.type == "cpu" else "eager"  # ONNX Runtime runs CPU actors only
         forward = make_forward(backend, model, TARGET_LAYER, self.loaded.sha256, self.loaded.spec.image_size,
                                resolved.autocast)
-        self.engine = CamEngine(model, config.cam, resolved.target, autocast=resolved.autocast,
+        self.explainer = CamExplainer(model, config.cam, resolved.target, autocast=resolved.autocast,
                                 temperature=self.loaded.temperature, forward=forward)
         self.report = ReportFolder(Path(spec.report))
 
@@ -320,8 +320,8 @@ class CamWorker:
 
     def explain(self, samples: list[Sample]) -> list[Explained]:
         _, views = collate_samples(samples)
-        with self.engine:
-            results = explain_batch(samples, views, self.engine, self.loaded, self.device,
+        with self.explainer:
+            results = explain_batch(samples, views, self.explainer, self.loaded, self.device,
                                     settings_key=self.spec.resolved.settings_key, measures=self.spec.config.measures)
         with OverlayStage(self.report) as stage:
             stage.submit(results)

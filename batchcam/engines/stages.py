@@ -17,15 +17,16 @@ from torch.utils.data import DataLoader
 
 from batchcam.cam import overlay as overlays
 from batchcam.cam import overlay_tensor
-from batchcam.cam.engine import CamBatch, CamEngine
+from batchcam.cam.explainer import CamBatch, CamExplainer
 from batchcam.checks import attention
 from batchcam.config import Measures, ScanConfig
-from batchcam.decode.dataset import Sample, ScanDataset, collate_samples, worker_init
-from batchcam.model.checkpoint import LoadedModel, normalize
+from batchcam.decode.dataset import Sample, ScanDataset, collate_samples
+from batchcam.decode.discover import label_for
+from batchcam.model.checkpoint import LoadedModel, model_input
 from batchcam.records import Row, display_path, overlay_path
 from batchcam.report.folder import ReportFolder
-from batchcam.report.summary import label_for
 from batchcam.runtime.console import Console
+from batchcam.runtime.workers import worker_init
 
 
 def prepared_model(loaded: LoadedModel, device: torch.device, compile: bool = False) -> torch.nn.Module:
@@ -52,7 +53,7 @@ def log_decode_warnings(samples: list[Sample], console: Console) -> None:
             console.log(f"warning: {display_path(sample.relpath)}: {warning}")
 
 
-def explain_batch(samples: list[Sample], views: torch.Tensor | None, engine: CamEngine, loaded: LoadedModel,
+def explain_batch(samples: list[Sample], views: torch.Tensor | None, explainer: CamExplainer, loaded: LoadedModel,
                   device: torch.device, settings_key: str = "",
                   measures: Measures = Measures()) -> list[tuple[Row, Sample, torch.Tensor | None]]:
     """Model + CAM on the good samples of a batch (as collated by ``collate_samples``).
@@ -65,14 +66,14 @@ def explain_batch(samples: list[Sample], views: torch.Tensor | None, engine: Cam
     """
     cam_batch, x = None, None
     if views is not None:
-        x = normalize(views.to(device, non_blocking=True), loaded.spec).contiguous(memory_format=torch.channels_last)
-        cam_batch = engine(x)
+        x = model_input(views.to(device, non_blocking=True), loaded.spec).contiguous(memory_format=torch.channels_last)
+        cam_batch = explainer(x)
     results = batch_rows(samples, cam_batch, loaded, settings_key)
     if measures.faithfulness and cam_batch is not None and x is not None:
         ok = [row for row, _, cam in results if cam is not None]
-        drops = attention.faithfulness(engine.model, x, cam_batch.cams, cam_batch.targets, cam_batch.probabilities,
+        drops = attention.faithfulness(explainer.model, x, cam_batch.cams, cam_batch.targets, cam_batch.probabilities,
                                        [attention.seed_of(f"{row.relpath}:{row.sha256}") for row in ok],
-                                       engine.temperature)
+                                       explainer.temperature)
         for row, top, random in zip(ok, *drops):
             row.faith_drop_top, row.faith_drop_random = float(top), float(random)
     return results

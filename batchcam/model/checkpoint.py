@@ -21,7 +21,7 @@ import hashlib
 import io
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -375,12 +375,7 @@ def _calibration(file: ModelFile, raw: dict) -> tuple[float, OodStatistics | Non
     return temperature, ood
 
 
-def spec_as_dict(spec: ModelSpec) -> dict[str, Any]:
-    data = asdict(spec)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
-
-
-def normalize(gray: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+def model_input(gray: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     """uint8 grayscale batch (B, H, W) -> float (B, C, H, W) normalised with the checkpoint's mean/std.
 
     X-rays are decoded once as one channel; a 3-channel model's input channels are that image

@@ -46,7 +46,7 @@ from batchcam.model.checkpoint import (
     ModelSpec,
     check_class_names,
     loaded_from,
-    normalize,
+    model_input,
     payload,
     payload_bytes,
     read_checkpoint,
@@ -367,5 +367,5 @@ def probe_batch(spec: ModelSpec) -> torch.Tensor:
     gray = torch.from_numpy(np.stack(views))
     noise = torch.randint(0, 256, (PROBE_NOISE, size, size), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
-    return normalize(torch.cat([gray, noise]), spec)
+    return model_input(torch.cat([gray, noise]), spec)
 

@@ -193,7 +193,7 @@ class Summary:
 
 
 # Plot areas of the charts, in SVG user units (the SVGs scale with their viewBox).
-CHART_WIDTH, CHART_HEIGHT, CHART_MARGIN = 420, 220, 36
+CHART_WIDTH, CHART_HEIGHT = 420, 220
 ROC_SIZE = 220
 CONFUSION_CELL = 78
 

@@ -19,15 +19,6 @@ from batchcam.records import ATTENTION_THRESHOLD, Row
 SCHEMA_VERSION = 1
 
 
-def label_for(relpath: str, class_names: Sequence[str]) -> str:
-    """The true class when the file's parent folder is named like a class (case-insensitive)."""
-    parts = relpath.split("/")
-    if len(parts) < 2:
-        return ""
-    parent = parts[-2].lower()
-    return next((name for name in class_names if name.lower() == parent), "")
-
-
 def scan_metrics(rows: Sequence[Row], class_names: Sequence[str]) -> dict | None:
     """Classification metrics when labels are known, with the explanation checks' summaries.
 

@@ -1,6 +1,6 @@
 """glibc's malloc told to keep freed memory for the next batch instead of giving it back.
 
-A ResNet18 forward pass on a batch of 32 allocates and frees activations of 25-100 MB. By default
+A ResNet18 forward pass on a batch of 32 allocates and frees activations of tens of megabytes. By default
 glibc serves such blocks with ``mmap`` (above a threshold that starts at 128 KB) and trims freed
 heap memory back to the kernel, so every batch faults the same pages in again. Raising the mmap
 threshold to glibc's maximum (32 MB) and the trim threshold to 1 GB keeps those blocks in the heap,

@@ -404,10 +404,3 @@ def publish_new(folder: Path, name: str, data: bytes) -> bool:
             return True
         finally:
             target.unlink(temporary)  # made by this call
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` atomically (its folder is followed; a link at its name is replaced)."""
-    path = Path(path)
-    with SafeDir.open(path.parent) as folder:
-        folder.write_bytes(path.name, data)

@@ -151,7 +151,7 @@ def test_file_changed_while_being_read_gets_a_truthful_row_and_is_retried(xray_f
 
 
 def test_file_vanishing_after_discovery_gets_a_vanished_row(xray_folder, tiny_model, tmp_path, monkeypatch):
-    from batchcam.commands import scan_run as pipeline
+    from batchcam.commands.scan import run as pipeline
 
     real = pipeline.stat_candidates
 

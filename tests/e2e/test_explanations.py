@@ -12,8 +12,9 @@ import torch
 from helpers import page_cards, read_rows, records, rows_by_path, rows_script
 
 from batchcam.checks.attention import attention_outside
-from batchcam.checks.sanity import sanity_check, spearman
+from batchcam.checks.sanity import spearman
 from batchcam.cli import main
+from batchcam.commands.sanity import sanity_check
 from batchcam.decode.imaging import resize_square
 from batchcam.decode.lungs import estimate_lung_fields
 from batchcam.model.checkpoint import load_checkpoint
@@ -327,7 +328,7 @@ def marked_xray(seed: int, marked: bool):
 @pytest.mark.slow
 def test_attention_flag_fires_on_a_corner_marker_shortcut_and_stays_quiet_on_plain_images(
         held_out, tmp_path, one_cpu_thread):
-    from batchcam.model.checkpoint import ModelSpec, build_model, normalize, save_checkpoint
+    from batchcam.model.checkpoint import ModelSpec, build_model, model_input, save_checkpoint
 
     demo = load_checkpoint(DEMO_MODEL, demo=True)
     spec = ModelSpec(class_names=("NORMAL", "PNEUMONIA"), image_size=demo.spec.image_size)
@@ -336,7 +337,7 @@ def test_attention_flag_fires_on_a_corner_marker_shortcut_and_stays_quiet_on_pla
         for marked in (False, True):
             views.append(resize_square(marked_xray(seed, marked), spec.image_size))
             labels.append(int(marked))
-    x, y = normalize(torch.from_numpy(np.stack(views)), spec), torch.tensor(labels)
+    x, y = model_input(torch.from_numpy(np.stack(views)), spec), torch.tensor(labels)
     torch.manual_seed(0)
     model = build_model(2)
     model.load_state_dict(demo.model.state_dict())   # the demo's lung features; the head learns the marker

@@ -16,10 +16,10 @@ import torch
 from helpers import page_cards, read_rows, rows_by_path
 from PIL import Image
 
-from batchcam.cam.engine import CamEngine
+from batchcam.cam.explainer import CamExplainer
 from batchcam.cli import main
 from batchcam.decode.dataset import collate_samples, decode_sample
-from batchcam.model.checkpoint import load_checkpoint, normalize
+from batchcam.model.checkpoint import load_checkpoint, model_input
 from batchcam.resources import DEMO_MODEL
 from batchcam.synthetic import generate
 from tests.conftest import write_xrays
@@ -39,8 +39,8 @@ def ood_of(loaded, named_bytes: list[tuple[str, bytes]]) -> dict[str, tuple[floa
     """name -> (ood_score, ood_flag) through scan's decoder and engine."""
     samples, views = collate_samples([decode_sample(name, data, loaded.spec.image_size) for name, data in named_bytes])
     assert all(sample.ok for sample in samples), [sample.error for sample in samples if not sample.ok]
-    with CamEngine(loaded.model, temperature=loaded.temperature) as engine:
-        batch = engine(normalize(views, loaded.spec))
+    with CamExplainer(loaded.model, temperature=loaded.temperature) as engine:
+        batch = engine(model_input(views, loaded.spec))
     distances = loaded.ood.distances(batch.features)
     return {s.relpath: (float(d), float(d) > loaded.ood.threshold) for s, d in zip(samples, distances)}
 

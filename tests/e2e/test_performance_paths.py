@@ -18,12 +18,12 @@ import torch
 from helpers import rows_by_path
 from PIL import Image
 
-from batchcam.cam.engine import CamEngine
+from batchcam.cam.explainer import CamExplainer
 from batchcam.cli import main
 from batchcam.decode.dataset import Sample, ScanDataset, collate_samples, decode_sample
 from batchcam.decode.discover import discover
 from batchcam.decode.gpu_decode import BatchedJpegDecoder, can_defer
-from batchcam.model.checkpoint import file_sha256, load_checkpoint, normalize
+from batchcam.model.checkpoint import file_sha256, load_checkpoint, model_input
 from batchcam.resources import DEMO_MODEL
 from batchcam.runtime.allocator import keep_freed_memory
 from batchcam.synthetic import generate
@@ -111,9 +111,9 @@ def test_batched_decoding_matches_the_cpu_decoder(tmp_path, demo):
         assert sample.display.shape == expected.display.shape
         assert np.abs(sample.model_view.astype(int) - expected.model_view).mean() < 1.5
         assert sample.lung_fields is not None
-    with CamEngine(demo.model) as engine:
-        batched = engine(normalize(views, demo.spec))
-        plain = engine(normalize(reference_views, demo.spec))
+    with CamExplainer(demo.model) as engine:
+        batched = engine(model_input(views, demo.spec))
+        plain = engine(model_input(reference_views, demo.spec))
     assert torch.equal(batched.probabilities.argmax(1), plain.probabilities.argmax(1))
     assert (batched.probabilities - plain.probabilities).abs().max() < 0.02
 
@@ -131,11 +131,11 @@ def test_a_jpeg_the_batched_decoder_rejects_gets_the_cpu_decoders_row(tmp_path):
 
 
 def test_autocast_computes_the_map_in_float32_close_to_fp32(demo):
-    x = normalize(torch.from_numpy(np.stack([np.asarray(generate(s, "PNEUMONIA", (224, 224)).image)
+    x = model_input(torch.from_numpy(np.stack([np.asarray(generate(s, "PNEUMONIA", (224, 224)).image)
                                              for s in range(4)])), demo.spec)
-    with CamEngine(demo.model) as engine:
+    with CamExplainer(demo.model) as engine:
         fp32 = engine(x)
-    with CamEngine(demo.model, autocast=torch.bfloat16) as engine:
+    with CamExplainer(demo.model, autocast=torch.bfloat16) as engine:
         bf16 = engine(x)
     assert bf16.cams.dtype == torch.float32 and bf16.probabilities.dtype == torch.float32
     assert torch.equal(bf16.targets, fp32.targets)

@@ -174,9 +174,9 @@ def test_serve_answers_a_skipped_upload_with_its_reason_not_a_400(films, tiny_mo
     import torch
     from fastapi.testclient import TestClient
 
-    from batchcam.commands.explain import Explainer
     from batchcam.commands.serve import create_app
     from batchcam.model.checkpoint import load_model
+    from batchcam.serving.explain import Explainer
 
     explainer = Explainer(load_model(tiny_model, lambda message: None), torch.device("cpu"))
     client = TestClient(create_app(explainer, 50 * 2**20), base_url="http://127.0.0.1:8000")

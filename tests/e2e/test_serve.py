@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from batchcam.cli import main
-from batchcam.commands.explain import Explainer
 from batchcam.model.checkpoint import file_sha256, load_checkpoint
+from batchcam.serving.explain import Explainer
 from batchcam.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -211,7 +211,7 @@ def test_openapi_documents_the_multipart_predict_endpoint(client):
                                             ("localhost", True), ("0.0.0.0", False), ("192.168.1.20", False),
                                             ("::", False), ("example.org", False)])
 def test_only_loopback_addresses_count_as_local(host, loopback):
-    from batchcam.commands.serve_guard import is_loopback
+    from batchcam.serving.guard import is_loopback
 
     assert is_loopback(host) is loopback
 

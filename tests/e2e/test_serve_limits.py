@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from batchcam.cli import main
-from batchcam.commands.explain import Explainer
 from batchcam.model.checkpoint import load_checkpoint
+from batchcam.serving.explain import Explainer
 from batchcam.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -251,7 +251,7 @@ def test_an_uploads_bytes_are_freed_with_its_request():
     after each of 8 requests of a 48 MB file)."""
     import asyncio
 
-    from batchcam.commands.serve_uploads import Limits, read_uploads
+    from batchcam.serving.uploads import Limits, read_uploads
 
     data = np.random.default_rng(2).bytes(4_000_000)
     gc.collect()
@@ -422,7 +422,7 @@ def test_the_bound_address_and_localhost_are_accepted(client, host):
     ("127.0.0.1", 80, ["127.0.0.1", "127.0.0.1:80", "localhost"], ["127.0.0.1:8000"]),
 ])
 def test_allowed_hosts_follow_the_bound_address(host, port, good, bad):
-    from batchcam.commands.serve_guard import allowed_hosts_for, host_allowed
+    from batchcam.serving.guard import allowed_hosts_for, host_allowed
 
     allowed = allowed_hosts_for(host, port)
     assert [h for h in good if not host_allowed(h, allowed)] == []

@@ -18,7 +18,7 @@ from helpers import csv_rows
 from PIL import Image
 
 from batchcam.decode.imaging import resize_square
-from batchcam.model.checkpoint import load_checkpoint, normalize
+from batchcam.model.checkpoint import load_checkpoint, model_input
 from batchcam.synthetic import generate, write_imagefolder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,7 +116,7 @@ def test_trained_checkpoint_loads_and_predicts(trained):
 
     gray = torch.tensor(resize_square(generate(123, "PNEUMONIA", (90, 80)).image, 64))[None]
     with torch.inference_mode():
-        probabilities = torch.softmax(loaded.model(normalize(gray, loaded.spec)), 1)
+        probabilities = torch.softmax(loaded.model(model_input(gray, loaded.spec)), 1)
     assert probabilities.shape == (1, 2)
     assert torch.isfinite(probabilities).all()
     assert probabilities.sum().item() == pytest.approx(1.0, abs=1e-5)

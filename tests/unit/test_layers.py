@@ -22,6 +22,7 @@ LAYERS = [
     {"batchcam.checks"},
     {"batchcam.report"},
     {"batchcam.engines"},
+    {"batchcam.serving"},
     {"batchcam.commands"},
     {"batchcam.cli", "batchcam.__main__"},
 ]

@@ -16,7 +16,6 @@ import pytest
 
 from batchcam import config as config_module
 from batchcam.cli import COMMANDS, build_parser, main
-from batchcam.commands.evaluate import page_size_of
 from batchcam.config import (
     DEFAULT_PAGE_SIZE,
     MAX_WORKERS,
@@ -27,6 +26,7 @@ from batchcam.config import (
 )
 from batchcam.errors import UsageError
 from batchcam.options import BINDING, GROUP, Config, Option, config_bindings, from_values, settings, shown_value, switch
+from batchcam.report.outputs import page_size_of
 
 COMMAND_NAMES = sorted(COMMANDS)
 BINDINGS = [(name, binding) for name in COMMAND_NAMES for binding in config_bindings(COMMANDS[name].config)]

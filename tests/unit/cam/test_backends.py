@@ -18,7 +18,7 @@ from batchcam.cam.backends import (
     make_forward,
     model_cache,
 )
-from batchcam.cam.engine import TARGET_LAYER, CamEngine
+from batchcam.cam.explainer import TARGET_LAYER, CamExplainer
 from batchcam.errors import UsageError
 from batchcam.model.checkpoint import build_model
 from tests.onnx_tamper import plant, tampered_export
@@ -34,16 +34,16 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
     return build_model(2, 0.5).eval()
 
 
-def onnx_engine(model: torch.nn.Module, sha: str = SHA, log=lambda message: None) -> CamEngine:
+def onnx_engine(model: torch.nn.Module, sha: str = SHA, log=lambda message: None) -> CamExplainer:
     forward = make_forward("onnx", model, TARGET_LAYER, sha, SIZE, explicit=True, log=log)
     assert isinstance(forward, OnnxForward)
-    return CamEngine(model, forward=forward)
+    return CamExplainer(model, forward=forward)
 
 
 def test_onnx_engine_gives_eager_probabilities_targets_and_cam_peaks(private_model_cache):
     model = tiny_model()
     x = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
-    with CamEngine(model) as engine:
+    with CamExplainer(model) as engine:
         expected = engine(x)
     with onnx_engine(model) as engine:
         assert engine.backend == "onnx"
@@ -74,7 +74,7 @@ def test_a_corrupt_cache_file_is_removed_and_rebuilt(private_model_cache):
     data[len(data) // 2] ^= 0xFF
     cached.write_bytes(bytes(data[: len(data) - 100]))
     x = torch.randn(2, 3, SIZE, SIZE)
-    with onnx_engine(model) as engine, CamEngine(model) as eager:
+    with onnx_engine(model) as engine, CamExplainer(model) as eager:
         assert (engine(x).probabilities - eager(x).probabilities).abs().max() < 1e-4
     assert cached.read_bytes() != bytes(data[: len(data) - 100])  # the sound export took its place
 
@@ -86,7 +86,7 @@ def test_a_stale_cache_holding_other_weights_is_rebuilt_not_trusted(private_mode
     model = tiny_model(seed=0)
     logged = []
     x = torch.randn(3, 3, SIZE, SIZE)
-    with onnx_engine(model, log=logged.append) as engine, CamEngine(model) as eager:
+    with onnx_engine(model, log=logged.append) as engine, CamExplainer(model) as eager:
         assert (engine(x).probabilities - eager(x).probabilities).abs().max() < 1e-4
     assert any("exporting it again" in line for line in logged)
 
@@ -144,12 +144,13 @@ def xray_batch(count: int = 4) -> torch.Tensor:
     import numpy as np
 
     from batchcam.decode.imaging import resize_square
-    from batchcam.model.checkpoint import ModelSpec, normalize
+    from batchcam.model.checkpoint import ModelSpec, model_input
     from batchcam.synthetic import generate
 
     views = [resize_square(generate(i, ("NORMAL", "PNEUMONIA")[i % 2], (96, 80)).image.convert("L"), SIZE)
              for i in range(count)]
-    return normalize(torch.from_numpy(np.stack(views)), ModelSpec(class_names=("NORMAL", "PNEUMONIA"), image_size=SIZE))
+    return model_input(torch.from_numpy(np.stack(views)),
+                       ModelSpec(class_names=("NORMAL", "PNEUMONIA"), image_size=SIZE))
 
 
 def plant_in_cache(cache, data: bytes):
@@ -165,7 +166,7 @@ def test_a_tampered_cache_file_that_passes_the_probe_changes_no_prediction(priva
     assert backends.outputs_equal(*plain_session_outputs(tampered(), probe), *on_probe), \
         "the tampered file must pass the noise probe, or this test proves nothing"
     assert not torch.equal(plain_session_outputs(tampered(), x)[0].argmax(1), on_xrays[0].argmax(1))
-    with CamEngine(model) as reference:
+    with CamExplainer(model) as reference:
         expected = reference(x)
     logged = []
     with onnx_engine(model, log=logged.append) as engine:
@@ -181,7 +182,7 @@ def test_a_sound_cache_file_is_checked_on_the_first_batch_and_named_by_its_diges
     onnx_engine(model)
     (cached,) = private_model_cache.glob("*.onnx")
     x = xray_batch()
-    with onnx_engine(model) as engine, CamEngine(model) as eager:
+    with onnx_engine(model) as engine, CamExplainer(model) as eager:
         assert (engine(x).probabilities - eager(x).probabilities).abs().max() < 1e-4
         assert engine.backend == "onnx" and engine.forward.checked
         assert engine.forward.file_sha256 == hashlib.sha256(cached.read_bytes()).hexdigest()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from pytorch_grad_cam import GradCAM
 
-from batchcam.cam.engine import LIBRARY_METHODS, CamEngine, linear_head
-from batchcam.cam.overlay import normalise, upsample
+from batchcam.cam.explainer import LIBRARY_METHODS, CamExplainer, linear_head
+from batchcam.cam.overlay import min_max_scaled, upsample
 from batchcam.model.checkpoint import build_model
 
 SIZE = 64
@@ -32,10 +32,10 @@ def library_gradcam(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
 
 
 def fast_gradcam_normalised(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    with CamEngine(model, "gradcam") as engine:
+    with CamExplainer(model, "gradcam") as engine:
         assert engine.exact
         batch = engine(x)
-    return np.stack([normalise(upsample(normalise(cam), SIZE, SIZE)).numpy() for cam in batch.cams])
+    return np.stack([min_max_scaled(upsample(min_max_scaled(cam), SIZE, SIZE)).numpy() for cam in batch.cams])
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
@@ -57,9 +57,9 @@ def test_exact_gradcam_explains_a_fixed_target_class_like_the_library():
 
     with GradCAM(model=model, target_layers=[model.layer4]) as cam:
         expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)] * 4)
-    with CamEngine(model, "gradcam", target=0) as engine:
+    with CamExplainer(model, "gradcam", target=0) as engine:
         batch = engine(x)
-    actual = np.stack([normalise(upsample(normalise(c), SIZE, SIZE)).numpy() for c in batch.cams])
+    actual = np.stack([min_max_scaled(upsample(min_max_scaled(c), SIZE, SIZE)).numpy() for c in batch.cams])
     assert batch.targets.tolist() == [0, 0, 0, 0]
     assert np.abs(actual - expected).max() < 1e-4
 
@@ -68,7 +68,7 @@ def test_exact_path_needs_no_gradients_and_removes_its_hook():
     model = build_model(2).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    with CamEngine(model, "gradcam") as engine:
+    with CamExplainer(model, "gradcam") as engine:
         batch = engine(torch.randn(2, 3, SIZE, SIZE))
     assert batch.cams.shape == (2, 2, 2)
     assert (batch.cams >= 0).all()
@@ -79,7 +79,7 @@ def test_library_methods_give_one_raw_map_per_image_and_release_their_hooks():
     model = build_model(2).eval()
     x = torch.randn(3, 3, SIZE, SIZE)
     for method in LIBRARY_METHODS:
-        with CamEngine(model, method, allow_exact=False) as engine:
+        with CamExplainer(model, method, allow_exact=False) as engine:
             batch = engine(x)
         assert batch.cams.shape == (3, 2, 2), method
         assert torch.isfinite(batch.cams).all() and (batch.cams >= 0).all(), method
@@ -90,7 +90,7 @@ def test_library_methods_give_one_raw_map_per_image_and_release_their_hooks():
 def test_a_head_that_is_not_pool_plus_linear_falls_back_to_the_library():
     model = build_model(2).eval()
     model.fc = torch.nn.Sequential(torch.nn.Linear(512, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    with CamEngine(model, "gradcam") as engine:
+    with CamExplainer(model, "gradcam") as engine:
         assert not engine.exact
         batch = engine(torch.randn(2, 3, SIZE, SIZE))
     assert batch.cams.shape == (2, 2, 2)
@@ -98,7 +98,7 @@ def test_a_head_that_is_not_pool_plus_linear_falls_back_to_the_library():
 
 def test_unknown_method_is_refused_with_the_list():
     with pytest.raises(ValueError, match="gradcam"):
-        CamEngine(build_model(2), "nosuchcam")
+        CamExplainer(build_model(2), "nosuchcam")
 
 
 class TinyNet(torch.nn.Module):
@@ -132,20 +132,20 @@ def test_library_maps_computed_in_chunks_equal_the_librarys_unchunked_maps(metho
     the library's one call for the whole batch."""
     from pytorch_grad_cam.utils.image import scale_cam_image
 
-    from batchcam.cam import engine as engine_module
+    from batchcam.cam import explainer as explainer_module
 
     torch.manual_seed(0)
     x = torch.randn(5, 3, 32, 32)
     model = TinyNet().eval()
-    image_bytes = engine_module.activation_bytes(model, (3, 32, 32))
-    monkeypatch.setattr(engine_module, "LIBRARY_CALL_BUDGET", 1)
-    monkeypatch.setattr(engine_module, "SCORECAM_INNER_BUDGET",
-                        3 * engine_module.FORWARD_BYTES_PER_ACTIVATION_BYTE * image_bytes)
+    image_bytes = explainer_module.activation_bytes(model, (3, 32, 32))
+    monkeypatch.setattr(explainer_module, "LIBRARY_CALL_BUDGET", 1)
+    monkeypatch.setattr(explainer_module, "SCORECAM_INNER_BUDGET",
+                        3 * explainer_module.FORWARD_BYTES_PER_ACTIVATION_BYTE * image_bytes)
     calls = []
-    library_maps = engine_module.CamEngine._library_maps
-    monkeypatch.setattr(engine_module.CamEngine, "_library_maps",
+    library_maps = explainer_module.CamExplainer._library_maps
+    monkeypatch.setattr(explainer_module.CamExplainer, "_library_maps",
                         lambda self, chunk, *args: calls.append(len(chunk)) or library_maps(self, chunk, *args))
-    with CamEngine(model, method, allow_exact=False, target_layer="layer4") as engine:
+    with CamExplainer(model, method, allow_exact=False, target_layer="layer4") as engine:
         batch = engine(x)
     assert calls == [1, 1, 1, 1, 1]
     expected = library_maps_unchunked(model, method, x, batch.targets.tolist())
@@ -160,7 +160,7 @@ def test_library_chunks_keep_each_call_within_the_budget_whatever_the_architectu
     the gradient methods: as many images as their autograd graphs fit, fewer for a deeper network."""
     import torchvision
 
-    from batchcam.cam.engine import LIBRARY_CALL_BUDGET, activation_bytes, library_chunk, scorecam_inner_batch
+    from batchcam.cam.explainer import LIBRARY_CALL_BUDGET, activation_bytes, library_chunk, scorecam_inner_batch
 
     shape = (32, 3, 224, 224)
     resnet18 = activation_bytes(build_model(2).eval(), shape[1:])

@@ -12,8 +12,8 @@ from torch import nn
 from torchvision import models
 
 from batchcam.cam.backends import EagerForward, WithActivations, make_forward
-from batchcam.cam.engine import CamEngine, linear_head, target_layer_of
-from batchcam.cam.overlay import normalise, upsample
+from batchcam.cam.explainer import CamExplainer, linear_head, target_layer_of
+from batchcam.cam.overlay import min_max_scaled, upsample
 from batchcam.model.architectures import ARCHITECTURES
 from batchcam.model.calibration import fit_ood
 from batchcam.model.heads import HeadLayout
@@ -59,7 +59,7 @@ def test_each_architecture_has_its_documented_target_layer_and_the_exact_path(ar
     model = built(arch)
     assert target_layer_of(model) == ARCHITECTURES[arch].target_layer
     assert linear_head(model) is not None
-    with CamEngine(model) as engine:
+    with CamExplainer(model) as engine:
         assert engine.exact and engine.layer_name == ARCHITECTURES[arch].target_layer
 
 
@@ -67,12 +67,12 @@ def test_each_architecture_has_its_documented_target_layer_and_the_exact_path(ar
 def test_the_exact_path_equals_pytorch_grad_cam_on_the_target_layer_and_releases_its_hook(arch, x):
     model = built(arch)
     layer = model.get_submodule(ARCHITECTURES[arch].target_layer)
-    with CamEngine(model) as engine:
+    with CamExplainer(model) as engine:
         batch = engine(x)
     assert not layer._forward_hooks
     with GradCAM(model=model, target_layers=[layer]) as cam:
         expected = cam(input_tensor=x.clone(), targets=None)
-    actual = np.stack([normalise(upsample(normalise(c), SIZE, SIZE)).numpy() for c in batch.cams])
+    actual = np.stack([min_max_scaled(upsample(min_max_scaled(c), SIZE, SIZE)).numpy() for c in batch.cams])
     assert np.abs(actual - expected).max() <= 1e-4
     assert batch.features.shape == (len(x), WIDTHS[arch])
 
@@ -81,7 +81,7 @@ def test_an_mlp_head_runs_pytorch_grad_cam_on_the_whole_batch(x):
     head = HeadLayout(("linear", "relu", "dropout", "linear"))
     model = built("densenet121", head)
     assert linear_head(model) is None
-    with CamEngine(model) as engine:
+    with CamExplainer(model) as engine:
         assert not engine.exact
         batch = engine(x)
     assert batch.cams.shape == (len(x), 2, 2) and (batch.cams >= 0).all()
@@ -89,7 +89,7 @@ def test_an_mlp_head_runs_pytorch_grad_cam_on_the_whole_batch(x):
     assert not layer._forward_hooks and not layer._backward_hooks
     with GradCAM(model=model, target_layers=[layer]) as cam:
         expected = cam(input_tensor=x.clone(), targets=None)
-    actual = np.stack([normalise(upsample(normalise(c), SIZE, SIZE)).numpy() for c in batch.cams])
+    actual = np.stack([min_max_scaled(upsample(min_max_scaled(c), SIZE, SIZE)).numpy() for c in batch.cams])
     assert np.abs(actual - expected).max() <= 1e-4
 
 
@@ -100,16 +100,16 @@ def test_a_single_logit_is_two_logits_giving_the_sigmoid_at_any_temperature_and_
     with torch.inference_mode():
         z = logit(x)[:, 0]
     for temperature in (1.0, 1.7):
-        with CamEngine(model, temperature=temperature) as engine:
+        with CamExplainer(model, temperature=temperature) as engine:
             batch = engine(x)
         assert torch.allclose(batch.probabilities[:, 1], torch.sigmoid(z / temperature), atol=1e-6)
         assert torch.allclose(batch.probabilities.sum(1), torch.ones(len(x)), atol=1e-6)
     for target, score in ((1, ClassifierOutputTarget(0)), (0, lambda output: -output[0])):
-        with CamEngine(model, target=target) as engine:
+        with CamExplainer(model, target=target) as engine:
             ours = engine(x).cams
         with GradCAM(model=logit, target_layers=[logit.layer4]) as cam:   # of z, and of -z for the first class
             expected = cam(input_tensor=x.clone(), targets=[score] * len(x))
-        actual = np.stack([normalise(upsample(normalise(c), SIZE, SIZE)).numpy() for c in ours])
+        actual = np.stack([min_max_scaled(upsample(min_max_scaled(c), SIZE, SIZE)).numpy() for c in ours])
         assert np.abs(actual - expected).max() <= 1e-4, target
 
 
@@ -121,7 +121,7 @@ def test_a_plain_torchvision_densenet_has_no_documented_layer():
 
 def test_an_explicit_target_layer_is_used(x):
     model = built("resnet18")
-    with CamEngine(model, target_layer="layer3", allow_exact=False) as engine:
+    with CamExplainer(model, target_layer="layer3", allow_exact=False) as engine:
         batch = engine(x)
     assert engine.layer is model.layer3
     assert batch.cams.shape == (len(x), 4, 4)
@@ -143,7 +143,7 @@ def test_the_onnx_backend_runs_a_densenet_through_its_dotted_layer(private_model
     pytest.importorskip("onnxruntime")
     model = built("densenet121")
     forward = make_forward("onnx", model, "features.relu5", "cd" * 32, SIZE, explicit=True)
-    with CamEngine(model, forward=forward) as onnx, CamEngine(model) as eager:
+    with CamExplainer(model, forward=forward) as onnx, CamExplainer(model) as eager:
         assert onnx.backend == "onnx"
         assert (onnx(x).probabilities - eager(x).probabilities).abs().max() < 1e-4
 
@@ -152,7 +152,7 @@ def test_the_onnx_backend_runs_a_densenet_through_its_dotted_layer(private_model
 def test_ood_statistics_fit_pooled_features_of_any_width(arch):
     model = built(arch, outputs=3)
     images = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
-    with CamEngine(model) as engine:
+    with CamExplainer(model) as engine:
         batch = engine(images)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     statistics = fit_ood(batch.features[:6], labels[:6], batch.features[6:], 3)

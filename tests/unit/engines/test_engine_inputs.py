@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchcam.cam.engine import CamEngine
-from batchcam.commands.scan_run import backend_for
+from batchcam.cam.explainer import CamExplainer
+from batchcam.commands.scan.run import backend_for
 from batchcam.config import Measures, ScanConfig, Selection
 from batchcam.decode.dataset import collate_samples
 from batchcam.engines import ray_engine
@@ -64,7 +64,7 @@ def test_the_measures_option_adds_its_values_to_the_rows(tmp_path, tiny_model):
     samples, views = collate_samples([scan_dataset(planned(paths, tmp_path / "root"), config, TINY_SIZE)[i]
                                       for i in range(2)])
     loaded = load_checkpoint(tiny_model)
-    with CamEngine(loaded.model) as engine:
+    with CamExplainer(loaded.model) as engine:
         plain = explain_batch(samples, views, engine, loaded, torch.device("cpu"))
         measured = explain_batch(samples, views, engine, loaded, torch.device("cpu"),
                                  measures=Measures(faithfulness=True))

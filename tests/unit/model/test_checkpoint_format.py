@@ -13,7 +13,7 @@ from batchcam.model.checkpoint import (
     ModelSpec,
     build_model,
     load_checkpoint,
-    normalize,
+    model_input,
     save_calibrated,
     save_checkpoint,
 )
@@ -103,7 +103,7 @@ def test_calibrating_a_plain_state_dict_writes_format_2_keeping_what_was_assumed
 
 def test_normalize_gives_one_channel_for_a_one_channel_model():
     gray = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
-    x = normalize(gray, ModelSpec(class_names=("a", "b"), channels=1, mean=(0.5,), std=(0.5,)))
+    x = model_input(gray, ModelSpec(class_names=("a", "b"), channels=1, mean=(0.5,), std=(0.5,)))
     assert x.shape == (1, 1, 2, 2)
     assert torch.allclose(x[0, 0], torch.tensor([[-1.0, 1.0], [-0.6, -0.2]]), atol=1e-6)
 

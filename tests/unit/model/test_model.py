@@ -18,7 +18,7 @@ from batchcam.model.checkpoint import (
     ModelSpec,
     build_model,
     load_checkpoint,
-    normalize,
+    model_input,
     save_checkpoint,
 )
 
@@ -281,7 +281,7 @@ def test_normalize_turns_a_uint8_batch_into_three_normalised_channels():
     gray = torch.tensor([[[0, 255], [128, 51]], [[255, 255], [0, 0]]], dtype=torch.uint8)  # (2, 2, 2)
     spec = ModelSpec(class_names=("a", "b"))
 
-    x = normalize(gray, spec)
+    x = model_input(gray, spec)
 
     assert x.shape == (2, 3, 2, 2)
     assert x.dtype == torch.float32
@@ -295,7 +295,7 @@ def test_normalize_turns_a_uint8_batch_into_three_normalised_channels():
 def test_normalize_uses_the_checkpoints_own_mean_and_std():
     gray = torch.full((1, 3, 4), 102, dtype=torch.uint8)  # 102 / 255 = 0.4
     spec = ModelSpec(class_names=("a", "b"), mean=(0.4, 0.2, 0.0), std=(1.0, 0.5, 0.4))
-    x = normalize(gray, spec)
+    x = model_input(gray, spec)
     assert x.shape == (1, 3, 3, 4)
     assert torch.allclose(x[0, 0], torch.zeros(3, 4), atol=1e-6)
     assert torch.allclose(x[0, 1], torch.full((3, 4), 0.4), atol=1e-6)
@@ -304,7 +304,7 @@ def test_normalize_uses_the_checkpoints_own_mean_and_std():
 
 def test_normalize_does_not_modify_its_input():
     gray = torch.full((1, 2, 2), 200, dtype=torch.uint8)
-    normalize(gray, ModelSpec(class_names=("a", "b")))
+    model_input(gray, ModelSpec(class_names=("a", "b")))
     assert torch.equal(gray, torch.full((1, 2, 2), 200, dtype=torch.uint8))
 
 

@@ -3,7 +3,7 @@
 The reference is what a user's own notebook does: ``PIL.Image.open(f).convert("RGB" or "L")`` ->
 ``transforms.Resize``/``CenterCrop`` -> ``ToTensor`` -> ``Normalize`` -> the torchvision model ->
 softmax (sigmoid for a single logit); and pytorch-grad-cam's ``GradCAM`` on the same target layer.
-batchcam's side is its own decoder and model view, ``normalize``, the loaded model and ``CamEngine``.
+batchcam's side is its own decoder and model view, ``model_input``, the loaded model and ``CamExplainer``.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 from torchvision import models, transforms
 
-from batchcam.cam.engine import CamEngine
-from batchcam.cam.overlay import normalise, upsample
+from batchcam.cam.explainer import CamExplainer
+from batchcam.cam.overlay import min_max_scaled, upsample
 from batchcam.decode.imaging import decode_grayscale, model_view
-from batchcam.model.checkpoint import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, ModelSpec, normalize
+from batchcam.model.checkpoint import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, ModelSpec, model_input
 from batchcam.resources import DEMO_MODEL
 from batchcam.synthetic import generate
 
@@ -74,7 +74,7 @@ def reference_inputs(paths: list[Path], pre: Preprocessing) -> torch.Tensor:
 def batchcam_inputs(paths: list[Path], spec: ModelSpec) -> torch.Tensor:
     """batchcam's decoder, model view and normalisation."""
     views = [model_view(decode_grayscale(path.read_bytes()).gray, spec.image_size, spec.resize) for path in paths]
-    return normalize(torch.from_numpy(np.stack(views)), spec)
+    return model_input(torch.from_numpy(np.stack(views)), spec)
 
 
 def reference_probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -163,11 +163,11 @@ def _width(model: nn.Module, attribute: str) -> int:
 
 
 def engine_result(loaded: LoadedModel, x: torch.Tensor, target: int | None = None):
-    """(probabilities, targets, normalised upsampled maps, exact) through batchcam's CamEngine."""
-    with CamEngine(loaded.model, target=target, target_layer=loaded.target_layer) as engine:
+    """(probabilities, targets, normalised upsampled maps, exact) through batchcam's CamExplainer."""
+    with CamExplainer(loaded.model, target=target, target_layer=loaded.target_layer) as engine:
         batch = engine(x)
         exact = engine.exact
-    maps = np.stack([normalise(upsample(normalise(c), x.shape[-2], x.shape[-1])).numpy() for c in batch.cams])
+    maps = np.stack([min_max_scaled(upsample(min_max_scaled(c), x.shape[-2], x.shape[-1])).numpy() for c in batch.cams])
     return batch.probabilities, batch.targets, maps, exact
 
 

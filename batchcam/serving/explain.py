@@ -1,7 +1,7 @@
 """Explaining a few in-memory X-rays with scan's own stages: what ``predict`` and ``serve`` share.
 
 There is no second copy of any stage here: decoding is ``dataset.decode_sample``, batching is
-``dataset.collate_samples``, model + CAM is ``pipeline.explain_batch`` under a ``CamEngine``, and
+``dataset.collate_samples``, model + CAM is ``stages.explain_batch`` under a ``CamExplainer``, and
 the overlay is ``overlay.render``. So a file explained here gets exactly the prediction, map and
 overlay that a scan would give it.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from batchcam.cam import overlay as overlays
-from batchcam.cam.engine import TARGET_LAYER, CamEngine
+from batchcam.cam.explainer import TARGET_LAYER, CamExplainer
 from batchcam.cam.overlay import RenderedOverlay
 from batchcam.config import Selection
 from batchcam.decode.dataset import Sample, collate_samples, decode_sample
@@ -79,9 +79,9 @@ class Explainer:
     def explain(self, samples: list[Sample]) -> list[Explanation]:
         """One Explanation per sample, in order; error and skipped samples pass through as such rows."""
         samples, views = collate_samples(samples)
-        with self._lock, CamEngine(self.model, self.method, self.target,
-                                   temperature=self.loaded.temperature) as engine:
-            results = explain_batch(samples, views, engine, self.loaded, self.device)
+        with self._lock, CamExplainer(self.model, self.method, self.target,
+                                   temperature=self.loaded.temperature) as explainer:
+            results = explain_batch(samples, views, explainer, self.loaded, self.device)
         return [self._rendered(row, sample, cam) for row, sample, cam in results]
 
     def describe(self) -> dict:

@@ -1,7 +1,8 @@
 """What a scan does once REPORT is locked: discover, plan, run an engine, write the report.
 
     discover -> plan (reuse unchanged rows) -> engine (decode -> model + CAM -> overlays, journaled)
-             -> [heat-scale pass] -> a new generation (CSV, manifest, metrics, cams, gallery) -> switch
+             -> changes (first_seen, change) -> [heat-scale pass]
+             -> a new generation (CSV, manifest, metrics, cams, gallery: report.outputs) -> switch
              -> tidy (old generation) -> prune overlays -> commit rows -> runs.jsonl line
 
 The device, the precision and the CAM target are resolved once, here, and handed down.
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from batchcam.cam.backends import EagerForward, OnnxForward, choose_backend, make_forward
-from batchcam.cam.engine import TARGET_LAYER, CamEngine, linear_head
+from batchcam.cam.explainer import TARGET_LAYER, CamExplainer, linear_head
 from batchcam.config import ScanConfig, resolve_target
 from batchcam.decode.discover import IMAGE_EXTENSIONS, Discovery, discover
 from batchcam.engines import local
@@ -31,9 +32,9 @@ from batchcam.options import settings
 from batchcam.records import Row, display_path, status_counts
 from batchcam.report.changes import mark_changes, run_record
 from batchcam.report.folder import ReportFolder, cams_content, csv_content, json_content, published_but
-from batchcam.report.gallery import render_gallery
 from batchcam.report.generations import Content
 from batchcam.report.lock import ReportLock
+from batchcam.report.outputs import publish_outputs
 from batchcam.report.review import Review, current_decisions, mark_states, with_review
 from batchcam.report.store import PlannedFile, RowStore, make_plan, settings_key, stat_candidates
 from batchcam.report.summary import manifest, now_iso, scan_metrics
@@ -77,7 +78,7 @@ class Ready:
     autocast: torch.dtype | None
     target: int | None
     settings_key: str                # the rows' (report.store.settings_key)
-    forward: EagerForward | OnnxForward | None = None  # built here only for an explicit --backend onnx
+    step: ModelStep | None = None    # built here only for an explicit --backend onnx
     problems: tuple[str, ...] = ()   # discovery's warnings, said once the run's log is open
     unlisted: tuple[str, ...] = ()   # folders that could not be listed (relative to ROOT)
 
@@ -96,12 +97,10 @@ def prepare(config: ScanConfig, console: Console) -> Ready:
     autocast = resolve_precision(config.precision, device)
     key = settings_key(config, resolved={"model": model_identity(loaded), "precision": precision_name(autocast),
                                          "target": "predicted" if target is None else loaded.spec.class_names[target]})
-    forward = None
+    step = None
     if config.backend == "onnx":  # asked for by name: a reason it cannot run is exit 2, REPORT untouched
-        backend = backend_for(config, loaded, device, autocast, len(files))
-        forward = make_forward(backend, prepared_model(loaded, device), TARGET_LAYER, loaded.sha256,
-                               loaded.spec.image_size, explicit=True, log=console.log)
-    return Ready(files, loaded, device, autocast, target, key, forward, problems=tuple(discovery.problems),
+        step = model_step(config, loaded, prepared_model(loaded, device), device, autocast, len(files), console.log)
+    return Ready(files, loaded, device, autocast, target, key, step, problems=tuple(discovery.problems),
                  unlisted=tuple(discovery.unlisted))
 
 
@@ -120,6 +119,26 @@ def backend_for(config: ScanConfig, loaded: LoadedModel, device: torch.device, a
     exact = exact_path(config, loaded) and not config.compile
     backend = choose_backend(config.backend, device, exact, autocast, images)
     return backend if config.engine == "local" or config.backend == "onnx" else "eager"
+
+
+@dataclass(frozen=True)
+class ModelStep:
+    backend: str                                 # what the run resolved (``Resolved.backend``)
+    forward: EagerForward | OnnxForward | None   # what the local engine runs; None for the ray engine
+
+
+def model_step(config: ScanConfig, loaded: LoadedModel, model: torch.nn.Module, device: torch.device,
+               autocast: torch.dtype | None, images: int, log: Callable[[str], None]) -> ModelStep:
+    """The run's backend (``backend_for``) and the model step built for it, in one place: the local engine's
+    forward (onnx falls back to eager with a log line unless asked for by name, where a reason it cannot run
+    is exit 2); the ray engine's actors build their own, so only an explicit onnx is built here, to check it."""
+    backend = backend_for(config, loaded, device, autocast, images)
+    explicit = config.backend == "onnx"
+    if config.engine != "local" and not explicit:
+        return ModelStep(backend, None)
+    forward = make_forward(backend, model, TARGET_LAYER, loaded.sha256, loaded.spec.image_size, autocast,
+                           explicit=explicit, log=log)
+    return ModelStep(backend, forward if config.engine == "local" else None)
 
 
 def exact_path(config: ScanConfig, loaded: LoadedModel) -> bool:
@@ -179,11 +198,11 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
         counts = {"found": len(files), "processed": len(processed), "reused": len(plan.reuse),
                   **status_counts(rows)}
         seconds = time.monotonic() - started
-        forward = job.cam_engine.forward if config.engine == "local" else None  # ray: the actors build their own
+        forward = job.cam_explainer.forward if config.engine == "local" else None  # ray: the actors build their own
         backend = forward.name if forward is not None else job.resolved.backend
         cam_info: dict[str, object] = {
             "method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
-            "exact_fast_path": job.cam_engine.exact, "heat_scale": config.heat_scale, "backend": backend,
+            "exact_fast_path": job.cam_explainer.exact, "heat_scale": config.heat_scale, "backend": backend,
             "backend_file_sha256": forward.file_sha256 if forward is not None else None}
         if config.heat_scale == "run":
             cam_info["run_scale"] = rescale_overlays(rows, files, {**previous_cams, **new_cams}, job)
@@ -224,15 +243,12 @@ def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportF
     backend chosen for the ``images`` this run processes (the ray engine's actors build theirs)."""
     loaded, device, autocast = ready.loaded, ready.device, ready.autocast
     model = prepared_model(loaded, device, config.compile)
-    backend = ready.forward.name if ready.forward else backend_for(config, loaded, device, autocast, images)
-    forward = ready.forward
-    if forward is None and config.engine == "local":
-        forward = make_forward(backend, model, TARGET_LAYER, loaded.sha256, loaded.spec.image_size, autocast,
-                               log=console.log)
-    cam_engine = CamEngine(model, config.cam, ready.target, autocast=autocast, temperature=loaded.temperature,
-                           forward=forward if config.engine == "local" else None)
-    resolved = Resolved(autocast=autocast, target=ready.target, backend=backend, settings_key=ready.settings_key)
-    return ScanJob(config=config, resolved=resolved, loaded=loaded, device=device, cam_engine=cam_engine,
+    step = ready.step or model_step(config, loaded, model, device, autocast, images, console.log)
+    cam_explainer = CamExplainer(model, config.cam, ready.target, autocast=autocast, temperature=loaded.temperature,
+                           forward=step.forward)
+    resolved = Resolved(autocast=autocast, target=ready.target, backend=step.backend,
+                        settings_key=ready.settings_key)
+    return ScanJob(config=config, resolved=resolved, loaded=loaded, device=device, cam_explainer=cam_explainer,
                    report=report, store=store, console=console)
 
 
@@ -247,15 +263,12 @@ def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, rep
     reviews = mark_states(stored_reviews, rows)
     decisions = current_decisions(reviews, rows)
     metrics = with_review(scan_metrics(rows, class_names), rows, decisions)
-    files: dict[str, Content] = dict(render_gallery(rows, class_names, report_manifest, metrics, page_size,
-                                                     reviews=decisions, runs=runs))
-    files["predictions.csv"] = csv_content(rows, class_names)
-    files["manifest.json"] = json_content(report_manifest)
-    if metrics is not None:
-        files["metrics.json"] = json_content(metrics)
+    scan_files: dict[str, Content] = {"predictions.csv": csv_content(rows, class_names),
+                                      "manifest.json": json_content(report_manifest)}
     if cams is not None:
-        files["cams.npz"] = cams_content({row.path: cams[row.path] for row in rows if row.path in cams})
-    report.publish(files, stop=stop)
+        scan_files["cams.npz"] = cams_content({row.path: cams[row.path] for row in rows if row.path in cams})
+    publish_outputs(report, rows, class_names, report_manifest, metrics, page_size, decisions=decisions, runs=runs,
+                    stop=stop, scan_files=scan_files)
     return reviews if reviews != stored_reviews else None
 
 

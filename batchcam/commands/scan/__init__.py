@@ -1,4 +1,5 @@
-"""``batchcam scan ROOT --out REPORT``: REPORT is claimed and locked first, then the stages run.
+"""``batchcam scan ROOT --out REPORT``: REPORT is claimed and locked first, then the stages run
+(``run``: what the scan does once REPORT is locked).
 
 Nothing heavy is imported before the lock is held: a second run on a locked REPORT, or a REPORT
 batchcam must not write into, is refused in a blink even while the first run keeps every core busy.
@@ -17,7 +18,7 @@ from batchcam.report.lock import ReportLock
 from batchcam.runtime.console import Console
 
 if TYPE_CHECKING:
-    from batchcam.commands.scan_run import ScanResult
+    from batchcam.commands.scan.run import ScanResult
 
 
 def scan(config: ScanConfig, console: Console) -> ScanResult:
@@ -33,7 +34,7 @@ def scan(config: ScanConfig, console: Console) -> ScanResult:
     lock = ReportLock(config.out, root=config.root)
     try:
         with lock:  # first, so a second run on this REPORT is refused at once
-            from batchcam.commands import scan_run  # torch and the stages load once REPORT is ours
+            from batchcam.commands.scan import run as scan_run  # torch and the stages load once REPORT is ours
 
             started = time.monotonic()  # the run's timings leave out the libraries' import, as before
             try:

@@ -106,8 +106,8 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
     return head if isinstance(head, nn.Linear) else None
 
 
-class CamEngine:
-    """Runs the model and a CAM method on batches. Use as ``with CamEngine(...) as engine:``.
+class CamExplainer:
+    """Runs the model and a CAM method on batches. Use as ``with CamExplainer(...) as explainer:``.
 
     ``target`` is None for the predicted class, or a fixed class index. The fast exact path is
     used for ``gradcam`` whenever the head allows it (``exact`` tells which path is in use).
@@ -146,7 +146,7 @@ class CamEngine:
         """The model step in use (``eager``, ``onnx``); the library path always runs eager."""
         return self.forward.name
 
-    def __enter__(self) -> "CamEngine":
+    def __enter__(self) -> "CamExplainer":
         self.forward.__enter__()
         return self
 
