@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from pathlib import Path
 
@@ -204,3 +205,24 @@ def test_a_validation_error_is_exit_2_and_one_line_that_names_the_option(argv, o
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"batchcam: error: {option} "), captured.err
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("kind, said", [
+    ("dev-zero", "is a character device, not a regular file: give a checkpoint file"),
+    ("fifo", "is a FIFO, not a regular file: give a checkpoint file"),
+    ("sparse", f"is 40960 MiB, more than the {config_module.MAX_MODEL_BYTES // 2**20} MiB a model file may have"),
+    ("folder", "is a folder, not a regular file: give a checkpoint file"),
+    ("missing", "does not exist"),
+])
+def test_a_model_file_is_checked_to_be_a_bounded_regular_file_before_anything_runs(kind, said, tmp_path):
+    path = Path("/dev/zero") if kind == "dev-zero" else tmp_path / f"model-{kind}.pt"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "sparse":
+        with open(path, "wb") as f:
+            f.truncate(40 * 2**30)
+    elif kind == "folder":
+        path.mkdir()
+    with pytest.raises(UsageError) as refused:
+        config_module.check_model(path)
+    assert str(refused.value) == f"--model {path} {said}"

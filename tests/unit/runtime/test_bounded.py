@@ -112,6 +112,15 @@ def test_a_fifo_is_refused_at_once_instead_of_blocking_the_reader(fifo):
     assert str(usage.value) == f"--import {fifo} is a FIFO, not a regular file: give the exported REVIEW.csv"
 
 
+def test_a_device_is_refused_as_a_device_never_read(bytes_read):
+    with pytest.raises(NotRegularFile, match=r"\(a character device\)"):
+        read_consistently(Path("/dev/zero"))
+    with pytest.raises(UsageError) as usage:
+        read_input(Path("/dev/zero"), 100, "--boxes", "a boxes CSV file")
+    assert str(usage.value) == "--boxes /dev/zero is a character device, not a regular file: give a boxes CSV file"
+    assert sum(bytes_read) == 0
+
+
 def test_a_folder_is_refused_as_a_folder(tmp_path):
     with pytest.raises(NotRegularFile, match=r"\(a folder\)"):
         read_consistently(tmp_path)
