@@ -47,6 +47,7 @@ DEFAULT_MAX_FILE_MB = 512
 DEFAULT_MAX_FILE_BYTES = DEFAULT_MAX_FILE_MB * MEGABYTE
 MAX_FILE_MB_RANGE = (1.0, 1024.0 * 1024)  # 1 MB to 1 TB
 DEFAULT_SANITY_SAMPLE = 16       # images the sanity check samples
+MAX_SANITY_SAMPLE = 10_000       # each sampled image costs a map per randomised layer
 # Files named on the command line are read whole, never beyond these (runtime.bounded.read_input).
 MAX_MODEL_BYTES = 1024 * MEGABYTE          # --model: a float32 ResNet18 checkpoint is 45 MB
 MAX_BOXES_BYTES = 256 * MEGABYTE           # evaluate --boxes: RSNA's 30,227 boxes take 1.5 MB
@@ -175,7 +176,7 @@ def folder_or_new(name: str, out: Path) -> None:
 
 def labelled_tree(name: str, root: Path) -> None:
     if not root.is_dir():
-        raise UsageError(f"{shown(root)} is not a folder (expected one sub-folder per class)")
+        raise UsageError(f"{name} {shown(root)} is not a folder (expected one sub-folder per class)")
 
 
 def model_file(name: str, model: Path) -> None:
@@ -288,7 +289,8 @@ IMPORT = Option(flag="--import", dest="import_csv", parse=path_argument, metavar
 
 # sanity
 SAMPLE_ROOT = replace(ROOT, help="folder of X-rays to sample from", check=None)
-SAMPLE = Option(flag="--sample", parse=int, help="images to sample", affects_rows=False)
+SAMPLE = Option(flag="--sample", parse=int, help="images to sample", check=counted(1, MAX_SANITY_SAMPLE),
+                affects_rows=False)
 SANITY_OUT = Option(flag="--out", parse=path_argument, metavar="DIR", check=folder_or_new, affects_rows=False,
                     help="folder for sanity.md, sanity.json and sanity.png")
 

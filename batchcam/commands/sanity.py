@@ -62,8 +62,6 @@ def read_and_decode(candidate: Candidate, image_size: int) -> Sample:
 
 def sanity_check(loaded: LoadedModel, root: Path, sample: int = DEFAULT_SANITY_SAMPLE, device: str = "auto",
                  seed: int = SEED) -> SanityResult:
-    if sample < 1:
-        raise UsageError(f"--sample must be at least 1, got {sample}")
     if not root.is_dir():
         raise UsageError(f"ROOT {root} is not a folder")
     where = resolve_device(device)

@@ -34,6 +34,14 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
     return build_model(2, 0.5).eval()
 
 
+@functools.cache
+def sound_export(seed: int = 0) -> bytes:
+    """What batchcam exports for ``tiny_model(seed)`` (made once per seed: an export takes seconds), for the
+    tests whose point is a cache file already there."""
+    model = tiny_model(seed)
+    return backends.export_onnx(model, TARGET_LAYER, backends.probe_batch(model, SIZE))
+
+
 def onnx_engine(model: torch.nn.Module, sha: str = SHA, log=lambda message: None) -> CamExplainer:
     forward = make_forward("onnx", model, TARGET_LAYER, sha, SIZE, explicit=True, log=log)
     assert isinstance(forward, OnnxForward)
@@ -68,7 +76,7 @@ def test_the_export_is_cached_once_and_read_back_without_exporting(private_model
 
 def test_a_corrupt_cache_file_is_removed_and_rebuilt(private_model_cache):
     model = tiny_model()
-    onnx_engine(model)
+    plant_in_cache(private_model_cache, sound_export())
     (cached,) = private_model_cache.glob(f"{cache_key(SHA, TARGET_LAYER, SIZE, onnxruntime.__version__)}-*.onnx")
     data = bytearray(cached.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -82,7 +90,7 @@ def test_a_corrupt_cache_file_is_removed_and_rebuilt(private_model_cache):
 def test_a_stale_cache_holding_other_weights_is_rebuilt_not_trusted(private_model_cache):
     """A well-formed export of other weights under this key (a checkpoint rewritten in place, say)
     fails the probe comparison with eager PyTorch and is replaced."""
-    onnx_engine(tiny_model(seed=1))                     # cached under SHA with the wrong weights
+    plant_in_cache(private_model_cache, sound_export(seed=1))   # cached under SHA with the wrong weights
     model = tiny_model(seed=0)
     logged = []
     x = torch.randn(3, 3, SIZE, SIZE)
@@ -179,7 +187,7 @@ def test_a_tampered_cache_file_that_passes_the_probe_changes_no_prediction(priva
 
 def test_a_sound_cache_file_is_checked_on_the_first_batch_and_named_by_its_digest(private_model_cache):
     model = tiny_model()
-    onnx_engine(model)
+    plant_in_cache(private_model_cache, sound_export())
     (cached,) = private_model_cache.glob("*.onnx")
     x = xray_batch()
     with onnx_engine(model) as engine, CamExplainer(model) as eager:
