@@ -38,7 +38,7 @@ from batchcam.model.calibration import (
     temperature_warning,
     too_few_images,
 )
-from batchcam.model.checkpoint import LoadedModel, load_checkpoint, normalize, save_calibrated
+from batchcam.model.checkpoint import LoadedModel, load_model, normalize, save_calibrated
 from batchcam.records import display_path
 from batchcam.runtime.console import Console
 from batchcam.runtime.devices import resolve_device
@@ -75,7 +75,7 @@ class CalibrateResult:
 
 def calibrate(config: CalibrateConfig, console: Console) -> CalibrateResult:
     config.validate()
-    loaded = load_checkpoint(config.model)
+    loaded = load_model(config.model, console.warn)
     class_names = loaded.spec.class_names
     files = labelled_files(config.root, class_names, console)
     check_enough([sum(f.label == c and not f.held_out for f in files) for c in range(len(class_names))],
@@ -151,7 +151,7 @@ def forward_all(files: list[LabelledFile], loaded: LoadedModel, config: Calibrat
     by_relpath = {f.relpath: f for f in files}
     features, logits, labels, held_out, unreadable = [], [], [], [], 0
     model = loaded.model.to(device)
-    with CamEngine(model) as engine:
+    with CamEngine(model, target_layer=loaded.target_layer) as engine:
         for samples, views in decode_loader(dataset, config.batch_size, config.workers):
             for sample in samples:
                 if not sample.ok:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from batchcam.cam import overlay as overlays
-from batchcam.cam.engine import TARGET_LAYER, CamEngine
+from batchcam.cam.engine import CamEngine
 from batchcam.cam.overlay import RenderedOverlay
 from batchcam.config import Selection
 from batchcam.decode.dataset import Sample, collate_samples, decode_sample
@@ -79,8 +79,8 @@ class Explainer:
     def explain(self, samples: list[Sample]) -> list[Explanation]:
         """One Explanation per sample, in order; error and skipped samples pass through as such rows."""
         samples, views = collate_samples(samples)
-        with self._lock, CamEngine(self.model, self.method, self.target,
-                                   temperature=self.loaded.temperature) as engine:
+        with self._lock, CamEngine(self.model, self.method, self.target, temperature=self.loaded.temperature,
+                                   target_layer=self.loaded.target_layer) as engine:
             results = explain_batch(samples, views, engine, self.loaded, self.device)
         return [self._rendered(row, sample, cam) for row, sample, cam in results]
 
@@ -90,7 +90,7 @@ class Explainer:
         return {"name": loaded.path.name, "path": str(loaded.path), "sha256": loaded.sha256,
                 "arch": loaded.spec.arch, "classes": list(self.class_names),
                 "image_size": loaded.spec.image_size, "demo": loaded.demo, **loaded.calibration_summary(),
-                "cam": {"method": self.method, "target_layer": TARGET_LAYER,
+                "cam": {"method": self.method, "target_layer": loaded.target_layer,
                         "target": "predicted" if self.target is None else self.class_names[self.target]}}
 
     def _rendered(self, row: Row, sample: Sample, cam: torch.Tensor | None) -> Explanation:

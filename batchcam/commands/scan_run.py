@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from batchcam.cam.backends import EagerForward, OnnxForward, choose_backend, make_forward
-from batchcam.cam.engine import TARGET_LAYER, CamEngine, linear_head
+from batchcam.cam.engine import CamEngine, linear_head
 from batchcam.config import ScanConfig, resolve_target
 from batchcam.decode.discover import IMAGE_EXTENSIONS, Discovery, discover
 from batchcam.engines import local
@@ -99,7 +99,7 @@ def prepare(config: ScanConfig, console: Console) -> Ready:
     forward = None
     if config.backend == "onnx":  # asked for by name: a reason it cannot run is exit 2, REPORT untouched
         backend = backend_for(config, loaded, device, autocast, len(files))
-        forward = make_forward(backend, prepared_model(loaded, device), TARGET_LAYER, loaded.sha256,
+        forward = make_forward(backend, prepared_model(loaded, device), loaded.target_layer, loaded.sha256,
                                loaded.spec.image_size, explicit=True, log=console.log)
     return Ready(files, loaded, device, autocast, target, key, forward, problems=tuple(discovery.problems),
                  unlisted=tuple(discovery.unlisted))
@@ -108,7 +108,7 @@ def prepare(config: ScanConfig, console: Console) -> Ready:
 def model_identity(loaded: LoadedModel) -> dict[str, object]:
     """What the model contributes to the row key: its file, the layer its maps come from, its preprocessing."""
     spec = loaded.spec
-    return {"sha256": loaded.sha256, "target_layer": TARGET_LAYER, "image_size": spec.image_size,
+    return {"sha256": loaded.sha256, "target_layer": loaded.target_layer, "image_size": spec.image_size,
             "mean": list(spec.mean), "std": list(spec.std), "channels": spec.channels, "resize": spec.resize}
 
 
@@ -182,7 +182,7 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
         forward = job.cam_engine.forward if config.engine == "local" else None  # ray: the actors build their own
         backend = forward.name if forward is not None else job.resolved.backend
         cam_info: dict[str, object] = {
-            "method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
+            "method": config.cam, "target_layer": loaded.target_layer, "target": config.target,
             "exact_fast_path": job.cam_engine.exact, "heat_scale": config.heat_scale, "backend": backend,
             "backend_file_sha256": forward.file_sha256 if forward is not None else None}
         if config.heat_scale == "run":
@@ -227,10 +227,10 @@ def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportF
     backend = ready.forward.name if ready.forward else backend_for(config, loaded, device, autocast, images)
     forward = ready.forward
     if forward is None and config.engine == "local":
-        forward = make_forward(backend, model, TARGET_LAYER, loaded.sha256, loaded.spec.image_size, autocast,
+        forward = make_forward(backend, model, loaded.target_layer, loaded.sha256, loaded.spec.image_size, autocast,
                                log=console.log)
     cam_engine = CamEngine(model, config.cam, ready.target, autocast=autocast, temperature=loaded.temperature,
-                           forward=forward if config.engine == "local" else None)
+                           forward=forward if config.engine == "local" else None, target_layer=loaded.target_layer)
     resolved = Resolved(autocast=autocast, target=ready.target, backend=backend, settings_key=ready.settings_key)
     return ScanJob(config=config, resolved=resolved, loaded=loaded, device=device, cam_engine=cam_engine,
                    report=report, store=store, console=console)

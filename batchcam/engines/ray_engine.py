@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from batchcam.cam.backends import make_forward
-from batchcam.cam.engine import TARGET_LAYER, CamEngine
+from batchcam.cam.engine import CamEngine
 from batchcam.config import RAY_EXTRA_HINT, ScanConfig
 from batchcam.decode.dataset import Sample, ScanDataset, collate_samples
 from batchcam.engines.job import Resolved, ScanJob
@@ -304,10 +304,12 @@ class CamWorker:
         config, resolved = spec.config, spec.resolved
         model = prepared_model(self.loaded, self.device, config.compile)
         backend = resolved.backend if self.device.type == "cpu" else "eager"  # ONNX Runtime runs CPU actors only
-        forward = make_forward(backend, model, TARGET_LAYER, self.loaded.sha256, self.loaded.spec.image_size,
+        loaded = self.loaded
+        forward = make_forward(backend, model, loaded.target_layer, loaded.sha256, loaded.spec.image_size,
                                resolved.autocast)
         self.engine = CamEngine(model, config.cam, resolved.target, autocast=resolved.autocast,
-                                temperature=self.loaded.temperature, forward=forward)
+                                temperature=self.loaded.temperature, forward=forward,
+                                target_layer=self.loaded.target_layer)
         self.report = ReportFolder(Path(spec.report))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
