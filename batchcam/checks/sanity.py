@@ -101,13 +101,13 @@ def sample_files(root: Path, count: int, seed: int = SEED) -> list[Candidate]:
     return [candidates[i] for i in sorted(chosen)]
 
 
-def read_and_decode(candidate: Candidate, image_size: int) -> Sample:
+def read_and_decode(candidate: Candidate, image_size: int, resize: str = "squash") -> Sample:
     """A sampled file decoded; one that cannot be read (a broken link, say) is an error sample, left out."""
     try:
         data = read_file_bounded(Path(candidate.path), DEFAULT_MAX_FILE_BYTES)
     except (OSError, FileTooLarge) as e:
         return Sample(relpath=candidate.relpath, error=f"cannot read file: {getattr(e, 'strerror', None) or e}")
-    return decode_sample(candidate.relpath, data, image_size)
+    return decode_sample(candidate.relpath, data, image_size, resize=resize)
 
 
 def sanity_check(loaded: LoadedModel, root: Path, sample: int = DEFAULT_SANITY_SAMPLE, device: str = "auto",
@@ -117,7 +117,7 @@ def sanity_check(loaded: LoadedModel, root: Path, sample: int = DEFAULT_SANITY_S
     if not root.is_dir():
         raise UsageError(f"ROOT {root} is not a folder")
     where = resolve_device(device)
-    samples = [read_and_decode(c, loaded.spec.image_size) for c in sample_files(root, sample, seed)]
+    samples = [read_and_decode(c, loaded.spec.image_size, loaded.spec.resize) for c in sample_files(root, sample, seed)]
     samples, views = collate_samples([s for s in samples if s.ok])
     if views is None:
         raise UsageError(f"none of the sampled images under {root} could be decoded")

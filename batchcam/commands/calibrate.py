@@ -147,7 +147,7 @@ def forward_all(files: list[LabelledFile], loaded: LoadedModel, config: Calibrat
                 console: Console) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Features, logits, labels and held-out marks of every readable file (decoded as scan decodes)."""
     dataset = ScanDataset(files, loaded.spec.image_size, CALIBRATION_DISPLAY_SIDE,
-                          max_file_bytes=config.max_file_bytes, selection=config.selection)
+                          max_file_bytes=config.max_file_bytes, selection=config.selection, resize=loaded.spec.resize)
     by_relpath = {f.relpath: f for f in files}
     features, logits, labels, held_out, unreadable = [], [], [], [], 0
     model = loaded.model.to(device)

@@ -74,7 +74,8 @@ class Explainer:
 
     def decode(self, name: str, data: bytes) -> Sample:
         """Bytes to a Sample exactly as scan decodes a file; a bad file becomes ``sample.error``."""
-        return decode_sample(name, data, self.loaded.spec.image_size, selection=self.selection)
+        spec = self.loaded.spec
+        return decode_sample(name, data, spec.image_size, selection=self.selection, resize=spec.resize)
 
     def explain(self, samples: list[Sample]) -> list[Explanation]:
         """One Explanation per sample, in order; error and skipped samples pass through as such rows."""
@@ -96,6 +97,6 @@ class Explainer:
     def _rendered(self, row: Row, sample: Sample, cam: torch.Tensor | None) -> Explanation:
         if cam is None or sample.display is None:
             return Explanation(row, self.class_names)
-        rendered = overlays.render(sample.display, cam, sample.width, sample.height)
+        rendered = overlays.render(sample.display, cam, sample.width, sample.height, box=sample.view_box)
         row.cam_peak_x, row.cam_peak_y = rendered.peak_x, rendered.peak_y
         return Explanation(row, self.class_names, rendered)

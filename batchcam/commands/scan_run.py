@@ -92,6 +92,7 @@ def prepare(config: ScanConfig, console: Console) -> Ready:
     discovery = discover_files(config)
     files = stat_candidates(discovery.candidates)
     loaded = load_model(config.model, console.warn)
+    check_decoder(config, loaded)
     target = resolve_target(config.target, loaded.spec.class_names)
     autocast = resolve_precision(config.precision, device)
     key = settings_key(config, resolved={"model": model_identity(loaded), "precision": precision_name(autocast),
@@ -103,6 +104,14 @@ def prepare(config: ScanConfig, console: Console) -> Ready:
                                loaded.spec.image_size, explicit=True, log=console.log)
     return Ready(files, loaded, device, autocast, target, key, forward, problems=tuple(discovery.problems),
                  unlisted=tuple(discovery.unlisted))
+
+
+def check_decoder(config: ScanConfig, loaded: LoadedModel) -> None:
+    """``--decode gpu`` squashes whole images; a center-crop model's view is cut on the CPU (exit 2 before
+    REPORT is touched)."""
+    if config.decode == "gpu" and loaded.spec.resize != "squash":
+        raise UsageError(f"--decode gpu makes squashed views only; {loaded.path.name} takes a {loaded.spec.resize} "
+                         "view: leave out --decode gpu (its images are decoded on the CPU)")
 
 
 def model_identity(loaded: LoadedModel) -> dict[str, object]:
