@@ -2,10 +2,13 @@
 "Sanity Checks for Saliency Maps", NeurIPS 2018).
 
 A map that explains the model must change when the model's weights are destroyed. On a deep copy
-of the model, the layers are re-initialised from the top down, cascading (``fc``, then ``layer4``,
-``layer3``, ``layer2``, ``layer1``, then the stem ``conv1``/``bn1``), with a fixed seed; after each
-step the maps of a sample of images are computed again with the exact Grad-CAM of ``CamEngine``
-(which reads the fc weights, so re-initialising fc already changes the map), for the class each
+of the model, the layers are re-initialised from the top down, cascading from the head through the
+backbone's stages of its architecture (``CASCADES``: a ResNet's ``fc``, ``layer4`` ... ``layer1``,
+then the stem ``conv1``/``bn1``; a DenseNet's classifier, then each dense block with the transition
+below it; an EfficientNet's classifier, then its feature stages), with a fixed seed; after each step
+the maps of a sample of images are computed again with ``CamEngine``'s Grad-CAM on the model's
+target layer (the exact path reads the head's weights, so re-initialising the head already changes
+the map; an MLP head goes through pytorch-grad-cam), for the class each
 image's original map explained. Each randomised map is compared with the original by Spearman's
 rank correlation over the map's cells (a flat map shares no ranking with anything: 0). Maps that
 pass the check decorrelate quickly (below 0.5 once layer4 is randomised is what batchcam's tests
@@ -31,12 +34,21 @@ from batchcam.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_SANITY_SAMPLE
 from batchcam.decode.dataset import Sample, collate_samples, decode_sample
 from batchcam.decode.discover import Candidate, discover
 from batchcam.errors import UsageError
+from batchcam.model.architectures import ARCHITECTURES
 from batchcam.model.checkpoint import LoadedModel, normalize
 from batchcam.runtime.bounded import FileTooLarge, read_file_bounded
 from batchcam.runtime.devices import resolve_device
 from batchcam.runtime.fsutil import SafeDir
 
-CASCADE = (("fc",), ("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1"))
+# Each family's modules, from the head down, re-initialised one step at a time (the head is the architecture's).
+CASCADES = {
+    "resnet": (("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1")),
+    "densenet": (("features.norm5", "features.denseblock4"), ("features.transition3", "features.denseblock3"),
+                 ("features.transition2", "features.denseblock2"), ("features.transition1", "features.denseblock1"),
+                 ("features.conv0", "features.norm0")),
+    "efficientnet": (("features.8",), ("features.7",), ("features.6", "features.5"), ("features.4", "features.3"),
+                     ("features.2", "features.1"), ("features.0",)),
+}
 SEED = 0
 FIGURE_IMAGES = 4      # rows of the figure
 FIGURE_CELL = 96       # px per map in the figure
@@ -45,6 +57,7 @@ FIGURE_CELL = 96       # px per map in the figure
 @dataclass
 class SanityResult:
     steps: list[str]                    # "original", "fc", "fc+layer4", ...
+    cascade: tuple[tuple[str, ...], ...]  # the modules re-initialised at each step
     correlations: dict[str, list[float]]  # step -> per-image Spearman correlation with the original
     paths: list[str]
     maps: dict[str, torch.Tensor]       # step -> (N, h, w) raw maps
@@ -72,16 +85,21 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
             sub.reset_running_stats()
 
 
-def maps_for(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, classes: int) -> torch.Tensor:
-    """Exact Grad-CAM maps of each image for its given target class (one pass per class)."""
+def cascade_of(loaded: LoadedModel) -> tuple[tuple[str, ...], ...]:
+    """The randomisation steps of ``loaded``'s architecture: its head, then its stages from the top down."""
+    architecture = ARCHITECTURES[loaded.spec.arch]
+    return ((architecture.head,), *CASCADES[architecture.family])
+
+
+def maps_for(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, classes: int,
+             target_layer: str) -> torch.Tensor:
+    """Grad-CAM maps of each image for its given target class (one pass per class)."""
     maps = None
     for c in range(classes):
         chosen = targets == c
         if not chosen.any():
             continue
-        with CamEngine(model, "gradcam", target=c) as engine:
-            if not engine.exact:
-                raise UsageError("the sanity check needs a ResNet head of avgpool -> Linear (exact Grad-CAM)")
+        with CamEngine(model, "gradcam", target=c, target_layer=target_layer) as engine:
             cams = engine(x[chosen.to(x.device)]).cams
         if maps is None:
             maps = torch.zeros(x.shape[0], *cams.shape[1:])
@@ -124,19 +142,21 @@ def sanity_check(loaded: LoadedModel, root: Path, sample: int = DEFAULT_SANITY_S
     model = copy.deepcopy(loaded.model).to(where).eval()
     x = normalize(views.to(where), loaded.spec)
     classes = len(loaded.spec.class_names)
-    with CamEngine(model) as engine:
+    layer = loaded.target_layer
+    with CamEngine(model, target_layer=layer) as engine:
         targets = engine(x).targets
-    original = maps_for(model, x, targets, classes)
+    original = maps_for(model, x, targets, classes, layer)
     steps, maps, correlations, done = ["original"], {"original": original}, {"original": [1.0] * len(samples)}, []
-    for depth, names in enumerate(CASCADE):
+    cascade = cascade_of(loaded)
+    for depth, names in enumerate(cascade):
         for name in names:
-            randomise(getattr(model, name), seed + depth)
+            randomise(model.get_submodule(name), seed + depth)
         done.append("+".join(names))
         step = "+".join(done)
         steps.append(step)
-        maps[step] = maps_for(model, x, targets, classes)
+        maps[step] = maps_for(model, x, targets, classes, layer)
         correlations[step] = [spearman(a.numpy(), b.numpy()) for a, b in zip(original, maps[step])]
-    return SanityResult(steps, correlations, [s.relpath for s in samples], maps)
+    return SanityResult(steps, cascade, correlations, [s.relpath for s in samples], maps)
 
 
 def write_sanity(result: SanityResult, out: Path, model_name: str) -> None:
@@ -170,7 +190,7 @@ def figure(result: SanityResult) -> Image.Image:
     image = Image.new("RGB", (FIGURE_CELL * len(result.steps), header + FIGURE_CELL * shown), "white")
     draw = ImageDraw.Draw(image)
     for column, step in enumerate(result.steps):
-        label = "+".join(CASCADE[column - 1]) if column else "original"
+        label = "+".join(result.cascade[column - 1]) if column else "original"
         draw.text((column * FIGURE_CELL + 4, 2), f"+{label}" if column > 1 else label, fill="black")
         if column:
             draw.text((column * FIGURE_CELL + 4, 14), f"rho {result.mean(step):.2f}", fill="black")

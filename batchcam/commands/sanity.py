@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from batchcam.checks.sanity import CASCADE, sanity_check, write_sanity
+from batchcam.checks.sanity import sanity_check, write_sanity
 from batchcam.config import SanityConfig, shown
 from batchcam.errors import ReportWriteError
 from batchcam.model.checkpoint import load_model
@@ -24,6 +24,7 @@ def sanity(config: SanityConfig, console: Console) -> tuple[str, Path]:
         write_sanity(result, out, loaded.path.name)
     except OSError as e:
         raise ReportWriteError(f"cannot write the sanity check into {shown(out)}: {e.strerror or e}") from None
-    steps = ", ".join(f"{'+'.join(names)} {result.mean(step):.2f}" for names, step in zip(CASCADE, result.steps[1:]))
+    steps = ", ".join(f"{'+'.join(names)} {result.mean(step):.2f}"
+                      for names, step in zip(result.cascade, result.steps[1:]))
     return (f"sanity check on {len(result.paths)} images, mean rank correlation after randomising {steps}",
             out / "sanity.md")

@@ -443,3 +443,19 @@ def test_the_command_line_names_every_architecture_batchcam_builds():
 
     assert ARCHITECTURE_NAMES == tuple(ARCHITECTURES)
     assert imaging.RESIZE_MODES == RESIZE_MODES
+
+
+@pytest.mark.parametrize("arch,head,stem", [("densenet121", "classifier", "features.conv0"),
+                                            ("efficientnet_b0", "classifier", "features.0")])
+def test_sanity_randomises_every_architecture_from_its_head_down_to_its_stem(tmp_path, xrays, architectures, arch,
+                                                                            head, stem):
+    _, weights = architectures(arch)
+    imported(weights, tmp_path / "model.pt", "--input-size", "64")
+
+    code, printed, err = said("sanity", str(xrays[0].parent), "--model", str(tmp_path / "model.pt"), "--out",
+                              str(tmp_path / "sanity"))
+
+    assert code == 0, err
+    steps = json.loads((tmp_path / "sanity" / "sanity.json").read_text())["steps"]
+    assert steps[0] == head and stem in steps[-1].split("+")
+    assert len(steps) >= 5 and f"{head} " in printed
