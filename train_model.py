@@ -234,7 +234,8 @@ def pretrained_model(path: Path, class_names: list[str], image_size: int,
     if not path.is_file():
         raise TrainingError(f"--pretrained {path}: not imagenet, none, or an existing file")
     try:
-        loaded = load_model(path, lambda notice: print(f"train_model.py: warning: {notice}", file=sys.stderr))
+        loaded = load_model(path, lambda notice: print(f"train_model.py: warning: {notice}", file=sys.stderr),
+                            names_needed=False)
     except CheckpointError as e:
         raise TrainingError(str(e)) from None
     model, head_name = loaded.model, ARCHITECTURES[loaded.spec.arch].head
@@ -246,17 +247,17 @@ def pretrained_model(path: Path, class_names: list[str], image_size: int,
 
 
 def resnet18_model(args: argparse.Namespace, num_classes: int, dropout: float) -> nn.Module:
+    """``--pretrained none``: at random; ``imagenet``: torchvision's ImageNet weights, fetched or cached."""
     if args.pretrained == "none":
         return build_model(num_classes, dropout)
-    if args.pretrained == "imagenet":
-        from torchvision.models import ResNet18_Weights
-        try:
-            imagenet = build_model(1000, 0.0, weights=ResNet18_Weights.IMAGENET1K_V1).state_dict()
-        except Exception as e:  # urllib, SSL, socket and hub errors all mean "could not fetch"
-            raise TrainingError(
-                f"ImageNet weights for ResNet18 could not be loaded ({type(e).__name__}: {str(e)[:120]}). "
-                "Offline, either train from scratch with --pretrained none, or copy torchvision's "
-                "resnet18-f37072fd.pth from an online machine and pass --pretrained PATH/TO/it.pth") from None
+    from torchvision.models import ResNet18_Weights
+    try:
+        imagenet = build_model(1000, 0.0, weights=ResNet18_Weights.IMAGENET1K_V1).state_dict()
+    except Exception as e:  # urllib, SSL, socket and hub errors all mean "could not fetch"
+        raise TrainingError(
+            f"ImageNet weights for ResNet18 could not be loaded ({type(e).__name__}: {str(e)[:120]}). "
+            "Offline, either train from scratch with --pretrained none, or copy torchvision's "
+            "resnet18-f37072fd.pth from an online machine and pass --pretrained PATH/TO/it.pth") from None
     return load_backbone(build_model(num_classes, dropout), imagenet)
 
 

@@ -93,6 +93,20 @@ def test_an_efficientnet_state_dict_is_fine_tuned_as_an_efficientnet_saying_what
     assert trained.network.head_description == "classifier = Sequential(Dropout, Linear(1280, 2))"
 
 
+def test_torchvisions_imagenet_file_with_its_1000_unnamed_outputs_is_a_backbone_to_fine_tune(dataset, tmp_path):
+    """What the offline advice says to pass: torchvision's resnet18-f37072fd.pth, a plain state dict whose
+    1000 outputs have no names; the head is replaced, so none are needed."""
+    torch.manual_seed(0)
+    torch.save(models.resnet18().state_dict(), tmp_path / "resnet18-f37072fd.pth")
+
+    code, err = quietly(_train_model().main, ["--data", dataset, "--out", tmp_path / "run", "--pretrained",
+                                              tmp_path / "resnet18-f37072fd.pth", *FAST])
+
+    assert code == 0, err
+    trained = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert trained.spec.class_names == ("NORMAL", "PNEUMONIA") and trained.network.outputs == 2
+
+
 def test_a_pretrained_file_that_is_not_a_model_is_one_line(dataset, tmp_path):
     (tmp_path / "notes.pt").write_text("not a model")
 
