@@ -25,7 +25,13 @@ from PIL import Image
 from torch import nn
 
 from batchcam.cli import main
+from batchcam.commands.scan_run import check_decoder
+from batchcam.config import ARCHITECTURE_NAMES, RESIZE_MODES, ScanConfig
+from batchcam.decode import imaging
 from batchcam.decode.imaging import view_box
+from batchcam.errors import UsageError
+from batchcam.model.architectures import ARCHITECTURES
+from batchcam.model.checkpoint import load_checkpoint
 from tests.e2e.helpers import manifest, rows_by_path, scan_argv
 from tests.unit.model.user_models import (
     MIN_CORRELATION,
@@ -437,10 +443,6 @@ def test_declarations_that_can_never_be_right_are_refused_in_one_line(tmp_path, 
 
 
 def test_the_command_line_names_every_architecture_batchcam_builds():
-    from batchcam.config import ARCHITECTURE_NAMES, RESIZE_MODES
-    from batchcam.decode import imaging
-    from batchcam.model.architectures import ARCHITECTURES
-
     assert ARCHITECTURE_NAMES == tuple(ARCHITECTURES)
     assert imaging.RESIZE_MODES == RESIZE_MODES
 
@@ -459,3 +461,16 @@ def test_sanity_randomises_every_architecture_from_its_head_down_to_its_stem(tmp
     steps = json.loads((tmp_path / "sanity" / "sanity.json").read_text())["steps"]
     assert steps[0] == head and stem in steps[-1].split("+")
     assert len(steps) >= 5 and f"{head} " in printed
+
+
+def test_decode_gpu_is_refused_for_a_center_crop_model_before_report_is_touched(tmp_path, xrays, architectures):
+    """Checked in scan's prepare, after the device (a CPU-only machine refuses --decode gpu earlier)."""
+    _, weights = architectures("resnet50")
+    imported(weights, tmp_path / "crop.pt", "--input-size", "64", "--resize", "center-crop")
+    loaded = load_checkpoint(tmp_path / "crop.pt")
+    root, out = xrays[0].parent, tmp_path / "report"
+
+    with pytest.raises(UsageError, match="--decode gpu makes squashed views only; crop.pt takes a center-crop view"):
+        check_decoder(ScanConfig(root=root, out=out, decode="gpu"), loaded)
+    check_decoder(ScanConfig(root=root, out=out, decode="cpu"), loaded)
+    assert not out.exists()
