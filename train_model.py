@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,12 @@ from batchcam.checks.metrics import classification_metrics, expected_calibration
 from batchcam.cli import add_selection_options, selection
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, Selection
 from batchcam.decode.discover import IMAGE_EXTENSIONS, discover
-from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, resize_square
+from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, model_view
 from batchcam.decode.pixels import DecodeError, NotSelected
-from batchcam.errors import UsageError
+from batchcam.errors import CheckpointError, UsageError
+from batchcam.model.architectures import ARCHITECTURES, replace_module
 from batchcam.model.calibration import Calibration, fit_calibration, scaled_probabilities
-from batchcam.model.checkpoint import ModelSpec, build_model, model_input, save_checkpoint
+from batchcam.model.checkpoint import ModelSpec, build_model, load_model, model_input, save_checkpoint
 from batchcam.runtime.bounded import FileTooLarge, read_file_bounded
 from batchcam.runtime.devices import resolve_device, resolve_precision
 
@@ -74,7 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train twice, without dropout and with dropout P, and write a comparison table")
     p.add_argument("--pretrained", default="imagenet",
                    help="initial weights: imagenet (torchvision's, needs them downloaded or cached), "
-                        "none (random), or a path to a state dict / checkpoint")
+                        "none (random), or a model file batchcam scan --model reads (a batchcam checkpoint, "
+                        "or a resnet18/34/50/101, densenet121 or efficientnet_b0 state dict, plain or in a "
+                        "training checkpoint): its backbone and preprocessing, with a new head for the classes")
     p.add_argument("--val-split", type=float, default=0.1,
                    help=f"fraction of train/ carved out for validation when val/ is missing or has "
                         f"fewer than {MIN_VAL_IMAGES} images")
@@ -157,9 +160,9 @@ class XrayFolder(Dataset):
     """
 
     def __init__(self, items: list[Item], image_size: int, augment: bool, rotation: float,
-                 selection: Selection = Selection()):
+                 selection: Selection = Selection(), resize: str = "squash"):
         self.items, self.image_size, self.augment, self.rotation = items, image_size, augment, rotation
-        self.selection = selection
+        self.selection, self.resize = selection, resize
 
     def __len__(self) -> int:
         return len(self.items)
@@ -174,7 +177,7 @@ class XrayFolder(Dataset):
             return torch.zeros(self.image_size, self.image_size, dtype=torch.uint8), label, str(path), f"{SKIPPED}{e}"
         except (DecodeError, FileTooLarge, OSError) as e:
             return torch.zeros(self.image_size, self.image_size, dtype=torch.uint8), label, str(path), str(e)
-        square = Image.fromarray(resize_square(gray, self.image_size))
+        square = Image.fromarray(model_view(gray, self.image_size, self.resize))
         if self.augment:
             if random.random() < 0.5:
                 square = square.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -197,10 +200,11 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_loader(items: list[Item], args: argparse.Namespace, augment: bool, shuffle: bool) -> DataLoader:
+def make_loader(items: list[Item], args: argparse.Namespace, augment: bool, shuffle: bool,
+                resize: str = "squash") -> DataLoader:
     """Workers are not persistent: each epoch reseeds the generator (see ``reseed``), so the
     shuffle and augmentation of epoch N are the same whether or not the run was resumed."""
-    dataset = XrayFolder(items, args.image_size, augment, args.rotation, args.selection)
+    dataset = XrayFolder(items, args.image_size, augment, args.rotation, args.selection, resize)
     return DataLoader(dataset, batch_size=args.batch_size,
                       shuffle=shuffle, num_workers=args.workers, collate_fn=collate,
                       worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(args.seed))
@@ -213,29 +217,48 @@ def reseed(loader: DataLoader, seed: int, epoch: int) -> None:
 
 # ---------------------------------------------------------------- model
 
-def initial_model(args: argparse.Namespace, num_classes: int, dropout: float) -> nn.Module:
+def initial_model(args: argparse.Namespace, class_names: list[str], dropout: float) -> tuple[nn.Module, ModelSpec]:
+    """The model to train and the preprocessing it is trained with: ResNet18 from ImageNet or at random
+    with batchcam's defaults, or the model in ``--pretrained FILE`` with its own (``pretrained_model``)."""
+    spec = ModelSpec(class_names=tuple(class_names), image_size=args.image_size, dropout=dropout)
+    if args.pretrained not in ("none", "imagenet"):
+        return pretrained_model(Path(args.pretrained), class_names, args.image_size, dropout)
+    return resnet18_model(args, len(class_names), dropout), spec
+
+
+def pretrained_model(path: Path, class_names: list[str], image_size: int,
+                     dropout: float) -> tuple[nn.Module, ModelSpec]:
+    """The model in ``path`` read through batchcam's library, as ``scan --model`` reads it (what it assumes
+    is said on stderr), its head replaced by a Linear for ``class_names`` (after Dropout when asked); its
+    architecture, channels, resize and mean/std kept, its input size ``--image-size``."""
+    if not path.is_file():
+        raise TrainingError(f"--pretrained {path}: not imagenet, none, or an existing file")
+    try:
+        loaded = load_model(path, lambda notice: print(f"train_model.py: warning: {notice}", file=sys.stderr),
+                            names_needed=False)
+    except CheckpointError as e:
+        raise TrainingError(str(e)) from None
+    model, head_name = loaded.model, ARCHITECTURES[loaded.spec.arch].head
+    width = next(m for m in model.get_submodule(head_name).modules() if isinstance(m, nn.Linear)).in_features
+    head = nn.Linear(width, len(class_names))
+    replace_module(model, head_name, nn.Sequential(nn.Dropout(dropout), head) if dropout > 0 else head)
+    spec = replace(loaded.spec, class_names=tuple(class_names), image_size=image_size, dropout=dropout)
+    return model.train(), spec
+
+
+def resnet18_model(args: argparse.Namespace, num_classes: int, dropout: float) -> nn.Module:
+    """``--pretrained none``: at random; ``imagenet``: torchvision's ImageNet weights, fetched or cached."""
     if args.pretrained == "none":
         return build_model(num_classes, dropout)
-    if args.pretrained == "imagenet":
-        from torchvision.models import ResNet18_Weights
-        try:
-            imagenet = build_model(1000, 0.0, weights=ResNet18_Weights.IMAGENET1K_V1).state_dict()
-        except Exception as e:  # urllib, SSL, socket and hub errors all mean "could not fetch"
-            raise TrainingError(
-                f"ImageNet weights for ResNet18 could not be loaded ({type(e).__name__}: {str(e)[:120]}). "
-                "Offline, either train from scratch with --pretrained none, or copy torchvision's "
-                "resnet18-f37072fd.pth from an online machine and pass --pretrained PATH/TO/it.pth") from None
-        return load_backbone(build_model(num_classes, dropout), imagenet)
-    path = Path(args.pretrained)
-    if not path.is_file():
-        raise TrainingError(f"--pretrained {args.pretrained}: not imagenet, none, or an existing file")
+    from torchvision.models import ResNet18_Weights
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TrainingError(f"{path}: cannot be read as weights ({type(e).__name__}: {str(e)[:120]})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return load_backbone(build_model(num_classes, dropout), state)
+        imagenet = build_model(1000, 0.0, weights=ResNet18_Weights.IMAGENET1K_V1).state_dict()
+    except Exception as e:  # urllib, SSL, socket and hub errors all mean "could not fetch"
+        raise TrainingError(
+            f"ImageNet weights for ResNet18 could not be loaded ({type(e).__name__}: {str(e)[:120]}). "
+            "Offline, either train from scratch with --pretrained none, or copy torchvision's "
+            "resnet18-f37072fd.pth from an online machine and pass --pretrained PATH/TO/it.pth") from None
+    return load_backbone(build_model(num_classes, dropout), imagenet)
 
 
 def load_backbone(model: nn.Module, state: dict) -> nn.Module:
@@ -317,7 +340,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, spec: M
 
 def features_and_logits(model: nn.Module, loader: DataLoader, spec: ModelSpec, device: torch.device,
                         progress: Progress, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pooled layer4 features, logits and labels of a split, read off one forward pass per batch
+    """Pooled target-layer features, logits and labels of a split, read off one forward pass per batch
     by the engine scan uses (so the statistics describe exactly the features scan will score)."""
     model.eval()
     features, logits, labels = [], [], []
@@ -337,9 +360,11 @@ def features_and_logits(model: nn.Module, loader: DataLoader, spec: ModelSpec, d
 def calibrate(model: nn.Module, splits: Splits, args: argparse.Namespace, spec: ModelSpec, device: torch.device,
               progress: Progress) -> Calibration:
     """OOD statistics from the (unaugmented) training images, temperature and threshold from validation."""
-    train = features_and_logits(model, make_loader(splits["train"], args, augment=False, shuffle=False), spec,
+    train = features_and_logits(model, make_loader(splits["train"], args, augment=False, shuffle=False,
+                                                   resize=spec.resize), spec,
                                 device, progress, "calibrate train")
-    val = features_and_logits(model, make_loader(splits["val"], args, augment=False, shuffle=False), spec,
+    val = features_and_logits(model, make_loader(splits["val"], args, augment=False, shuffle=False,
+                                                 resize=spec.resize), spec,
                               device, progress, "calibrate val")
     try:
         return fit_calibration(train[0], train[2], val[0], val[1], val[2], len(spec.class_names))
@@ -371,17 +396,17 @@ def train(args: argparse.Namespace, dropout: float, out: Path, class_names: list
     random.seed(args.seed)
     np.random.seed(args.seed)
     device = resolve_device(args.device)
-    spec = ModelSpec(class_names=tuple(class_names), image_size=args.image_size, dropout=dropout)
-    model = initial_model(args, len(class_names), dropout).to(device)
+    model, spec = initial_model(args, class_names, dropout)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     weights = class_weights(splits["train"], len(class_names)).to(device) if args.class_weights else None
     criterion = nn.CrossEntropyLoss(weight=weights)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    loaders = {"train": make_loader(splits["train"], args, augment=True, shuffle=True),
-               "val": make_loader(splits["val"], args, augment=False, shuffle=False),
-               "test": make_loader(splits["test"], args, augment=False, shuffle=False)}
+    loaders = {"train": make_loader(splits["train"], args, augment=True, shuffle=True, resize=spec.resize),
+               "val": make_loader(splits["val"], args, augment=False, shuffle=False, resize=spec.resize),
+               "test": make_loader(splits["test"], args, augment=False, shuffle=False, resize=spec.resize)}
     progress = make_progress(quiet=False)
     config = training_config(args, dropout, class_names, splits)
     state = resume_state(out, model, optimizer) if args.resume else {"epoch": 0, "best": None, "history": []}

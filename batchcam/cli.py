@@ -20,6 +20,7 @@ from batchcam.config import (
     SELECTION,
     CalibrateConfig,
     EvaluateConfig,
+    ImportModelConfig,
     PredictConfig,
     ReviewConfig,
     SanityConfig,
@@ -126,6 +127,15 @@ def run_calibrate(config: CalibrateConfig) -> int:
     return EXIT_OK
 
 
+def run_import_model(config: ImportModelConfig) -> int:
+    from batchcam.commands.import_model import run_import
+
+    report = run_import(config)
+    for line in report.lines():
+        print(f"batchcam: {one_line(line)}", flush=True)
+    return EXIT_OK
+
+
 def run_predict(config: PredictConfig) -> int:
     from batchcam.commands.predict import predict
 
@@ -212,6 +222,9 @@ COMMANDS: dict[str, Command[Any]] = {
                      "'serve' extra)", run_serve),
     "calibrate": Command(CalibrateConfig, "add out-of-distribution statistics and a temperature to a model, from "
                          "labelled images, without retraining", run_calibrate),
+    "import-model": Command(ImportModelConfig, "read a model trained elsewhere (any state dict, a pickled or "
+                            "TorchScript model) into a batchcam checkpoint that records its classes and "
+                            "preprocessing", run_import_model),
     "review": Command(ReviewConfig, "merge reviewers' decisions (the gallery's exported review.csv) into "
                       "REPORT/reviews.csv and update the gallery", run_review),
 }

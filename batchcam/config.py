@@ -9,6 +9,7 @@ checked by the command once it has resolved the device (``runtime.devices``).
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import os
@@ -76,6 +77,11 @@ def default_concurrent_requests(max_upload_mb: float) -> int:
         return low
     return max(low, min(high // 4, int(UPLOADS_BUDGET_MB // (2 * max_upload_mb))))
 
+
+# The architectures batchcam builds (model.architectures.ARCHITECTURES, in this order) and how a model's
+# input is resized (decode.imaging.model_view): named here so the command line lists them without torch.
+ARCHITECTURE_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "efficientnet_b0")
+RESIZE_MODES = ("squash", "center-crop")
 
 # Which DICOM films are scored (decode.selection applies the rule; files without tags are always scored).
 SELECT_MODES = ("chest", "all")
@@ -180,7 +186,27 @@ def labelled_tree(name: str, root: Path) -> None:
 
 
 def model_file(name: str, model: Path) -> None:
-    check_model(model)
+    check_model(model, name)
+
+
+def comma_separated(text: str) -> tuple[str, ...]:
+    """``A,B,C`` -> ("A", "B", "C"), each name stripped (``--classes``)."""
+    return tuple(name.strip() for name in text.split(","))
+
+
+def numbers(text: str) -> tuple[float, ...]:
+    """``0.485,0.456,0.406`` -> floats (``--mean``, ``--std``); argparse says which value is not a number."""
+    try:
+        return tuple(float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a comma-separated list of numbers") from None
+
+
+def one_of(*allowed: int) -> Callable[[str, int], None]:
+    def check(name: str, value: int) -> None:
+        if value not in allowed:
+            raise UsageError(f"{name} must be {' or '.join(map(str, allowed))}, got {value}")
+    return check
 
 
 def overlay_side(name: str, size: int) -> None:
@@ -194,7 +220,9 @@ def overlay_side(name: str, size: int) -> None:
 # rows are reused under (report.store); every scan option says so, and tests/unit/test_options.py checks
 # each against a real re-run.
 
-MODEL = Option(flag="--model", parse=path_argument, help="batchcam checkpoint or ResNet18 state dict",
+MODEL = Option(flag="--model", parse=path_argument, metavar="MODEL",
+               help="a batchcam checkpoint, or a state dict of a resnet18/34/50/101, densenet121 or efficientnet_b0 "
+               "(plain or in a training checkpoint); anything else: batchcam import-model",
                none_means="the bundled demo model", check=model_file, affects_rows=True,
                keyed_resolved=True)  # keyed as the model's sha256, target layer and preprocessing
 DEVICE = Option(flag="--device", parse=str, help="auto (CUDA when present), cpu, cuda or cuda:N",
@@ -327,6 +355,39 @@ CALIBRATED_OUT = Option(flag="--out", parse=path_argument, metavar="MODEL_OUT", 
                         help="the new checkpoint to write (never --model itself, never through a link)")
 FORCE = switch("--force", "replace MODEL_OUT when it exists (default: refuse; never --model, never a link)",
                affects_rows=False)
+# import-model
+MODEL_SOURCE = Option(flag="source", parse=path_argument, metavar="SRC", check=model_file, affects_rows=False,
+                      help="the model file to read: a state dict or training checkpoint, a whole pickled model "
+                      "(with --trust-pickle), a TorchScript file, or a batchcam checkpoint")
+IMPORTED_OUT = Option(flag="--out", parse=path_argument, metavar="DST.pt", affects_rows=False,
+                      help="the batchcam checkpoint to write (never SRC itself, never through a link)")
+ARCH = Option(flag="--arch", parse=str, choices=ARCHITECTURE_NAMES, metavar="NAME", affects_rows=False,
+              none_means="recognised from the weights' names and shapes",
+              help=f"the architecture, checked against the weights: {', '.join(ARCHITECTURE_NAMES)}")
+CLASSES = Option(flag="--classes", parse=comma_separated, metavar="A,B,...", affects_rows=False,
+                 none_means="the file's class_names/classes/class_to_idx/idx_to_class, else NORMAL,PNEUMONIA for "
+                 "two outputs or a single logit",
+                 help="the class names in the order of the model's outputs")
+INPUT_SIZE = Option(flag="--input-size", parse=int, metavar="N", check=counted(16, 4096), affects_rows=False,
+                    none_means="224, or what a batchcam checkpoint records", help="the model's input is N x N pixels")
+RESIZE = Option(flag="--resize", parse=str, choices=RESIZE_MODES, affects_rows=False, none_means="squash",
+                help="squash: Resize((N, N)), the whole image; center-crop: torchvision's evaluation transform, "
+                "Resize(round(N / 0.875)) on the shorter side then CenterCrop(N)")
+MEAN = Option(flag="--mean", parse=numbers, metavar="M[,M,M]", affects_rows=False,
+              none_means="ImageNet's for 3 channels; a 1-channel model declares it",
+              help="Normalize's mean, one value or one per channel (with --std)")
+STD = Option(flag="--std", parse=numbers, metavar="S[,S,S]", affects_rows=False,
+             none_means="ImageNet's for 3 channels; a 1-channel model declares it",
+             help="Normalize's std, one value or one per channel (with --mean)")
+CHANNELS = Option(flag="--channels", parse=int, metavar="1|3", check=one_of(1, 3), affects_rows=False,
+                  none_means="read off the first convolution",
+                  help="the model's input channels: 3 (Image.convert('RGB')) or 1 (convert('L'))")
+TRUST_PICKLE = switch("--trust-pickle", "read a whole pickled model (torch.save(model)): unpickling it runs code "
+                      "from the file, so only for a file you trust; only its weights and structure are kept",
+                      affects_rows=False)
+FORCE_IMPORT = switch("--force", "replace DST.pt when it exists (default: refuse; never SRC, never a link)",
+                      affects_rows=False)
+
 DECODING_WORKERS = replace(WORKERS, help=f"DataLoader processes decoding images, 0..{MAX_WORKERS} (default: "
                            "{default}, decode in this process)")
 
@@ -491,18 +552,42 @@ class CalibrateConfig(Config):
         return int(self.max_file_mb * MEGABYTE)
 
     def check(self) -> None:
-        """The input checkpoint is never replaced, nothing is written through a link, and an existing
-        file only with ``force``."""
-        if self.out.is_symlink():
-            raise UsageError(f"--out {shown(self.out)} is a symbolic link; batchcam never writes through one")
-        if self.out.exists() and (self.out.is_dir() or os.path.samefile(self.out, self.model)):
-            raise UsageError(f"--out {shown(self.out)} is a folder or the --model file itself; name a new file")
-        if os.path.abspath(self.out) == os.path.abspath(self.model):
-            raise UsageError("--out must differ from --model: calibrate never overwrites its input")
-        if self.out.exists() and not self.force:
-            raise UsageError(f"--out {shown(self.out)} exists: give --force to replace it, or name a new file")
-        if not self.out.parent.is_dir():
-            raise UsageError(f"--out {shown(self.out)}: folder {shown(self.out.parent)} does not exist")
+        check_new_model_file(self.out, self.model, "--model", self.force)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportModelConfig(Config):
+    """``batchcam import-model SRC --out DST.pt``: a model trained elsewhere, declared once, as a checkpoint."""
+
+    source: Path = MODEL_SOURCE.required()
+    out: Path = IMPORTED_OUT.required()
+    arch: str | None = ARCH.optional()
+    classes: tuple[str, ...] | None = CLASSES.optional()
+    input_size: int | None = INPUT_SIZE.optional()
+    resize: str | None = RESIZE.optional()
+    mean: tuple[float, ...] | None = MEAN.optional()
+    std: tuple[float, ...] | None = STD.optional()
+    channels: int | None = CHANNELS.optional()
+    trust_pickle: bool = TRUST_PICKLE.field(False)
+    force: bool = FORCE_IMPORT.field(False)
+
+    def check(self) -> None:
+        check_new_model_file(self.out, self.source, "SRC", self.force)
+
+
+def check_new_model_file(out: Path, source: Path, source_name: str, force: bool) -> None:
+    """A model file about to be written from ``source``: never ``source`` itself, never through a link, an
+    existing file only with ``force``, in a folder that exists."""
+    if out.is_symlink():
+        raise UsageError(f"--out {shown(out)} is a symbolic link; batchcam never writes through one")
+    if out.exists() and (out.is_dir() or os.path.samefile(out, source)):
+        raise UsageError(f"--out {shown(out)} is a folder or the {source_name} file itself; name a new file")
+    if os.path.abspath(out) == os.path.abspath(source):
+        raise UsageError(f"--out must differ from {source_name}: batchcam never overwrites its input")
+    if out.exists() and not force:
+        raise UsageError(f"--out {shown(out)} exists: give --force to replace it, or name a new file")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {shown(out)}: folder {shown(out.parent)} does not exist")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -511,7 +596,7 @@ class ReviewConfig(Config):
     import_csv: Path = IMPORT.required()
 
 
-def check_model(model: Path | None) -> None:
+def check_model(model: Path | None, name: str = "--model") -> None:
     """A model file given: a regular file (a FIFO or ``/dev/null`` is said to be what it is) within the size
     limit. Checked before REPORT is touched; ``model.reading`` checks again on the descriptor it reads."""
     if model is None:
@@ -519,14 +604,14 @@ def check_model(model: Path | None) -> None:
     try:
         status = os.stat(model)
     except FileNotFoundError:
-        raise UsageError(f"--model {shown(model)} does not exist") from None
+        raise UsageError(f"{name} {shown(model)} does not exist") from None
     except OSError as e:
-        raise UsageError(f"--model {shown(model)}: cannot read it: {e.strerror or e}") from None
+        raise UsageError(f"{name} {shown(model)}: cannot read it: {e.strerror or e}") from None
     if not stat.S_ISREG(status.st_mode):
-        raise UsageError(f"--model {shown(model)} is {file_kind(status.st_mode)}, not a regular file: give a "
+        raise UsageError(f"{name} {shown(model)} is {file_kind(status.st_mode)}, not a regular file: give a "
                          "checkpoint file")
     if status.st_size > MAX_MODEL_BYTES:
-        raise UsageError(f"--model {shown(model)} is {status.st_size / MEGABYTE:.0f} MiB, more than the "
+        raise UsageError(f"{name} {shown(model)} is {status.st_size / MEGABYTE:.0f} MiB, more than the "
                          f"{MAX_MODEL_BYTES // MEGABYTE} MiB a model file may have")
 
 

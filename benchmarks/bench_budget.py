@@ -51,7 +51,7 @@ from bench_scan import small_folder as linked  # noqa: E402
 
 from batchcam.cam import overlay  # noqa: E402
 from batchcam.cam.backends import make_forward  # noqa: E402
-from batchcam.cam.explainer import TARGET_LAYER, from_forward  # noqa: E402
+from batchcam.cam.explainer import from_forward  # noqa: E402
 from batchcam.checks.attention import attention_outside  # noqa: E402
 from batchcam.config import OVERLAY_LONG_SIDE  # noqa: E402
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, fit_within, resize_square  # noqa: E402
@@ -128,7 +128,7 @@ def model_steps(views: list[np.ndarray], threads: int) -> tuple[dict[str, float]
     images = sum(batch.shape[0] for batch in batches)
     measured, outputs = {}, []
     for name in ("eager", "onnx"):
-        forward = make_forward(name, model, TARGET_LAYER, loaded.sha256, loaded.spec.image_size, explicit=True)
+        forward = make_forward(name, model, loaded.target_layer, loaded.sha256, loaded.spec.image_size, explicit=True)
         with forward:
             forward(batches[0])  # warm-up: kernel selection, session start
             measured[f"model step, {name}"] = cpu_ms(partial(_run_all, forward, batches), images)

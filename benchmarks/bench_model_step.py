@@ -18,7 +18,7 @@ import time
 import torch
 
 from batchcam.cam.backends import WithActivations, export_onnx
-from batchcam.cam.explainer import TARGET_LAYER
+from batchcam.cam.explainer import target_layer_of
 from batchcam.model.checkpoint import load_checkpoint
 from batchcam.resources import DEMO_MODEL
 from batchcam.runtime.allocator import keep_freed_memory
@@ -27,7 +27,7 @@ BATCH = 32
 
 
 def eager_step(model):
-    wrapped = WithActivations(model, TARGET_LAYER).eval()
+    wrapped = WithActivations(model, target_layer_of(model)).eval()
 
     def step(x):
         with torch.inference_mode():
@@ -41,7 +41,7 @@ def onnx_step(model, x, spinning: bool):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    session = onnxruntime.InferenceSession(export_onnx(model, TARGET_LAYER, x[:2]), options,
+    session = onnxruntime.InferenceSession(export_onnx(model, target_layer_of(model), x[:2]), options,
                                            providers=["CPUExecutionProvider"])
     return lambda batch: [torch.from_numpy(a) for a in session.run(None, {"x": batch.numpy()})]
 
@@ -49,7 +49,7 @@ def onnx_step(model, x, spinning: bool):
 def torchscript_step(model, x):
     with torch.inference_mode():
         frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(
-            WithActivations(model, TARGET_LAYER).eval(), x)))
+            WithActivations(model, target_layer_of(model)).eval(), x)))
 
     def step(batch):
         with torch.inference_mode():
@@ -58,7 +58,7 @@ def torchscript_step(model, x):
 
 
 def compiled_step(model):
-    compiled = torch.compile(WithActivations(model, TARGET_LAYER).eval())
+    compiled = torch.compile(WithActivations(model, target_layer_of(model)).eval())
 
     def step(batch):
         with torch.inference_mode():
@@ -69,7 +69,7 @@ def compiled_step(model):
 def openvino_step(model, x):
     import openvino
 
-    compiled = openvino.compile_model(openvino.convert_model(WithActivations(model, TARGET_LAYER).eval(),
+    compiled = openvino.compile_model(openvino.convert_model(WithActivations(model, target_layer_of(model)).eval(),
                                                              example_input=x), "CPU")
     return lambda batch: [torch.from_numpy(compiled(batch.numpy())[i]) for i in range(2)]
 

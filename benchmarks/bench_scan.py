@@ -45,7 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from batchcam.cam.backends import make_forward
-from batchcam.cam.explainer import TARGET_LAYER, CamExplainer
+from batchcam.cam.explainer import CamExplainer
 from batchcam.config import OVERLAY_LONG_SIDE
 from batchcam.decode.dataset import ScanDataset, collate_samples
 from batchcam.decode.discover import discover
@@ -91,7 +91,7 @@ def forward_only(loaded, tensors: list[torch.Tensor]) -> None:
 def onnx_forward(loaded):
     """The exact path's model step in ONNX Runtime, as ``--backend onnx`` builds it (cache included)."""
     model = loaded.model.to(memory_format=torch.channels_last)
-    return make_forward("onnx", model, TARGET_LAYER, loaded.sha256, loaded.spec.image_size, explicit=True)
+    return make_forward("onnx", model, loaded.target_layer, loaded.sha256, loaded.spec.image_size, explicit=True)
 
 
 def forward_steps(forward, tensors: list[torch.Tensor]) -> None:

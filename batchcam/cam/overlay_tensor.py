@@ -23,10 +23,13 @@ from batchcam.cam.overlay import (
     IMAGE_WEIGHT,
     JET_LUT,
     JPEG_QUALITY,
+    OUTSIDE_VIEW_WEIGHT,
     THUMB_MAX_SIDE,
+    Box,
     RenderedOverlay,
     min_max_scaled,
     peak_in_original,
+    shown_box,
 )
 
 
@@ -38,13 +41,21 @@ def heat_levels(cam: torch.Tensor, height: int, width: int, scale: float | None 
     return upsampled.clamp(0, 255).to(torch.uint8)  # truncates, as Pillow's F -> L conversion does
 
 
-def blended(display: torch.Tensor, cam: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """(3, h, w) uint8 overlay of a (h, w) uint8 display copy: jet colour blended with the X-ray."""
+def blended(display: torch.Tensor, cam: torch.Tensor, scale: float | None = None,
+            box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """(3, h, w) uint8 overlay of a (h, w) uint8 display copy: jet colour blended with the X-ray (inside
+    ``box``, in display pixels, when given; outside it the X-ray dimmed, as ``overlay.render`` draws it)."""
     height, width = display.shape
-    levels = heat_levels(cam, height, width, scale)
+    left, top, right, bottom = box or (0, 0, width, height)
+    levels = heat_levels(cam, bottom - top, right - left, scale)
     colour = torch.from_numpy(JET_LUT).to(display.device)[levels.long()].float().permute(2, 0, 1)
     gray = display.float()[None]
-    return (colour + IMAGE_WEIGHT * (gray - colour)).to(torch.uint8)
+    inside = (colour + IMAGE_WEIGHT * (gray[:, top:bottom, left:right] - colour)).to(torch.uint8)
+    if box is None:
+        return inside
+    overlay = (gray * OUTSIDE_VIEW_WEIGHT).to(torch.uint8).expand(3, -1, -1).clone()
+    overlay[:, top:bottom, left:right] = inside
+    return overlay
 
 
 def thumbnail_size(width: int, height: int, side: int = THUMB_MAX_SIDE) -> tuple[int, int]:
@@ -72,19 +83,23 @@ def shrunk(image: torch.Tensor) -> torch.Tensor:
 
 
 def render_batch(displays: list[np.ndarray], cams: list[torch.Tensor], sizes: list[tuple[int, int]],
-                 device: torch.device, scale: float | None = None) -> list[RenderedOverlay]:
+                 device: torch.device, scale: float | None = None,
+                 boxes: list[Box | None] | None = None) -> list[RenderedOverlay]:
     """``overlay.render`` for a batch, on ``device``: overlays, thumbnails and originals encoded together.
 
-    ``sizes`` are the original images' (width, height), for the peaks.
+    ``sizes`` are the original images' (width, height), for the peaks; ``boxes`` the part of each the
+    map covers (None: all of it).
     """
     from torchvision.io import encode_jpeg
 
+    boxes = boxes or [None] * len(cams)
     images = []
-    for display, cam in zip(displays, cams):
+    for display, cam, size, box in zip(displays, cams, sizes, boxes):
         gray = torch.from_numpy(np.require(display, requirements="W")).to(device, non_blocking=True)
-        overlay = blended(gray, cam.to(device), scale)
+        shown = None if box is None else shown_box(box, *size, display.shape[1], display.shape[0])
+        overlay = blended(gray, cam.to(device), scale, shown)
         images += [overlay, shrunk(overlay), gray[None]]
     encoded = encode_jpeg(images, quality=JPEG_QUALITY)
     data = [bytes(jpeg.cpu().numpy()) for jpeg in encoded]
-    return [RenderedOverlay(data[3 * i], data[3 * i + 1], data[3 * i + 2], *peak_in_original(cam.cpu(), *size))
-            for i, (cam, size) in enumerate(zip(cams, sizes))]
+    return [RenderedOverlay(data[3 * i], data[3 * i + 1], data[3 * i + 2], *peak_in_original(cam.cpu(), *size, box))
+            for i, (cam, size, box) in enumerate(zip(cams, sizes, boxes))]

@@ -38,7 +38,7 @@ from batchcam.model.calibration import (
     temperature_warning,
     too_few_images,
 )
-from batchcam.model.checkpoint import LoadedModel, load_checkpoint, model_input, save_calibrated
+from batchcam.model.checkpoint import LoadedModel, load_model, model_input, save_calibrated
 from batchcam.records import display_path
 from batchcam.runtime.console import Console
 from batchcam.runtime.devices import resolve_device
@@ -75,7 +75,7 @@ class CalibrateResult:
 
 def calibrate(config: CalibrateConfig, console: Console) -> CalibrateResult:
     config.validate()
-    loaded = load_checkpoint(config.model)
+    loaded = load_model(config.model, console.warn)
     class_names = loaded.spec.class_names
     files = labelled_files(config.root, class_names, console)
     check_enough([sum(f.label == c and not f.held_out for f in files) for c in range(len(class_names))],
@@ -147,11 +147,11 @@ def forward_all(files: list[LabelledFile], loaded: LoadedModel, config: Calibrat
                 console: Console) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Features, logits, labels and held-out marks of every readable file (decoded as scan decodes)."""
     dataset = ScanDataset(files, loaded.spec.image_size, CALIBRATION_DISPLAY_SIDE,
-                          max_file_bytes=config.max_file_bytes, selection=config.selection)
+                          max_file_bytes=config.max_file_bytes, selection=config.selection, resize=loaded.spec.resize)
     by_relpath = {f.relpath: f for f in files}
     features, logits, labels, held_out, unreadable = [], [], [], [], 0
     model = loaded.model.to(device)
-    with CamExplainer(model) as explainer:
+    with CamExplainer(model, target_layer=loaded.target_layer) as explainer:
         for samples, views in decode_loader(dataset, config.batch_size, config.workers):
             for sample in samples:
                 if not sample.ok:

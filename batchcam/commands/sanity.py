@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from batchcam.cam import overlay as overlays
-from batchcam.checks.sanity import CASCADE, SEED, SanityResult, cascading_randomisation
+from batchcam.checks.sanity import SEED, SanityResult, cascading_randomisation
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_SANITY_SAMPLE, SanityConfig, shown
 from batchcam.decode.dataset import Sample, collate_samples, decode_sample, read_sample
 from batchcam.decode.discover import Candidate, discover
@@ -39,7 +39,8 @@ def sanity(config: SanityConfig, console: Console) -> tuple[str, Path]:
         write_sanity(result, out, loaded.path.name)
     except OSError as e:
         raise ReportWriteError(f"cannot write the sanity check into {shown(out)}: {e.strerror or e}") from None
-    steps = ", ".join(f"{'+'.join(names)} {result.mean(step):.2f}" for names, step in zip(CASCADE, result.steps[1:]))
+    steps = ", ".join(f"{'+'.join(names)} {result.mean(step):.2f}"
+                      for names, step in zip(result.cascade, result.steps[1:]))
     return (f"sanity check on {len(result.paths)} images, mean rank correlation after randomising {steps}",
             out / "sanity.md")
 
@@ -54,10 +55,10 @@ def sample_files(root: Path, count: int, seed: int = SEED) -> list[Candidate]:
     return [candidates[i] for i in sorted(chosen)]
 
 
-def read_and_decode(candidate: Candidate, image_size: int) -> Sample:
+def read_and_decode(candidate: Candidate, image_size: int, resize: str = "squash") -> Sample:
     """A sampled file decoded; one that cannot be read (a broken link, say) is an error sample, left out."""
     return read_sample(Path(candidate.path), candidate.relpath, DEFAULT_MAX_FILE_BYTES,
-                       lambda relpath, data: decode_sample(relpath, data, image_size))
+                       lambda relpath, data: decode_sample(relpath, data, image_size, resize=resize))
 
 
 def sanity_check(loaded: LoadedModel, root: Path, sample: int = DEFAULT_SANITY_SAMPLE, device: str = "auto",
@@ -65,7 +66,8 @@ def sanity_check(loaded: LoadedModel, root: Path, sample: int = DEFAULT_SANITY_S
     if not root.is_dir():
         raise UsageError(f"ROOT {root} is not a folder")
     where = resolve_device(device)
-    samples = [read_and_decode(c, loaded.spec.image_size) for c in sample_files(root, sample, seed)]
+    samples = [read_and_decode(c, loaded.spec.image_size, loaded.spec.resize)
+               for c in sample_files(root, sample, seed)]
     samples, views = collate_samples([s for s in samples if s.ok])
     if views is None:
         raise UsageError(f"none of the sampled images under {root} could be decoded")
@@ -103,7 +105,7 @@ def figure(result: SanityResult) -> Image.Image:
     image = Image.new("RGB", (FIGURE_CELL * len(result.steps), header + FIGURE_CELL * shown), "white")
     draw = ImageDraw.Draw(image)
     for column, step in enumerate(result.steps):
-        label = "+".join(CASCADE[column - 1]) if column else "original"
+        label = "+".join(result.cascade[column - 1]) if column else "original"
         draw.text((column * FIGURE_CELL + 4, 2), f"+{label}" if column > 1 else label, fill="black")
         if column:
             draw.text((column * FIGURE_CELL + 4, 14), f"rho {result.mean(step):.2f}", fill="black")

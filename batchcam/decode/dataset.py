@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from batchcam.config import DEFAULT_MAX_FILE_BYTES, OVERLAY_LONG_SIDE, Selection
-from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, fit_within, resize_square
+from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, fit_within, model_view, view_box
 from batchcam.decode.lungs import estimate_lung_fields
 from batchcam.decode.pixels import DecodeError, NotSelected, is_dicom
 from batchcam.runtime.bounded import FileInFlux, FileTooLarge, read_consistently, read_file_bounded
@@ -35,6 +35,7 @@ class Sample:
     width: int = 0
     height: int = 0
     model_view: np.ndarray | None = None   # uint8 (size, size): what the model sees
+    view_box: tuple[float, float, float, float] | None = None  # the part of the image it shows; None: all of it
     display: np.ndarray | None = None      # uint8 (h, w), longer side <= overlay cap: the overlay's base
     lung_fields: np.ndarray | None = None  # bool (LUNG_GRID, LUNG_GRID) estimate, None when refused
     encoded: bytes | None = None           # a JPEG left for the batched GPU decoder (scan --decode gpu)
@@ -57,10 +58,12 @@ class ScanDataset(Dataset):
 
     def __init__(self, items: Sequence, image_size: int, display_max_side: int = OVERLAY_LONG_SIDE,
                  can_defer: Callable[[bytes], bool] | None = None, *,
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, selection: Selection | None = None):
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, selection: Selection | None = None,
+                 resize: str = "squash"):
         self.items = items
         self.selection = selection  # which DICOM films are scored (None: all)
         self.image_size = image_size
+        self.resize = resize        # the model's: decode.imaging.model_view
         self.display_max_side = display_max_side
         self.can_defer = can_defer  # scan --decode gpu: files it accepts are left undecoded
         self.max_file_bytes = max_file_bytes
@@ -81,7 +84,8 @@ class ScanDataset(Dataset):
         if self.can_defer is not None and self.can_defer(data):
             sample = Sample(relpath=item.relpath, sha256=hashlib.sha256(data).hexdigest(), encoded=data)
         else:
-            sample = decode_sample(item.relpath, data, self.image_size, self.display_max_side, self.selection)
+            sample = decode_sample(item.relpath, data, self.image_size, self.display_max_side, self.selection,
+                                   resize=self.resize)
         sample.size, sample.mtime_ns = size, mtime_ns
         return sample
 
@@ -90,7 +94,7 @@ class ScanDataset(Dataset):
         if sample.encoded is None:
             raise ValueError(f"{sample.relpath}: not a deferred sample (its bytes are already decoded)")
         decoded = decode_sample(sample.relpath, sample.encoded, self.image_size, self.display_max_side,
-                                self.selection)
+                                self.selection, resize=self.resize)
         decoded.size, decoded.mtime_ns = sample.size, sample.mtime_ns
         return decoded
 
@@ -116,11 +120,13 @@ def read_sample(path: Path, relpath: str, max_file_bytes: int, decode: Callable[
 
 
 def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: int = OVERLAY_LONG_SIDE,
-                  selection: Selection | None = None) -> Sample:
+                  selection: Selection | None = None, *, resize: str = "squash") -> Sample:
     """Decode one file's bytes into a Sample; any failure becomes ``Sample.error``, never an exception.
 
     A DICOM film that ``selection`` does not score gets ``skip_reason`` and no pixels (None scores
     every file); a DICOM sample records the rule's key, so a changed rule decides it again.
+    ``resize`` is the model's (``decode.imaging.model_view``): for ``center-crop`` the sample records the
+    part of the image its view shows (``view_box``), where its map belongs.
     """
     sample = Sample(relpath=relpath, sha256=hashlib.sha256(data).hexdigest())
     if selection is not None and is_dicom(data, relpath):
@@ -139,9 +145,20 @@ def decode_sample(relpath: str, data: bytes, image_size: int, display_max_side: 
         return sample
     sample.width, sample.height = decoded.width, decoded.height
     sample.warnings = tuple(decoded.warnings)
-    set_model_view(sample, resize_square(decoded.gray, image_size))  # the lung fields too: in the decoding workers
+    set_model_view(sample, model_view(decoded.gray, image_size, resize))  # the lung fields too: in the workers
+    if resize != "squash":
+        sample.view_box = view_box_of(decoded.gray.size, (decoded.width, decoded.height), image_size, resize)
     sample.display = np.asarray(fit_within(decoded.gray, display_max_side), dtype=np.uint8)
     return sample
+
+
+def view_box_of(decoded: tuple[int, int], original: tuple[int, int], image_size: int,
+                resize: str) -> tuple[float, float, float, float]:
+    """The model view's box in the original image's pixels, computed on the decoded pixels the view was
+    cut from (a JPEG may be decoded at a reduced scale) and scaled to the original's size."""
+    left, top, right, bottom = view_box(*decoded, image_size, resize)
+    scale_x, scale_y = original[0] / decoded[0], original[1] / decoded[1]
+    return left * scale_x, top * scale_y, right * scale_x, bottom * scale_y
 
 
 def set_model_view(sample: Sample, view: np.ndarray) -> None:

@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from batchcam.config import Selection
+from batchcam.config import RESIZE_MODES, Selection
 from batchcam.decode.pixels import (
     MARKER_AFTER_SCAN,
     STANDALONE_MARKERS,
@@ -41,7 +41,6 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")
 DECODE_MIN_LONG_SIDE = 1024
 # How a model's view is made from an image (a checkpoint declares one): the whole image squashed to
 # a square, or torchvision's evaluation transform (shorter side to size / 0.875, then the centre crop).
-RESIZE_MODES = ("squash", "center-crop")
 CENTER_CROP_RATIO = 0.875
 # The overlay's longer side by default (scan --overlay-size): the display copy made at decode time.
 # Display copies (overlay base, thumbnail) shrink by whole factors first, down to this many times their size.

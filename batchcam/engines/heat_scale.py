@@ -35,7 +35,8 @@ def rescale_overlays(rows: list[Row], files: list[PlannedFile], cams: dict[str, 
     scale = run_heat_scale([cams[row.path] for row in rows if row.ok and row.path in cams])
     by_relpath = {planned.relpath: planned for planned in files}
     todo = {row.relpath: row for row in rows if row.ok and row.path in cams and row.relpath in by_relpath}
-    dataset = scan_dataset([by_relpath[relpath] for relpath in todo], config, job.loaded.spec.image_size)
+    dataset = scan_dataset([by_relpath[relpath] for relpath in todo], config, job.loaded.spec.image_size,
+                           resize=job.loaded.spec.resize)
     console.info(f"heat scale for the run: {scale:.6g} (99th percentile of raw map values); re-rendering "
                  f"{len(todo)} overlays")
     with OverlayStage(report, scale=scale) as stage:

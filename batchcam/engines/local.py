@@ -29,7 +29,8 @@ def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str
         return rows, cams
     config, image_size = job.config, job.loaded.spec.image_size
     on_gpu = config.decode == "gpu"
-    dataset = scan_dataset(files, config, image_size, can_defer=gpu_decode.can_defer if on_gpu else None)
+    dataset = scan_dataset(files, config, image_size, can_defer=gpu_decode.can_defer if on_gpu else None,
+                           resize=job.loaded.spec.resize)
     loader = decode_loader(dataset, config.batch_size, config.workers, pin_memory=job.device.type == "cuda")
     decode_deferred = (gpu_decode.BatchedJpegDecoder(job.device, image_size, config.overlay_size,
                                                      dataset.decode_deferred) if on_gpu else None)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from batchcam.cam.backends import make_forward
-from batchcam.cam.explainer import TARGET_LAYER, CamExplainer
+from batchcam.cam.explainer import CamExplainer
 from batchcam.config import RAY_EXTRA_HINT, ScanConfig
 from batchcam.decode.dataset import Sample, ScanDataset, collate_samples
 from batchcam.engines.job import Resolved, ScanJob
@@ -100,7 +100,7 @@ def process(files: list[PlannedFile], job: ScanJob) -> tuple[list[Row], dict[str
             model = ray.put(replace(job.loaded, model=copy.deepcopy(job.loaded.model).cpu()))
             spec = WorkerSpec(config=config, resolved=job.resolved, model=model, report=str(folder),
                               token=shared.token, gpus=gpus)
-            batches = explained_batches(ray, files, spec, actors, job.loaded.spec.image_size)
+            batches = explained_batches(ray, files, spec, actors, job.loaded.spec.image_size, job.loaded.spec.resize)
             try:
                 return journal(batches, len(files), job.store, console, guard)
             except ray.exceptions.ActorDiedError:
@@ -247,7 +247,7 @@ def raise_report_problems(problems: list[str], report: Path) -> None:
 
 
 def explained_batches(ray, files: list[PlannedFile], spec: WorkerSpec, actors: int,
-                      image_size: int) -> Generator[list[Explained], None, None]:
+                      image_size: int, resize: str = "squash") -> Generator[list[Explained], None, None]:
     """The Ray Data pipeline: one list of Explained per model batch, in completion order.
 
     Decode tasks reserve memory, so Ray never packs more of them onto a node than it holds; the
@@ -258,7 +258,8 @@ def explained_batches(ray, files: list[PlannedFile], spec: WorkerSpec, actors: i
     absolute = [replace(planned, path=planned.path.absolute()) for planned in files]  # workers' cwd differs
     dataset = ray.data.from_items([{"file": planned} for planned in absolute],
                                   override_num_blocks=math.ceil(len(files) / batch_size))
-    dataset = dataset.map_batches(decode_batch, fn_kwargs={"config": spec.config, "image_size": image_size},
+    dataset = dataset.map_batches(decode_batch, fn_kwargs={"config": spec.config, "image_size": image_size,
+                                                           "resize": resize},
                                   batch_size=batch_size, batch_format="numpy", num_cpus=1, memory=DECODE_MEMORY)
     dataset = dataset.map_batches(CamWorker, fn_constructor_kwargs={"spec": spec}, batch_size=batch_size,
                                   batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
@@ -274,9 +275,10 @@ def objects(items: list) -> np.ndarray:
     return array
 
 
-def decode_batch(batch: dict[str, np.ndarray], config: ScanConfig, image_size: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], config: ScanConfig, image_size: int,
+                 resize: str = "squash") -> dict[str, np.ndarray]:
     """Decode task: files -> Samples, with ``ScanDataset``'s reading and decoding."""
-    dataset = scan_dataset(list(batch["file"]), config, image_size)
+    dataset = scan_dataset(list(batch["file"]), config, image_size, resize=resize)
     return {"sample": objects([decode_safely(dataset, index) for index in range(len(dataset))])}
 
 
@@ -304,10 +306,12 @@ class CamWorker:
         config, resolved = spec.config, spec.resolved
         model = prepared_model(self.loaded, self.device, config.compile)
         backend = resolved.backend if self.device.type == "cpu" else "eager"  # ONNX Runtime runs CPU actors only
-        forward = make_forward(backend, model, TARGET_LAYER, self.loaded.sha256, self.loaded.spec.image_size,
+        loaded = self.loaded
+        forward = make_forward(backend, model, loaded.target_layer, loaded.sha256, loaded.spec.image_size,
                                resolved.autocast)
         self.explainer = CamExplainer(model, config.cam, resolved.target, autocast=resolved.autocast,
-                                temperature=self.loaded.temperature, forward=forward)
+                                      temperature=self.loaded.temperature, forward=forward,
+                                      target_layer=self.loaded.target_layer)
         self.report = ReportFolder(Path(spec.report))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

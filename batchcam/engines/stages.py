@@ -35,10 +35,11 @@ def prepared_model(loaded: LoadedModel, device: torch.device, compile: bool = Fa
     return cast(torch.nn.Module, torch.compile(model)) if compile else model  # a module that compiles on first use
 
 
-def scan_dataset(files, config: ScanConfig, image_size: int, can_defer=None) -> ScanDataset:
-    """The files as samples, read and decoded as the scan's options say, for a model of ``image_size``."""
+def scan_dataset(files, config: ScanConfig, image_size: int, can_defer=None, resize: str = "squash") -> ScanDataset:
+    """The files as samples, read and decoded as the scan's options say, for a model of ``image_size`` and
+    ``resize``."""
     return ScanDataset(files, image_size, config.overlay_size, can_defer=can_defer,
-                       max_file_bytes=config.max_file_bytes, selection=config.selection)
+                       max_file_bytes=config.max_file_bytes, selection=config.selection, resize=resize)
 
 
 def decode_loader(dataset: ScanDataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
@@ -159,13 +160,14 @@ class OverlayStage:
         return done
 
     def _render(self, row: Row, sample: Sample, cam: torch.Tensor) -> None:
-        self._write(row, overlays.render(display_of(sample), cam, sample.width, sample.height, self.scale))
+        self._write(row, overlays.render(display_of(sample), cam, sample.width, sample.height, self.scale,
+                                         sample.view_box))
 
     def _render_batch(self, drawn: list[tuple[Row, Sample, torch.Tensor]], device: torch.device) -> None:
         rendered = overlay_tensor.render_batch([display_of(sample) for _, sample, _ in drawn],
                                                [cam for *_, cam in drawn],
                                                [(sample.width, sample.height) for _, sample, _ in drawn],
-                                               device, self.scale)
+                                               device, self.scale, [sample.view_box for _, sample, _ in drawn])
         for (row, _, _), one in zip(drawn, rendered):
             self._write(row, one)
 

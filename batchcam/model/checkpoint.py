@@ -223,29 +223,32 @@ def write_payload(path: str | os.PathLike, written: dict[str, Any] | bytes) -> N
             torch.save(written, f)
 
 
-def load_model(path: Path | None, warn: Callable[[str], None]) -> LoadedModel:
+def load_model(path: Path | None, warn: Callable[[str], None], *, names_needed: bool = True) -> LoadedModel:
     """The checkpoint at ``path``, or the bundled demo model (saying so through ``warn``) when None.
 
     What batchcam had to assume to read the file is said through ``warn`` too, in one line.
+    ``names_needed=False`` (``train_model.py --pretrained``, which replaces the head): a head of more
+    than two outputs without class names is read with placeholder names instead of refused.
     """
     if path is None:
         warn(DEMO_NOTICE.removeprefix("batchcam: "))
         return load_checkpoint(DEMO_MODEL, demo=True)
-    loaded = load_checkpoint(path)
+    loaded = load_checkpoint(path, names_needed=names_needed)
     notice = loaded.assumption_notice()
     if notice:
         warn(notice)
     return loaded
 
 
-def load_checkpoint(path: str | os.PathLike, *, demo: bool = False, max_bytes: int = MAX_MODEL_BYTES) -> LoadedModel:
+def load_checkpoint(path: str | os.PathLike, *, demo: bool = False, max_bytes: int = MAX_MODEL_BYTES,
+                    names_needed: bool = True) -> LoadedModel:
     """The model in a file batchcam reads (see the module docstring), in eval mode on the CPU."""
-    return loaded_from(read_model_file(path, max_bytes), demo=demo)
+    return loaded_from(read_model_file(path, max_bytes), demo=demo, names_needed=names_needed)
 
 
-def loaded_from(file: ModelFile, *, demo: bool = False) -> LoadedModel:
+def loaded_from(file: ModelFile, *, demo: bool = False, names_needed: bool = True) -> LoadedModel:
     """The model in ``file``'s bytes (read once: digest and weights are of the same bytes)."""
-    reading = read_checkpoint(file)
+    reading = read_checkpoint(file, names_needed=names_needed)
     try:
         model = build_network(reading.network, reading.state)
     except NetworkError as e:
@@ -271,17 +274,17 @@ class CheckpointReading:
     raw_batchcam: dict[str, Any] | None = None   # the dict of a batchcam checkpoint, as read
 
 
-def read_checkpoint(file: ModelFile) -> CheckpointReading:
+def read_checkpoint(file: ModelFile, *, names_needed: bool = True) -> CheckpointReading:
     """What ``file`` holds, read without running code; CheckpointError (one line) for anything else."""
     if archive_kind(file) == "torchscript":
         raise torchscript_refusal(file)
     raw = load_weights_only(file)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         return _read_batchcam(file, raw)
-    return read_found_weights(file, raw)
+    return read_found_weights(file, raw, names_needed=names_needed)
 
 
-def read_found_weights(file: ModelFile, raw: Any) -> CheckpointReading:
+def read_found_weights(file: ModelFile, raw: Any, *, names_needed: bool = True) -> CheckpointReading:
     """A state dict (plain or in a training container) with the defaults it needs, each listed as assumed."""
     found = find_weights(file, raw)
     state = canonical_state(found.state)
@@ -289,7 +292,7 @@ def read_found_weights(file: ModelFile, raw: Any) -> CheckpointReading:
     if network.channels != 3:
         raise file.refuse(f"{network.describe()}; a 1-channel model's normalisation is not in the file: "
                           f"{import_hint(file.label, '--channels 1 --mean M --std S')}")
-    class_names, names_assumed = _class_names(file, network, found.class_names)
+    class_names, names_assumed = _class_names(file, network, found.class_names, names_needed)
     spec = ModelSpec(class_names=class_names, arch=network.arch)
     assumed = (f"the preprocessing {spec.image_size} px squash, ImageNet mean/std, 3 channels", *names_assumed,
                *head_assumed)
@@ -307,15 +310,18 @@ def network_of(file: ModelFile, state: dict[str, torch.Tensor], *, declared_arch
     return network, assumed
 
 
-def _class_names(file: ModelFile, network: Network,
-                 found: tuple[str, ...] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The file's class names checked against the head, else the default pair (assumed), else a refusal."""
+def _class_names(file: ModelFile, network: Network, found: tuple[str, ...] | None,
+                 needed: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The file's class names checked against the head, else the default pair (assumed), else a refusal
+    (placeholders ``output 0``... when the head is to be replaced: ``needed`` False)."""
     if found is not None:
         check_class_names(file, network, found)
         return found, ()
     if network.classes == 2:
         why = " (P(PNEUMONIA) = sigmoid of the single logit)" if network.single_logit else ""
         return DEFAULT_CLASS_NAMES, (f"the class names {', '.join(DEFAULT_CLASS_NAMES)}{why}",)
+    if not needed:
+        return tuple(f"output {i}" for i in range(network.classes)), ()
     letters = ",".join(chr(ord("A") + i) for i in range(min(network.outputs, 26)))
     raise file.refuse(f"{network.describe()}: a head with {network.outputs} outputs and no class names: "
                       f"{import_hint(file.label, '--classes ' + letters)}")

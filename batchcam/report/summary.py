@@ -94,11 +94,20 @@ def selection_info(selection: Selection) -> dict:
             "views": list(selection.views) if selection.views is not None else "any"}
 
 
+def model_summary(loaded: LoadedModel, temperature: float) -> dict:
+    """The manifest's model block: the file, what it is, the preprocessing applied and what was assumed."""
+    spec = loaded.spec
+    return {"path": str(loaded.path), "name": loaded.path.name, "sha256": loaded.sha256, "arch": spec.arch,
+            "description": loaded.description(), "source": loaded.source, "target_layer": loaded.target_layer,
+            "class_names": list(spec.class_names), "image_size": spec.image_size, "resize": spec.resize,
+            "channels": spec.channels, "mean": list(spec.mean), "std": list(spec.std), "dropout": spec.dropout,
+            "demo": loaded.demo, "temperature": temperature, "assumptions": list(loaded.assumptions)}
+
+
 def manifest(*, root: Path, argv: Sequence[str], loaded: LoadedModel, cam: dict, device: str, counts: dict,
              started_at: str, finished_at: str, seconds: float, selection: Selection = Selection(),
              rows: Sequence[Row] = ()) -> dict:
     """``rows`` (the run's) add the count of images flagged as unlike the training images."""
-    spec = loaded.spec
     calibration = loaded.calibration_summary()
     if loaded.ood is not None:
         calibration["ood"].update(ood_summary(rows) or {"n": 0, "flagged": 0, "share_flagged": None})
@@ -109,10 +118,7 @@ def manifest(*, root: Path, argv: Sequence[str], loaded: LoadedModel, cam: dict,
         "finished_at": finished_at,
         "root": str(root.resolve()),
         "args": list(argv),
-        "model": {"path": str(loaded.path), "name": loaded.path.name, "sha256": loaded.sha256, "arch": spec.arch,
-                  "class_names": list(spec.class_names), "image_size": spec.image_size, "mean": list(spec.mean),
-                  "std": list(spec.std), "dropout": spec.dropout, "demo": loaded.demo,
-                  "temperature": calibration["temperature"]},
+        "model": model_summary(loaded, calibration["temperature"]),
         "ood": calibration["ood"],
         "cam": cam,
         "selection": selection_info(selection),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from batchcam.cam import overlay as overlays
-from batchcam.cam.explainer import TARGET_LAYER, CamExplainer
+from batchcam.cam.explainer import CamExplainer
 from batchcam.cam.overlay import RenderedOverlay
 from batchcam.config import Selection
 from batchcam.decode.dataset import Sample, collate_samples, decode_sample
@@ -74,13 +74,14 @@ class Explainer:
 
     def decode(self, name: str, data: bytes) -> Sample:
         """Bytes to a Sample exactly as scan decodes a file; a bad file becomes ``sample.error``."""
-        return decode_sample(name, data, self.loaded.spec.image_size, selection=self.selection)
+        spec = self.loaded.spec
+        return decode_sample(name, data, spec.image_size, selection=self.selection, resize=spec.resize)
 
     def explain(self, samples: list[Sample]) -> list[Explanation]:
         """One Explanation per sample, in order; error and skipped samples pass through as such rows."""
         samples, views = collate_samples(samples)
-        with self._lock, CamExplainer(self.model, self.method, self.target,
-                                   temperature=self.loaded.temperature) as explainer:
+        with self._lock, CamExplainer(self.model, self.method, self.target, temperature=self.loaded.temperature,
+                                      target_layer=self.loaded.target_layer) as explainer:
             results = explain_batch(samples, views, explainer, self.loaded, self.device)
         return [self._rendered(row, sample, cam) for row, sample, cam in results]
 
@@ -90,12 +91,12 @@ class Explainer:
         return {"name": loaded.path.name, "path": str(loaded.path), "sha256": loaded.sha256,
                 "arch": loaded.spec.arch, "classes": list(self.class_names),
                 "image_size": loaded.spec.image_size, "demo": loaded.demo, **loaded.calibration_summary(),
-                "cam": {"method": self.method, "target_layer": TARGET_LAYER,
+                "cam": {"method": self.method, "target_layer": loaded.target_layer,
                         "target": "predicted" if self.target is None else self.class_names[self.target]}}
 
     def _rendered(self, row: Row, sample: Sample, cam: torch.Tensor | None) -> Explanation:
         if cam is None or sample.display is None:
             return Explanation(row, self.class_names)
-        rendered = overlays.render(sample.display, cam, sample.width, sample.height)
+        rendered = overlays.render(sample.display, cam, sample.width, sample.height, box=sample.view_box)
         row.cam_peak_x, row.cam_peak_y = rendered.peak_x, rendered.peak_y
         return Explanation(row, self.class_names, rendered)

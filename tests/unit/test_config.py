@@ -36,8 +36,8 @@ def required_values(config_class: type, tmp_path: Path, model: Path) -> dict:
     for binding in config_bindings(config_class):
         if binding.required:
             dest = binding.option.dest
-            values[dest] = ("x.png",) if binding.many else {"root": tmp_path / "xrays", "model": model}.get(
-                dest, tmp_path / f"new-{dest}")
+            existing = {"root": tmp_path / "xrays", "model": model, "source": model}
+            values[dest] = ("x.png",) if binding.many else existing.get(dest, tmp_path / f"new-{dest}")
     return values
 
 

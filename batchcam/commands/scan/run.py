@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from batchcam.cam.backends import EagerForward, OnnxForward, choose_backend, make_forward
-from batchcam.cam.explainer import TARGET_LAYER, CamExplainer, linear_head
+from batchcam.cam.explainer import CamExplainer, linear_head
 from batchcam.config import ScanConfig, resolve_target
 from batchcam.decode.discover import IMAGE_EXTENSIONS, Discovery, discover
 from batchcam.engines import local
@@ -93,6 +93,7 @@ def prepare(config: ScanConfig, console: Console) -> Ready:
     discovery = discover_files(config)
     files = stat_candidates(discovery.candidates)
     loaded = load_model(config.model, console.warn)
+    check_decoder(config, loaded)
     target = resolve_target(config.target, loaded.spec.class_names)
     autocast = resolve_precision(config.precision, device)
     key = settings_key(config, resolved={"model": model_identity(loaded), "precision": precision_name(autocast),
@@ -104,10 +105,18 @@ def prepare(config: ScanConfig, console: Console) -> Ready:
                  unlisted=tuple(discovery.unlisted))
 
 
+def check_decoder(config: ScanConfig, loaded: LoadedModel) -> None:
+    """``--decode gpu`` squashes whole images; a center-crop model's view is cut on the CPU (exit 2 before
+    REPORT is touched)."""
+    if config.decode == "gpu" and loaded.spec.resize != "squash":
+        raise UsageError(f"--decode gpu makes squashed views only; {loaded.path.name} takes a {loaded.spec.resize} "
+                         "view: leave out --decode gpu (its images are decoded on the CPU)")
+
+
 def model_identity(loaded: LoadedModel) -> dict[str, object]:
     """What the model contributes to the row key: its file, the layer its maps come from, its preprocessing."""
     spec = loaded.spec
-    return {"sha256": loaded.sha256, "target_layer": TARGET_LAYER, "image_size": spec.image_size,
+    return {"sha256": loaded.sha256, "target_layer": loaded.target_layer, "image_size": spec.image_size,
             "mean": list(spec.mean), "std": list(spec.std), "channels": spec.channels, "resize": spec.resize}
 
 
@@ -136,7 +145,7 @@ def model_step(config: ScanConfig, loaded: LoadedModel, model: torch.nn.Module, 
     explicit = config.backend == "onnx"
     if config.engine != "local" and not explicit:
         return ModelStep(backend, None)
-    forward = make_forward(backend, model, TARGET_LAYER, loaded.sha256, loaded.spec.image_size, autocast,
+    forward = make_forward(backend, model, loaded.target_layer, loaded.sha256, loaded.spec.image_size, autocast,
                            explicit=explicit, log=log)
     return ModelStep(backend, forward if config.engine == "local" else None)
 
@@ -201,7 +210,7 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
         forward = job.cam_explainer.forward if config.engine == "local" else None  # ray: the actors build their own
         backend = forward.name if forward is not None else job.resolved.backend
         cam_info: dict[str, object] = {
-            "method": config.cam, "target_layer": TARGET_LAYER, "target": config.target,
+            "method": config.cam, "target_layer": loaded.target_layer, "target": config.target,
             "exact_fast_path": job.cam_explainer.exact, "heat_scale": config.heat_scale, "backend": backend,
             "backend_file_sha256": forward.file_sha256 if forward is not None else None}
         if config.heat_scale == "run":
@@ -245,7 +254,7 @@ def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportF
     model = prepared_model(loaded, device, config.compile)
     step = ready.step or model_step(config, loaded, model, device, autocast, images, console.log)
     cam_explainer = CamExplainer(model, config.cam, ready.target, autocast=autocast, temperature=loaded.temperature,
-                           forward=step.forward)
+                                 forward=step.forward, target_layer=loaded.target_layer)
     resolved = Resolved(autocast=autocast, target=ready.target, backend=step.backend,
                         settings_key=ready.settings_key)
     return ScanJob(config=config, resolved=resolved, loaded=loaded, device=device, cam_explainer=cam_explainer,

@@ -7,14 +7,20 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torchvision import models
 
 from batchcam.errors import CheckpointError
 from batchcam.model.architectures import ARCHITECTURES, NotRecognised, backbone_shapes, recognise_backbone
 from batchcam.model.checkpoint import DEFAULT_IMAGE_SIZE, LoadedModel, load_checkpoint
-from tests.unit.model.user_models import SIZE, Preprocessing, assert_equals_reference, user_model, write_xray_pngs
+from tests.unit.model.user_models import (
+    SIZE,
+    Preprocessing,
+    assert_equals_reference,
+    cam_reference,
+    user_model,
+    write_xray_pngs,
+)
 
 # The networks are compared at 64 px (they are fully convolutional with global pooling, so the size
 # changes nothing they compute); a plain state dict's 224 px preprocessing is test_user_checkpoints' part.
@@ -58,29 +64,6 @@ def _width(arch: str) -> int:
     return {"resnet18": 512, "resnet34": 512, "densenet121": 1024, "efficientnet_b0": 1280}.get(arch, 2048)
 
 
-def _reference(user: nn.Module, arch: str) -> tuple[nn.Module, nn.Module]:
-    """The user's own torchvision model and its documented target layer (DenseNet: its post-ReLU features)."""
-    if arch.startswith("resnet"):
-        return user, user.layer4
-    if arch == "efficientnet_b0":
-        return user, user.features[-1]
-    reference = _DenseNetWithReluModule(user)
-    return reference, reference.relu
-
-
-class _DenseNetWithReluModule(nn.Module):
-    """torchvision's DenseNet.forward written out with its last ReLU as a module pytorch-grad-cam can hook
-    (torchvision applies it as a function, in place)."""
-
-    def __init__(self, densenet: nn.Module):
-        super().__init__()
-        self.features, self.relu, self.classifier = densenet.features, nn.ReLU(), densenet.classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.adaptive_avg_pool2d(self.relu(self.features(x)), (1, 1))
-        return self.classifier(torch.flatten(out, 1))
-
-
 @pytest.mark.parametrize("arch,target_layer", [
     ("resnet34", "layer4"), ("resnet50", "layer4"), ("resnet101", "layer4"),
     ("densenet121", "features.relu5"), ("efficientnet_b0", "features.8"),
@@ -94,7 +77,7 @@ def test_each_architecture_loads_from_a_plain_state_dict_exactly_with_its_docume
     assert loaded.network.arch == loaded.spec.arch == arch
     assert loaded.target_layer == target_layer
     assert loaded.network.describe() == f"weights of {'an' if arch[0] == 'e' else 'a'} {arch}, 2 outputs"
-    assert_equals_reference(loaded, user, xrays, PRE, exact=True, cam_reference=_reference(user, arch))
+    assert_equals_reference(loaded, user, xrays, PRE, exact=True, cam_reference=cam_reference(user, arch))
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "densenet121", "efficientnet_b0"])
@@ -105,7 +88,7 @@ def test_an_mlp_head_on_each_backbone_goes_through_pytorch_grad_cam(tmp_path, xr
 
     loaded = at_test_size(load_checkpoint(tmp_path / "mlp.pth"))
 
-    assert_equals_reference(loaded, user, xrays, PRE, exact=False, cam_reference=_reference(user, arch))
+    assert_equals_reference(loaded, user, xrays, PRE, exact=False, cam_reference=cam_reference(user, arch))
 
 
 def test_old_densenet_key_names_are_remapped_as_torchvision_does(saved, xrays):
@@ -126,7 +109,7 @@ def test_old_densenet_key_names_are_remapped_as_torchvision_does(saved, xrays):
     loaded = at_test_size(load_checkpoint(path))
 
     assert loaded.network.arch == "densenet121"
-    assert_equals_reference(loaded, user, xrays, PRE, exact=True, cam_reference=_reference(user, "densenet121"))
+    assert_equals_reference(loaded, user, xrays, PRE, exact=True, cam_reference=cam_reference(user, "densenet121"))
 
 
 def test_the_densenet_batchcam_runs_computes_torchvisions_forward_exactly(saved):

@@ -221,3 +221,27 @@ def assert_equals_reference(loaded: LoadedModel, user: nn.Module, paths: list[Pa
             assert np.abs(maps - reference).max() <= MAP_TOLERANCE, target
         for ours, theirs in zip(maps, reference):
             assert correlation(ours, theirs) >= MIN_CORRELATION, target
+
+
+def cam_reference(user: nn.Module, arch: str) -> tuple[nn.Module, nn.Module]:
+    """The user's own torchvision model and its documented target layer, for pytorch-grad-cam (DenseNet: a
+    model computing the same with its last ReLU as a module, ``features.relu5``'s counterpart)."""
+    if arch.startswith("resnet"):
+        return user, user.layer4
+    if arch.startswith("efficientnet"):
+        return user, user.features[-1]
+    reference = DenseNetWithReluModule(user)
+    return reference, reference.relu
+
+
+class DenseNetWithReluModule(nn.Module):
+    """torchvision's DenseNet.forward written out with its last ReLU as a module pytorch-grad-cam can hook
+    (torchvision applies it as a function, in place)."""
+
+    def __init__(self, densenet: nn.Module):
+        super().__init__()
+        self.features, self.relu, self.classifier = densenet.features, nn.ReLU(), densenet.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.adaptive_avg_pool2d(self.relu(self.features(x)), (1, 1))
+        return self.classifier(torch.flatten(out, 1))
