@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import html.parser
+import importlib.util
 import io
 import json
 import os
@@ -114,3 +115,14 @@ def page_cards(page: str) -> list[dict]:
     """What each card of a gallery page shows: its row's record, with its ``index`` in the run."""
     data = page_data(page)
     return [{**record, "index": data["start"] + i} for i, record in enumerate(records(data))]
+
+
+def train_model_module():
+    """train_model.py (a script, not a package module) imported once for the tests that call its functions."""
+    if "train_model" in sys.modules:
+        return sys.modules["train_model"]
+    spec = importlib.util.spec_from_file_location("train_model", REPO / "train_model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_model"] = module
+    spec.loader.exec_module(module)
+    return module

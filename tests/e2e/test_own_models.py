@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import json
 import os
@@ -41,6 +40,7 @@ from tests.unit.model.user_models import (
     cam_reference,
     correlation,
     library_maps,
+    optimizer_state,
     reference_inputs,
     reference_probabilities,
     user_model,
@@ -145,15 +145,6 @@ def test_a_plain_state_dict_scans_exactly_saying_what_it_assumed_on_stderr_and_i
     assert_scan_equals_reference(tmp_path / "report", user, xrays, PLAIN)
 
 
-def _optimizer_state(model: nn.Module) -> dict:
-    """An Adam state after one step, of a copy (the saved weights stay the user model's)."""
-    model = copy.deepcopy(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
-    optimizer.step()
-    return optimizer.state_dict()
-
-
 def _save_row(row: str, user: nn.Module, path: Path) -> None:
     """``user`` saved as the table's row ``row`` is."""
     state = user.state_dict()
@@ -165,7 +156,7 @@ def _save_row(row: str, user: nn.Module, path: Path) -> None:
         torch.save({"epoch": 4, "arch": "resnet18", "state_dict": state, "version": 2, "metric": 0.9,
                     "args": argparse.Namespace(model="resnet18", num_classes=2, img_size=224)}, path)
     elif row == "training-dict":
-        torch.save({"epoch": 7, "model_state_dict": state, "optimizer_state_dict": _optimizer_state(user),
+        torch.save({"epoch": 7, "model_state_dict": state, "optimizer_state_dict": optimizer_state(user),
                     "class_names": list(NAMES)}, path)
     elif row == "lightning":
         torch.save({"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import csv_rows
+from helpers import csv_rows, train_model_module
 from PIL import Image
 
 from batchcam.decode.imaging import resize_square
@@ -24,17 +23,7 @@ from batchcam.synthetic import generate, write_imagefolder
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _import_train_model():
-    if "train_model" in sys.modules:
-        return sys.modules["train_model"]
-    spec = importlib.util.spec_from_file_location("train_model", REPO / "train_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_model"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train_model = _import_train_model()
+train_model = train_model_module()
 
 # Small and fast: 64 px inputs, batches of 4, no worker processes, random init (no download).
 FAST = ["--batch-size", "4", "--image-size", "64", "--workers", "0", "--pretrained", "none",

@@ -4,13 +4,12 @@ resize) kept, the head replaced for the dataset's classes; the checkpoint it wri
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_model_module
 from torch import nn
 from torchvision import models
 
@@ -21,16 +20,6 @@ from batchcam.synthetic import write_imagefolder
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--batch-size", "4", "--image-size", "64", "--workers", "0", "--device", "cpu", "--seed", "0",
         "--epochs", "1"]
-
-
-def _train_model():
-    if "train_model" in sys.modules:
-        return sys.modules["train_model"]
-    spec = importlib.util.spec_from_file_location("train_model", REPO / "train_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_model"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,7 +51,7 @@ def test_a_one_channel_checkpoint_is_fine_tuned_with_its_own_normalisation_and_s
                                "1", "--mean", "0.5", "--std", "0.5", "--classes", "A,B,C", "--input-size", "64"])
     assert code == 0, err
 
-    code, err = quietly(_train_model().main, ["--data", dataset, "--out", tmp_path / "run", "--pretrained",
+    code, err = quietly(train_model_module().main, ["--data", dataset, "--out", tmp_path / "run", "--pretrained",
                                               tmp_path / "gray.pt", *FAST])
 
     assert code == 0, err
@@ -83,7 +72,7 @@ def test_an_efficientnet_state_dict_is_fine_tuned_as_an_efficientnet_saying_what
     model.classifier[1] = nn.Linear(1280, 2)
     torch.save({"epoch": 3, "model_state_dict": model.state_dict()}, tmp_path / "effnet.pth")
 
-    code, err = quietly(_train_model().main, ["--data", dataset, "--out", tmp_path / "run", "--pretrained",
+    code, err = quietly(train_model_module().main, ["--data", dataset, "--out", tmp_path / "run", "--pretrained",
                                               tmp_path / "effnet.pth", "--dropout", "0.2", *FAST])
 
     assert code == 0, err
@@ -99,7 +88,7 @@ def test_torchvisions_imagenet_file_with_its_1000_unnamed_outputs_is_a_backbone_
     torch.manual_seed(0)
     torch.save(models.resnet18().state_dict(), tmp_path / "resnet18-f37072fd.pth")
 
-    code, err = quietly(_train_model().main, ["--data", dataset, "--out", tmp_path / "run", "--pretrained",
+    code, err = quietly(train_model_module().main, ["--data", dataset, "--out", tmp_path / "run", "--pretrained",
                                               tmp_path / "resnet18-f37072fd.pth", *FAST])
 
     assert code == 0, err
@@ -110,7 +99,7 @@ def test_torchvisions_imagenet_file_with_its_1000_unnamed_outputs_is_a_backbone_
 def test_a_pretrained_file_that_is_not_a_model_is_one_line(dataset, tmp_path):
     (tmp_path / "notes.pt").write_text("not a model")
 
-    code, err = quietly(_train_model().main, ["--data", dataset, "--out", tmp_path / "run", "--pretrained",
+    code, err = quietly(train_model_module().main, ["--data", dataset, "--out", tmp_path / "run", "--pretrained",
                                               tmp_path / "notes.pt", *FAST])
 
     assert code == 2

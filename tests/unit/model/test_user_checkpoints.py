@@ -4,7 +4,6 @@ same images (PIL + torchvision.transforms, within 1e-4) and with pytorch-grad-ca
 from __future__ import annotations
 
 import argparse
-import copy
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from tests.unit.model.user_models import (
     assert_equals_reference,
     batchcam_inputs,
     engine_result,
+    optimizer_state,
     untrained_weights,
     user_model,
     write_xray_pngs,
@@ -34,15 +34,6 @@ def _one_cpu_thread(one_cpu_thread):
 @pytest.fixture(scope="module")
 def xrays(tmp_path_factory):
     return write_xray_pngs(tmp_path_factory.mktemp("xrays"), count=3)
-
-
-def _optimizer_state(model: nn.Module) -> dict:
-    """An Adam state after one step (on a copy: the saved weights stay the user model's)."""
-    model = copy.deepcopy(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
-    optimizer.step()
-    return optimizer.state_dict()
 
 
 def test_a_plain_state_dict_with_a_linear_head_loads_exactly_with_its_assumptions_listed(tmp_path, xrays):
@@ -94,7 +85,7 @@ def test_an_mlp_head_loads_and_is_explained_through_pytorch_grad_cam(tmp_path, x
 
 def test_a_training_dict_with_optimizer_state_and_class_names_loads_with_its_names(tmp_path, xrays):
     user = user_model("resnet18", pre=PLAIN, split_on=xrays)
-    torch.save({"epoch": 7, "model_state_dict": user.state_dict(), "optimizer_state_dict": _optimizer_state(user),
+    torch.save({"epoch": 7, "model_state_dict": user.state_dict(), "optimizer_state_dict": optimizer_state(user),
                 "loss": 0.31, "class_names": ["NORMAL", "PNEUMONIA"]}, tmp_path / "checkpoint.pth")
 
     loaded = load_checkpoint(tmp_path / "checkpoint.pth")
@@ -115,7 +106,7 @@ def test_a_lightning_checkpoint_loads_its_model_prefixed_state_dict(tmp_path, xr
         "callbacks": {"ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0}": {
             "monitor": "val_loss", "best_model_score": torch.tensor(0.2871),
             "best_model_path": "/content/lightning_logs/version_0/checkpoints/epoch=3-step=120.ckpt"}},
-        "optimizer_states": [_optimizer_state(user)], "lr_schedulers": [],
+        "optimizer_states": [optimizer_state(user)], "lr_schedulers": [],
         "hparams_name": "kwargs", "hyper_parameters": {"lr": 1e-4, "num_classes": 2},
     }
     torch.save(checkpoint, tmp_path / "epoch=3-step=120.ckpt")
@@ -132,7 +123,7 @@ def test_a_timm_training_checkpoint_with_its_arguments_loads(tmp_path, xrays):
     user = user_model("resnet18", pre=PLAIN, split_on=xrays)
     args = argparse.Namespace(model="resnet18", num_classes=2, lr=0.01, img_size=224, mean=None, std=None,
                               aug_splits=0, smoothing=0.1, epochs=5)
-    torch.save({"epoch": 4, "arch": "resnet18", "state_dict": user.state_dict(), "optimizer": _optimizer_state(user),
+    torch.save({"epoch": 4, "arch": "resnet18", "state_dict": user.state_dict(), "optimizer": optimizer_state(user),
                 "version": 2, "args": args, "metric": 0.91}, tmp_path / "model_best.pth.tar")
 
     loaded = load_checkpoint(tmp_path / "model_best.pth.tar")

@@ -7,6 +7,7 @@ batchcam's side is its own decoder and model view, ``model_input``, the loaded m
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,3 +246,13 @@ class DenseNetWithReluModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.nn.functional.adaptive_avg_pool2d(self.relu(self.features(x)), (1, 1))
         return self.classifier(torch.flatten(out, 1))
+
+
+def optimizer_state(model: nn.Module) -> dict:
+    """An Adam state after one step, of a copy (the saved weights stay the user model's): what a training
+    checkpoint holds beside the model's."""
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    return optimizer.state_dict()
