@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from batchcam.cam import backends
-from batchcam.cam.explainer import TARGET_LAYER
+from batchcam.model.architectures import ARCHITECTURES
+
+TARGET_LAYER = ARCHITECTURES["resnet18"].target_layer   # the tiny models here are ResNet18s
 
 
 class SwapsOnSmoothImages(torch.nn.Module):

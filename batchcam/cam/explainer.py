@@ -43,7 +43,6 @@ from batchcam.model.calibration import scaled_probabilities
 # pulls in OpenCV, matplotlib and scikit-learn (seconds of start-up the exact path does not need).
 LIBRARY_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
                    "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM", "scorecam": "ScoreCAM"}
-TARGET_LAYER = "layer4"   # ResNet's only (tests of ResNets); a model's own is LoadedModel.target_layer
 
 LIBRARY_CALL_BUDGET = 512 * MEGABYTE   # what one pytorch-grad-cam call may allocate beyond the model
 SCORECAM_INNER_BUDGET = 256 * MEGABYTE  # what one of ScoreCAM's inner forward passes may allocate

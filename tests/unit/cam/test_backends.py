@@ -18,10 +18,13 @@ from batchcam.cam.backends import (
     make_forward,
     model_cache,
 )
-from batchcam.cam.explainer import TARGET_LAYER, CamExplainer
+from batchcam.cam.explainer import CamExplainer
 from batchcam.errors import UsageError
+from batchcam.model.architectures import ARCHITECTURES
 from batchcam.model.checkpoint import build_model
 from tests.onnx_tamper import plant, tampered_export
+
+TARGET_LAYER = ARCHITECTURES["resnet18"].target_layer   # the tiny models here are ResNet18s
 
 onnxruntime = pytest.importorskip("onnxruntime")
 SIZE = 64

@@ -53,13 +53,18 @@ def test_an_atomic_write_replaces_a_planted_link_and_leaves_its_target_alone(fol
     assert victim.read_text() == "precious"
 
 
-@pytest.mark.parametrize("planted", ["link", "fifo"])
-def test_appending_replaces_a_planted_link_or_fifo_by_a_file_of_its_own(planted, folder, victim):
-    target = folder.path / "batchcam.log"
+def plant(planted: str, target, victim) -> None:
+    """A link to ``victim`` or a FIFO at ``target``: what an attacker leaves where batchcam writes or reads."""
     if planted == "link":
         os.symlink(victim, target)
     else:
         os.mkfifo(target)
+
+
+@pytest.mark.parametrize("planted", ["link", "fifo"])
+def test_appending_replaces_a_planted_link_or_fifo_by_a_file_of_its_own(planted, folder, victim):
+    target = folder.path / "batchcam.log"
+    plant(planted, target, victim)
     log = within_seconds(lambda: folder.open_append("batchcam.log", encoding="utf-8"))
     with log:
         log.write("run started\n")
@@ -71,10 +76,7 @@ def test_appending_replaces_a_planted_link_or_fifo_by_a_file_of_its_own(planted,
 @pytest.mark.parametrize("planted", ["link", "fifo"])
 def test_reading_a_planted_link_or_fifo_gives_nothing_and_never_waits(planted, folder, victim):
     target = folder.path / "manifest.json"
-    if planted == "link":
-        os.symlink(victim, target)
-    else:
-        os.mkfifo(target)
+    plant(planted, target, victim)
     assert within_seconds(lambda: folder.read_bytes("manifest.json")) is None
     assert folder.read_text("missing.json") is None
 
@@ -82,10 +84,7 @@ def test_reading_a_planted_link_or_fifo_gives_nothing_and_never_waits(planted, f
 @pytest.mark.parametrize("planted", ["link", "fifo"])
 def test_opening_an_existing_file_for_writing_refuses_a_link_or_fifo(planted, folder, victim):
     target = folder.path / "reviews.csv"
-    if planted == "link":
-        os.symlink(victim, target)
-    else:
-        os.mkfifo(target)
+    plant(planted, target, victim)
     with pytest.raises(OSError):
         within_seconds(lambda: folder.open_existing("reviews.csv"))
     assert victim.read_text() == "precious"
