@@ -21,7 +21,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from batchcam.cam.explainer import CamExplainer
 from batchcam.checks.metrics import classification_metrics, expected_calibration_error
-from batchcam.cli import add_selection_options, selection
-from batchcam.config import DEFAULT_MAX_FILE_BYTES, Selection
+from batchcam.cli import add_positive_option, add_selection_options, selection
+from batchcam.config import DEFAULT_MAX_FILE_BYTES, Selection, resolve_positive
 from batchcam.decode.discover import IMAGE_EXTENSIONS, discover
 from batchcam.decode.imaging import DECODE_MIN_LONG_SIDE, decode_grayscale, model_view
 from batchcam.decode.pixels import DecodeError, NotSelected
@@ -92,6 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt of an interrupted run")
     add_selection_options(p)
+    add_positive_option(p)
     p.add_argument("--half-weights", action="store_true",
                    help="store the final checkpoint's weights as float16 (half the size)")
     return p
@@ -315,8 +316,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
 
 def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, spec: ModelSpec, device: torch.device,
              class_names: list[str], progress: Progress, what: str = "val",
-             temperature: float = 1.0) -> Evaluation:
-    """Loss (of the raw logits) and metrics (of the probabilities at ``temperature``) on a split."""
+             temperature: float = 1.0, positive: Sequence[int] | None = None) -> Evaluation:
+    """Loss (of the raw logits) and metrics (of the probabilities at ``temperature``, ``positive`` the classes
+    the binary metrics score as positive) on a split."""
     model.eval()
     total, labels_all, logits_all, skipped = 0.0, [], [], []
     with torch.inference_mode():
@@ -334,7 +336,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, spec: M
         raise TrainingError(f"no readable images in the {what} split")
     labels, logits = torch.cat(labels_all), torch.cat(logits_all)
     probs = scaled_probabilities(logits, temperature).numpy()
-    metrics = classification_metrics(labels.numpy(), probs.argmax(1), probs, class_names)
+    metrics = classification_metrics(labels.numpy(), probs.argmax(1), probs, class_names, positive)
     return Evaluation(loss=total / len(labels), metrics=metrics, skipped=skipped, logits=logits, labels=labels)
 
 
@@ -396,6 +398,7 @@ def train(args: argparse.Namespace, dropout: float, out: Path, class_names: list
     random.seed(args.seed)
     np.random.seed(args.seed)
     device = resolve_device(args.device)
+    positive = resolve_positive(args.positive, class_names)
     model, spec = initial_model(args, class_names, dropout)
     model = model.to(device)
     if device.type == "cuda":
@@ -414,7 +417,8 @@ def train(args: argparse.Namespace, dropout: float, out: Path, class_names: list
         started = time.time()
         reseed(loaders["train"], args.seed, epoch)
         train_result = train_one_epoch(model, loaders["train"], criterion, optimizer, scaler, spec, device, progress)
-        val_result = evaluate(model, loaders["val"], criterion, spec, device, class_names, progress)
+        val_result = evaluate(model, loaders["val"], criterion, spec, device, class_names, progress,
+                              positive=positive)
         better, score = is_better(val_result, state["best"], args.select_by)
         row = {"epoch": epoch, "train_loss": round(train_result.loss, 5), "val_loss": round(val_result.loss, 5),
                "val_accuracy": _round(val_result.metrics["accuracy"]), "val_auc": _round(val_result.metrics["roc_auc"]),
@@ -435,9 +439,9 @@ def train(args: argparse.Namespace, dropout: float, out: Path, class_names: list
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(best["state_dict"])
     calibration = calibrate(model, splits, args, spec, device, progress)
-    val_result = evaluate(model, loaders["val"], criterion, spec, device, class_names, progress)
+    val_result = evaluate(model, loaders["val"], criterion, spec, device, class_names, progress, positive=positive)
     test_result = evaluate(model, loaders["test"], criterion, spec, device, class_names, progress, "test",
-                           temperature=calibration.temperature)
+                           temperature=calibration.temperature, positive=positive)
     report_skips(test_result.skipped)
     test_metrics = {**test_result.metrics, "loss": test_result.loss, "best_epoch": best["metrics"].get("epoch"),
                     "temperature": calibration.temperature, "ece_unscaled": ece_at(test_result, 1.0)}
@@ -577,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.selection = selection(args)
         class_names, splits = discover_splits(args.data, args.val_split, args.seed)
+        resolve_positive(args.positive, class_names)  # a class the data lacks is refused before anything is written
         print(f"classes {class_names}; images: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()), flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         if args.compare_dropout is not None:

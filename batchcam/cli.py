@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from batchcam import __version__
 from batchcam.config import (
+    POSITIVE,
     SELECTION,
     CalibrateConfig,
     EvaluateConfig,
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 def add_selection_options(parser: argparse.ArgumentParser) -> None:
     """--select, --modalities and --views (train_model.py takes them too)."""
     add_arguments(parser, SELECTION.bindings)
+
+
+def add_positive_option(parser: argparse.ArgumentParser) -> None:
+    """--positive (train_model.py scores its validation and test splits with it)."""
+    add_arguments(parser, (POSITIVE.bound(None),))
 
 
 def selection(args: argparse.Namespace) -> Selection:

@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -254,6 +254,10 @@ SELECTION = Group((SELECT.bound("chest"), MODALITIES.bound(None), VIEWS.bound(No
                   Selection.as_options, decided_per_row=True)
 
 # scan
+POSITIVE = Option(flag="--positive", parse=comma_separated, metavar="CLASS[,CLASS]", affects_rows=False,
+                  none_means="PNEUMONIA when the model has it, else its last class",
+                  help="the class or classes scored as positive in the binary metrics (sensitivity, specificity, "
+                  "precision, F1, ROC AUC): an image is positive when its class is any of them")
 ROOT = Option(flag="root", parse=path_argument, metavar="ROOT", help="folder to walk (recursively)",
               check=existing_folder, affects_rows=False)  # rows are of files relative to it
 REPORT_OUT = Option(flag="--out", parse=path_argument, metavar="REPORT", help="report folder to write",
@@ -413,6 +417,7 @@ class ScanConfig(Config):
                                    "or half its CPUs without GPUs, with the ray engine")
     cam: str = CAM.field("gradcam")
     target: str = TARGET.field("predicted")
+    positive: tuple[str, ...] | None = POSITIVE.optional()
     save_cams: bool = SAVE_CAMS.field(False)
     full: bool = FULL.field(False)
     quiet: bool = QUIET.field(False)
@@ -676,3 +681,29 @@ def resolve_target(target: str, class_names: tuple[str, ...]) -> int | None:
             return index
     raise UsageError(f"--target {target!r} is neither 'predicted' nor a class of the model "
                      f"({', '.join(class_names)})")
+
+
+def resolve_positive(positive: Sequence[str] | None, class_names: Sequence[str]) -> tuple[int, ...]:
+    """The indices of the ``--positive`` classes (case-insensitive, each once, in the model's order); the
+    default (PNEUMONIA, else the last class) when None. UsageError for a name the model lacks or for every
+    class at once (nothing would be negative)."""
+    if positive is None:
+        return (default_positive_index(class_names),)
+    index = {name.lower(): i for i, name in enumerate(class_names)}
+    if not all(positive):
+        raise UsageError(f"--positive {','.join(positive)!r} has an empty class name; name classes of the model "
+                         f"({', '.join(class_names)}), separated by commas")
+    unknown = [name for name in positive if name.lower() not in index]
+    if unknown:
+        raise UsageError(f"--positive {','.join(unknown)}: not a class of the model ({', '.join(class_names)})")
+    chosen = tuple(sorted({index[name.lower()] for name in positive}))
+    if len(chosen) == len(class_names):
+        raise UsageError(f"--positive names every class of the model ({', '.join(class_names)}): leave at least one "
+                         "negative")
+    return chosen
+
+
+def default_positive_index(class_names: Sequence[str]) -> int:
+    """The positive class when ``--positive`` is left out: PNEUMONIA when present, else the last class."""
+    upper = [name.upper() for name in class_names]
+    return upper.index("PNEUMONIA") if "PNEUMONIA" in upper else len(class_names) - 1

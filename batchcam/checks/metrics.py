@@ -1,58 +1,86 @@
 """Classification metrics shared by training (validation/test) and scan (metrics.json)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-
-def positive_class_index(class_names: Sequence[str]) -> int:
-    """The class whose recall is 'sensitivity': PNEUMONIA when present, else the last class."""
-    upper = [name.upper() for name in class_names]
-    return upper.index("PNEUMONIA") if "PNEUMONIA" in upper else len(class_names) - 1
+from batchcam.config import default_positive_index
 
 
-def classification_metrics(labels: ArrayLike, predictions: ArrayLike,
-                           probabilities: ArrayLike, class_names: Sequence[str]) -> dict:
-    """Accuracy, sensitivity, specificity, precision, F1, ROC AUC and the confusion matrix.
+def classification_metrics(labels: ArrayLike, predictions: ArrayLike, probabilities: ArrayLike,
+                           class_names: Sequence[str], positive: Sequence[int] | None = None) -> dict:
+    """Accuracy and the confusion matrix over every class, the binary metrics of the positive classes
+    against the rest, and each class's one-vs-rest precision, recall and ROC AUC with their macro averages.
 
-    ``probabilities`` is (n, classes). Sensitivity, specificity, precision and F1 treat the positive
-    class (see :func:`positive_class_index`) against all others; the confusion matrix has true
-    classes as rows and predicted classes as columns, in checkpoint order. A metric that is
-    undefined on the data (no positives, say) is ``None`` rather than a made-up number.
+    ``probabilities`` is (n, classes). ``positive`` (class indices; default ``config.default_positive_index``)
+    is one set: a NORMAL / BACTERIA / VIRUS model with BACTERIA and VIRUS positive is scored as
+    pneumonia vs normal, an image counting as predicted positive when its predicted class is any of
+    them and scored by the sum of their probabilities. The confusion matrix has true classes as rows and
+    predicted classes as columns, in checkpoint order. A metric that is undefined on the data (no
+    positives, say) is ``None`` rather than a made-up number.
     """
     labels = np.asarray(labels, dtype=np.int64)
     predictions = np.asarray(predictions, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(len(labels), len(class_names))
-    positive = positive_class_index(class_names)
+    positive = sorted(set(positive)) if positive is not None else [default_positive_index(class_names)]
     n_classes = len(class_names)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
-    is_pos, said_pos = labels == positive, predictions == positive
-    tp = int(np.sum(is_pos & said_pos))
-    tn = int(np.sum(~is_pos & ~said_pos))
-    fp = int(np.sum(~is_pos & said_pos))
-    fn = int(np.sum(is_pos & ~said_pos))
-    sensitivity = _ratio(tp, tp + fn)
-    precision = _ratio(tp, tp + fp)
-    f1 = (None if sensitivity is None or precision is None or sensitivity + precision == 0
-          else 2 * precision * sensitivity / (precision + sensitivity))
+    is_pos = np.isin(labels, positive)
+    binary = binary_metrics(is_pos, np.isin(predictions, positive), probabilities[:, positive].sum(axis=1))
+    per_class = {name: one_vs_rest(labels == c, predictions == c, probabilities[:, c])
+                 for c, name in enumerate(class_names)}
     return {
         "n": int(len(labels)),
-        "positive_class": class_names[positive],
+        "positive_classes": [class_names[c] for c in positive],
         "accuracy": _ratio(int(np.sum(labels == predictions)), len(labels)),
-        "sensitivity": sensitivity,
-        "specificity": _ratio(tn, tn + fp),
-        "precision": precision,
-        "f1": f1,
-        "roc_auc": roc_auc(is_pos, probabilities[:, positive]) if len(labels) else None,
+        **binary,
         "class_names": list(class_names),
         "confusion_matrix": confusion.tolist(),
+        "per_class": per_class,
+        "macro": macro_averages(per_class.values()),
         # Of the predicted class's probability, as reported (after the checkpoint's temperature).
         "ece": expected_calibration_error(labels == predictions, probabilities[np.arange(len(labels)), predictions]),
         "ece_bins": ECE_BINS,
     }
+
+
+def binary_metrics(is_positive: np.ndarray, said_positive: np.ndarray, scores: np.ndarray) -> dict:
+    """Sensitivity, specificity, precision, F1 and ROC AUC of one yes/no question (``scores``: P(yes))."""
+    tp = int(np.sum(is_positive & said_positive))
+    tn = int(np.sum(~is_positive & ~said_positive))
+    fp = int(np.sum(~is_positive & said_positive))
+    fn = int(np.sum(is_positive & ~said_positive))
+    sensitivity, precision = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
+    return {"sensitivity": sensitivity, "specificity": _ratio(tn, tn + fp), "precision": precision,
+            "f1": f1_score(precision, sensitivity),
+            "roc_auc": roc_auc(is_positive, scores) if len(is_positive) else None}
+
+
+def one_vs_rest(is_class: np.ndarray, said_class: np.ndarray, scores: np.ndarray) -> dict:
+    """One class against the others: how many images it has, its precision, recall, F1 and ROC AUC."""
+    binary = binary_metrics(is_class, said_class, scores)
+    return {"n": int(is_class.sum()), "precision": binary["precision"], "recall": binary["sensitivity"],
+            "f1": binary["f1"], "roc_auc": binary["roc_auc"]}
+
+
+def macro_averages(per_class: Iterable[dict]) -> dict:
+    """The unweighted mean of each per-class metric over the classes where it is defined (None where it is
+    defined for none); ``classes``: how many classes have labelled images."""
+    found = list(per_class)
+    averages: dict = {"classes": sum(1 for metrics in found if metrics["n"])}
+    for name in ("precision", "recall", "f1", "roc_auc"):
+        defined = [metrics[name] for metrics in found if metrics[name] is not None]
+        averages[name] = float(np.mean(defined)) if defined else None
+    return averages
+
+
+def f1_score(precision: float | None, recall: float | None) -> float | None:
+    if precision is None or recall is None or precision + recall == 0:
+        return None
+    return 2 * precision * recall / (precision + recall)
 
 
 def roc_auc(is_positive: np.ndarray, scores: np.ndarray) -> float | None:

@@ -9,7 +9,7 @@ from batchcam.checks.localisation import Boxes, localisation, read_boxes
 from batchcam.errors import UsageError
 from batchcam.report.folder import ReportFolder, published_but
 from batchcam.report.gallery import Boxes as DrawnBoxes
-from batchcam.report.outputs import page_size_of, publish_outputs, under_lock
+from batchcam.report.outputs import page_size_of, positive_of, publish_outputs, under_lock
 from batchcam.report.review import current_decisions
 from batchcam.report.summary import scan_metrics
 
@@ -41,10 +41,11 @@ def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn,
     if not isinstance(metrics, dict):
         if report.read_text("metrics.json") is not None:
             warn(f"{report_path / 'metrics.json'} is unreadable; computing it again from predictions.csv")
-        metrics = scan_metrics(rows, class_names) or {}
+        metrics = scan_metrics(rows, class_names, positive_of(manifest, class_names)) or {}
     metrics["localisation"] = results
     drawn: DrawnBoxes = {row.path: found for row in rows if (found := boxes.for_row(row))}
-    publish_outputs(report, rows, class_names, manifest, metrics, page_size_of(manifest), drawn=drawn,
+    publish_outputs(report, rows, class_names, manifest, metrics, page_size_of(manifest),
+                    positive_of(manifest, class_names), drawn=drawn,
                     decisions=current_decisions(report.read_reviews(), rows), runs=report.read_runs(), stop=stop)
     try:
         report.tidy()

@@ -18,7 +18,7 @@ from batchcam.errors import NotOurFolder, ReportWriteError, UsageError
 from batchcam.report import review as reviewlib
 from batchcam.report.folder import ReportFolder, published_but
 from batchcam.report.lock import MARKER, STATE_DIR, is_report
-from batchcam.report.outputs import page_size_of, publish_outputs, under_lock
+from batchcam.report.outputs import page_size_of, positive_of, publish_outputs, under_lock
 from batchcam.report.summary import scan_metrics
 from batchcam.runtime.bounded import read_input
 
@@ -63,9 +63,10 @@ def _import_locked(report: ReportFolder, text: str, source: str, stop: Callable[
     decisions = reviewlib.current_decisions(merged, rows)
     metrics = report.read_json("metrics.json")
     if not isinstance(metrics, dict):
-        metrics = scan_metrics(rows, class_names)
+        metrics = scan_metrics(rows, class_names, positive_of(manifest, class_names))
     metrics = reviewlib.with_review(metrics, rows, decisions)
-    publish_outputs(report, rows, class_names, manifest, metrics, page_size_of(manifest), decisions=decisions,
+    publish_outputs(report, rows, class_names, manifest, metrics, page_size_of(manifest),
+                    positive_of(manifest, class_names), decisions=decisions,
                     runs=report.read_runs(), stop=stop)
     try:
         report.write_reviews(merged)

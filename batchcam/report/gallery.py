@@ -33,7 +33,8 @@ from jinja2 import Environment, FileSystemLoader, Template, select_autoescape
 from markupsafe import Markup
 
 from batchcam.cam.overlay import jet
-from batchcam.checks.metrics import positive_class_index, reliability_bins, roc_curve
+from batchcam.checks.metrics import reliability_bins, roc_curve
+from batchcam.config import default_positive_index
 from batchcam.records import ATTENTION_THRESHOLD, Row, shown_attributes, shown_columns, shown_values, status_counts
 from batchcam.report.changes import RECENT_RUNS, change_counts, short_time, since_text
 from batchcam.report.review import DECISIONS, Review, agreement
@@ -62,6 +63,8 @@ PAGE_WINDOW = 3             # pages linked on either side of the current one
 # Colour-blind-safe (Okabe-Ito) series colours; grey for images without a known label.
 SERIES_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
 UNLABELLED_COLOUR = "#8a8a8a"
+POSITIVE_COLOUR = "#D55E00"          # the ROC curve of two classes' positive one
+POSITIVE_SET_COLOUR = "#000000"      # of several positive classes together, dashed beside the per-class curves
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ class Bar:
 
 @dataclass(frozen=True)
 class Histogram:
-    """Stacked bars of the positive class's probability, one series per true label."""
+    """Stacked bars of the probability of the positive classes (their sum), one series per true label."""
     title: str
     bars: list[Bar]
     legend: list[tuple[str, str]]       # (colour, name)
@@ -151,10 +154,20 @@ class Confusion:
 
 
 @dataclass(frozen=True)
-class Roc:
+class RocCurve:
+    name: str                           # its class, or the positive classes ("BACTERIA or VIRUS")
     points: str                         # SVG polyline points in the plot's coordinates
     auc: float | None
-    positive_class: str
+    colour: str
+    positive_set: bool = False          # the positive classes together, when --positive names several
+
+
+@dataclass(frozen=True)
+class Roc:
+    """The positive class's curve for two classes; for more, one curve per class against the rest (and
+    the positive classes together, when there are several)."""
+    curves: list[RocCurve]
+    one_vs_rest: bool
 
 
 @dataclass(frozen=True)
@@ -181,7 +194,7 @@ class Summary:
     per_class: list[tuple[str, int]]
     labelled: int
     wrong: int
-    positive_class: str
+    positive_name: str                  # "PNEUMONIA", or "BACTERIA or VIRUS"
     histogram: Histogram
     confusion: Confusion | None
     roc: Roc | None
@@ -198,15 +211,19 @@ ROC_SIZE = 220
 CONFUSION_CELL = 78
 
 
-def summarise(rows: Sequence[Row], class_names: Sequence[str], metrics: dict | None) -> Summary:
+def summarise(rows: Sequence[Row], class_names: Sequence[str], metrics: dict | None,
+              positive: Sequence[int] | None = None) -> Summary:
+    """The summary's counts and charts; ``positive``: the classes the binary metrics score as positive
+    (default: ``config.default_positive_index``'s)."""
+    positive = positive if positive is not None else (default_positive_index(class_names),)
     ok_rows = [row for row in rows if row.ok and row.probabilities]
     predicted = Counter(row.prediction for row in rows if row.ok)
-    positive = positive_class_index(class_names)
     labelled = [row for row in ok_rows if row.label]
     counts = status_counts(rows)
     return Summary(total=len(rows), ok=counts["ok"], error=counts["error"], skipped=counts["skipped"],
                    per_class=[(name, predicted.get(name, 0)) for name in class_names], labelled=len(labelled),
-                   wrong=sum(row.correct is False for row in rows), positive_class=class_names[positive],
+                   wrong=sum(row.correct is False for row in rows),
+                   positive_name=positive_name(class_names, positive),
                    histogram=probability_histogram(ok_rows, class_names, positive),
                    confusion=confusion_chart(metrics) if metrics and labelled else None,
                    roc=roc_chart(labelled, class_names, positive, metrics) if metrics and labelled else None,
@@ -214,6 +231,10 @@ def summarise(rows: Sequence[Row], class_names: Sequence[str], metrics: dict | N
                    attention_measured=sum(row.attention_outside is not None for row in ok_rows),
                    reliability=reliability_chart(labelled, metrics) if metrics and labelled else None,
                    ood_flagged=ood_flagged(ok_rows))
+
+
+def positive_name(class_names: Sequence[str], positive: Sequence[int]) -> str:
+    return " or ".join(class_names[c] for c in positive)
 
 
 def ood_flagged(ok_rows: Sequence[Row]) -> int | None:
@@ -236,12 +257,13 @@ def reliability_chart(labelled: Sequence[Row], metrics: dict) -> Reliability:
     return Reliability(bars=bars, ece=metrics.get("ece"), bins=bins)
 
 
-def probability_histogram(rows: Sequence[Row], class_names: Sequence[str], positive: int) -> Histogram:
+def probability_histogram(rows: Sequence[Row], class_names: Sequence[str], positive: Sequence[int]) -> Histogram:
     edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
-    scores = np.array([row.probabilities[positive] for row in rows], dtype=np.float64)
+    scores = positive_scores(rows, positive)
+    name = positive_name(class_names, positive)
     labels = np.array([row.label for row in rows], dtype=object)
-    series = [(f"true {name}", colour, labels == name)
-              for name, colour in zip(class_names, SERIES_COLOURS * len(class_names))]
+    series = [(f"true {class_name}", colour, labels == class_name)
+              for class_name, colour in zip(class_names, SERIES_COLOURS * len(class_names))]
     series = [s for s in series if s[2].any()]
     unlabelled = labels == ""
     if unlabelled.any() or not series:
@@ -252,17 +274,17 @@ def probability_histogram(rows: Sequence[Row], class_names: Sequence[str], posit
     bars = []
     for b in range(HISTOGRAM_BINS):
         stacked = 0.0
-        for (name, colour, _), series_counts in zip(series, counts):
+        for (series_name, colour, _), series_counts in zip(series, counts):
             count = int(series_counts[b])
             if count:
                 height = count / max_count * CHART_HEIGHT
                 stacked += height
                 bars.append(Bar(x=round(b * bin_width + 1, 1), y=round(CHART_HEIGHT - stacked, 1),
                                 width=round(bin_width - 2, 1), height=round(height, 1), colour=colour,
-                                count=count, title=f"{name}: {count} with P({class_names[positive]}) "
+                                count=count, title=f"{series_name}: {count} with P({name}) "
                                       f"{edges[b]:.2f}-{edges[b + 1]:.2f}"))
-    return Histogram(title=f"P({class_names[positive]})", bars=bars,
-                     legend=[(colour, name) for name, colour, _ in series], max_count=max_count,
+    return Histogram(title=f"P({name})", bars=bars,
+                     legend=[(colour, series_name) for series_name, colour, _ in series], max_count=max_count,
                      threshold_x=CHART_WIDTH / 2 if len(class_names) == 2 else None)
 
 
@@ -281,13 +303,35 @@ def confusion_chart(metrics: dict) -> Confusion:
     return Confusion(class_names=names, cells=cells, cell_size=CONFUSION_CELL, description=description)
 
 
-def roc_chart(labelled: Sequence[Row], class_names: Sequence[str], positive: int, metrics: dict) -> Roc:
-    is_positive = np.array([row.label == class_names[positive] for row in labelled])
-    scores = np.array([row.probabilities[positive] for row in labelled])
+def roc_chart(labelled: Sequence[Row], class_names: Sequence[str], positive: Sequence[int], metrics: dict) -> Roc:
+    """Two classes: the positive class's curve, as the metrics score it. More: each class against the rest
+    where both are present (``per_class`` AUC), then the positive classes together when they are several."""
+    labels = np.array([row.label for row in labelled], dtype=object)
+    set_curve = RocCurve(name=positive_name(class_names, positive),
+                         colour=POSITIVE_COLOUR if len(class_names) == 2 else POSITIVE_SET_COLOUR,
+                         points=roc_points(np.isin(labels, [class_names[c] for c in positive]),
+                                           positive_scores(labelled, positive)),
+                         auc=metrics.get("roc_auc"), positive_set=len(class_names) > 2)
+    if len(class_names) == 2:
+        return Roc(curves=[set_curve], one_vs_rest=False)
+    per_class = metrics.get("per_class", {})
+    curves = [RocCurve(name=name, colour=SERIES_COLOURS[c % len(SERIES_COLOURS)], auc=auc,
+                       points=roc_points(labels == name, np.array([row.probabilities[c] for row in labelled])))
+              for c, name in enumerate(class_names)
+              if (auc := per_class.get(name, {}).get("roc_auc")) is not None]
+    return Roc(curves=curves + ([set_curve] if len(positive) > 1 else []), one_vs_rest=True)
+
+
+def positive_scores(rows: Sequence[Row], positive: Sequence[int]) -> np.ndarray:
+    """Each row's probability of the positive classes: the sum of theirs (the binary metrics' score)."""
+    return np.array([sum(row.probabilities[c] for c in positive) for row in rows], dtype=np.float64)
+
+
+def roc_points(is_positive: np.ndarray, scores: np.ndarray) -> str:
+    """The ROC curve as SVG polyline points, thinned to ``ROC_MAX_POINTS``."""
     curve = roc_curve(is_positive, scores)
     keep = np.unique(np.linspace(0, len(curve) - 1, min(len(curve), ROC_MAX_POINTS)).round().astype(int))
-    points = " ".join(f"{curve[i][0] * ROC_SIZE:.1f},{(1 - curve[i][1]) * ROC_SIZE:.1f}" for i in keep)
-    return Roc(points=points, auc=metrics.get("roc_auc"), positive_class=class_names[positive])
+    return " ".join(f"{curve[i][0] * ROC_SIZE:.1f},{(1 - curve[i][1]) * ROC_SIZE:.1f}" for i in keep)
 
 
 def heatmap_legend_stops(count: int = 9) -> list[tuple[str, str]]:
@@ -422,13 +466,15 @@ def static_asset(name: str) -> str:
 
 def render_gallery(rows: Sequence[Row], class_names: Sequence[str], manifest: dict, metrics: dict | None,
                    page_size: int = DEFAULT_PAGE_SIZE, boxes: Boxes | None = None,
-                   reviews: dict[str, Review] | None = None, runs: Sequence[dict] = ()) -> dict[str, str]:
+                   reviews: dict[str, Review] | None = None, runs: Sequence[dict] = (),
+                   positive: Sequence[int] | None = None) -> dict[str, str]:
     """The gallery's files, relative to REPORT, name -> text; ``index.html`` is the entry page.
 
     ``rows`` must be in the order the gallery shows them (the CSV's, by path). ``boxes`` (from
     ``evaluate --boxes``: path -> boxes in original pixels) are drawn over the large view. ``reviews``
     (row path -> the current decision from reviews.csv) and ``runs`` (runs.jsonl, this run last) feed
-    the review tools and the "what changed" summary.
+    the review tools and the "what changed" summary. ``positive``: the classes the summary's histogram
+    adds up, as the binary metrics score them.
     """
     reviews = reviews or {}
     pages = paginate(len(rows), page_size)
@@ -444,7 +490,7 @@ def render_gallery(rows: Sequence[Row], class_names: Sequence[str], manifest: di
     found = records(rows, boxes, reviews)
     files[ROWS_SCRIPT] = rows_script(found, pages, page_size, boxes)
     index, other = env.get_template("index.html"), env.get_template("gallery_page.html")
-    summary = summarise(rows, class_names, metrics)
+    summary = summarise(rows, class_names, metrics, positive)
     review, changes = review_table(rows, reviews, class_names), changes_view(rows, runs)
     for page in pages:
         template: Template = index if page.number == 1 else other

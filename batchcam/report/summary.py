@@ -19,8 +19,10 @@ from batchcam.records import ATTENTION_THRESHOLD, Row
 SCHEMA_VERSION = 1
 
 
-def scan_metrics(rows: Sequence[Row], class_names: Sequence[str]) -> dict | None:
-    """Classification metrics when labels are known, with the explanation checks' summaries.
+def scan_metrics(rows: Sequence[Row], class_names: Sequence[str],
+                 positive: Sequence[int] | None = None) -> dict | None:
+    """Classification metrics when labels are known (``positive``: the classes the binary metrics score as
+    positive; default ``config.default_positive_index``'s), with the explanation checks' summaries.
 
     The attention summary rides along with the classification metrics; the faithfulness averages
     (asked for with --faithfulness) are written even when no label is known.
@@ -31,7 +33,7 @@ def scan_metrics(rows: Sequence[Row], class_names: Sequence[str]) -> dict | None
         return {"faithfulness": faithfulness} if faithfulness else None
     index = {name: i for i, name in enumerate(class_names)}
     metrics = classification_metrics([index[r.label] for r in labelled], [index[r.prediction] for r in labelled],
-                                     np.array([r.probabilities for r in labelled]), class_names)
+                                     np.array([r.probabilities for r in labelled]), class_names, positive)
     metrics["attention"] = attention_summary(rows)
     ood = ood_summary(rows)
     if ood:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html.parser
 import json
+import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -320,7 +321,7 @@ def test_roc_curve_is_thinned_for_large_runs_and_spans_the_unit_square():
             for i, label in ((i, CLASSES[i % 2]) for i in range(5000))]
     rows[0].prediction, rows[0].confidence = "PNEUMONIA", 0.6     # keep both classes and some mistakes
     roc = summarise(rows, CLASSES, scan_metrics(rows, CLASSES)).roc
-    points = roc.points.split()
+    points = roc.curves[0].points.split()
     assert len(points) <= ROC_MAX_POINTS
     assert points[0] == "0.0,220.0" and points[-1] == "220.0,0.0"
 
@@ -333,3 +334,68 @@ def test_the_summary_says_how_many_images_had_lung_fields_and_how_many_of_those_
     text = " ".join("".join(Page(render(rows)["index.html"]).text).split())
     assert ("3 of 4 images with lung fields found (1 without: not like a frontal chest film, see batchcam.log); "
             "1 with most heat off the lungs") in text
+
+
+# ---- more than two classes ----------------------------------------------------------------------------
+
+NBV = ("NORMAL", "BACTERIA", "VIRUS")
+
+
+def three_class_rows() -> list[Row]:
+    """Nine labelled rows, three per class, each class predicted at least once, one unlabelled row."""
+    probabilities = [[0.7, 0.2, 0.1], [0.5, 0.1, 0.4], [0.2, 0.3, 0.5],      # true NORMAL
+                     [0.1, 0.6, 0.3], [0.45, 0.4, 0.15], [0.2, 0.5, 0.3],    # true BACTERIA
+                     [0.1, 0.2, 0.7], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4],      # true VIRUS
+                     [0.3, 0.3, 0.4]]                                        # no label
+    labels = [name for name in NBV for _ in range(3)] + [""]
+    rows = []
+    for i, (p, label) in enumerate(zip(probabilities, labels)):
+        predicted = NBV[max(range(3), key=p.__getitem__)]
+        rows.append(Row(path=f"{label or 'other'}/{i}.png", status="ok", prediction=predicted, confidence=max(p),
+                        probabilities=p, label=label, cam_target=predicted, overlay=overlay_path(f"{i}.png"),
+                        width=64, height=48))
+    return rows
+
+
+def test_three_classes_get_a_curve_each_and_the_positive_classes_a_dashed_one_of_their_summed_probability():
+    rows = three_class_rows()
+    metrics = scan_metrics(rows, NBV, positive=[1, 2])
+    summary = summarise(rows, NBV, metrics, positive=[1, 2])
+    assert [(c.name, c.positive_set) for c in summary.roc.curves] == [
+        ("NORMAL", False), ("BACTERIA", False), ("VIRUS", False), ("BACTERIA or VIRUS", True)]
+    assert [c.auc for c in summary.roc.curves] == [*(metrics["per_class"][name]["roc_auc"] for name in NBV),
+                                                   metrics["roc_auc"]]
+    assert len({c.colour for c in summary.roc.curves}) == 4
+    assert summary.histogram.title == "P(BACTERIA or VIRUS)"
+    assert summary.per_class == [("NORMAL", 3), ("BACTERIA", 3), ("VIRUS", 4)]
+
+
+def test_a_single_positive_class_among_three_draws_no_extra_curve():
+    rows = three_class_rows()
+    summary = summarise(rows, NBV, scan_metrics(rows, NBV))
+    assert [c.name for c in summary.roc.curves] == list(NBV)
+    assert summary.histogram.title == "P(VIRUS)"
+
+
+def test_two_classes_keep_their_single_roc_curve_of_the_positive_class():
+    rows = labelled_rows()
+    roc = summarise(rows, CLASSES, scan_metrics(rows, CLASSES)).roc
+    assert [(c.name, c.positive_set, c.colour) for c in roc.curves] == [("PNEUMONIA", False, "#D55E00")]
+    index = Page(render(rows)["index.html"])
+    assert [p.get("data-class") for p in index.all("polyline")] == ["PNEUMONIA"]
+    assert not index.all("table", **{"class": "metrics per-class"})
+
+
+def test_the_three_class_page_shows_each_class_in_the_filter_the_matrix_the_curves_and_the_table():
+    rows = three_class_rows()
+    metrics = scan_metrics(rows, NBV, positive=[1, 2])
+    text = render_gallery(rows, NBV, MANIFEST, metrics, 100, positive=[1, 2])["index.html"]
+    index = Page(text)
+    class_filter = Page(re.search(r'<select id="f-class">.*?</select>', text, re.S).group(0))
+    assert [o.get("value") for o in class_filter.all("option")] == ["", *NBV]
+    cells = [data for data in index.text if re.fullmatch(r"true \w+, predicted \w+: \d+", data)]
+    assert cells == [f"true {t}, predicted {p}: {metrics['confusion_matrix'][i][j]}"
+                     for i, t in enumerate(NBV) for j, p in enumerate(NBV)]
+    assert [p.get("data-class") for p in index.all("polyline")] == [*NBV, "BACTERIA or VIRUS"]
+    assert len(index.all("table", **{"class": "metrics per-class"})) == 1
+    assert any("BACTERIA or VIRUS as positive" in data for data in index.text)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_gallery import HOSTILE_NAME, error_row, labelled_rows, write_gallery_report
+from test_gallery import HOSTILE_NAME, NBV, error_row, labelled_rows, three_class_rows, write_gallery_report
 
 from batchcam import records
 from batchcam.cli import main
@@ -476,3 +476,21 @@ def test_a_newly_declared_column_reaches_the_card_s_attributes_on_both_views(bro
     assert browser.execute_script(attribute, "#cards .card") == {**spreads, "NORMAL/zz.png": None}
     show_run(browser)
     assert browser.execute_script(attribute, "#run-cards .card") == {**spreads, "NORMAL/zz.png": None}
+
+
+def test_three_classes_filter_by_the_third_class_and_draw_a_curve_per_class_in_its_own_colour(browser, tmp_path):
+    rows = three_class_rows()
+    report = write_gallery_report(tmp_path / "report", rows, PAGE_SIZE, class_names=NBV)
+    open_page(browser, report / "index.html")
+    choose(browser, "f-class", "VIRUS")
+    assert {c["pred"] for c in visible_cards(browser)} == {"VIRUS"}
+    choose(browser, "f-scope", "run")
+    WebDriverWait(browser, 10).until(lambda d: not d.find_element(By.ID, "run-view").get_attribute("hidden"))
+    assert sorted(c["path"] for c in visible_cards(browser)) == sorted(r.path for r in rows if r.prediction == "VIRUS")
+    curves = browser.execute_script("""
+        return Array.from(document.querySelectorAll('figure.roc polyline.curve')).map((line) => ({
+            name: line.dataset.class, stroke: getComputedStyle(line).stroke,
+            drawn: line.getBoundingClientRect().width > 0}));""")
+    assert [c["name"] for c in curves] == list(NBV)
+    assert all(c["drawn"] for c in curves)
+    assert len({c["stroke"] for c in curves}) == 3          # the stylesheet does not paint them one colour

@@ -139,6 +139,7 @@ def test_test_metrics_json_has_the_classification_metrics(trained):
     assert 0 <= metrics["accuracy"] <= 1
     assert metrics["n"] == 4  # the test/ split: round(24 * 0.15) images
     assert metrics["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert metrics["positive_classes"] == ["PNEUMONIA"]
     assert np.asarray(metrics["confusion_matrix"]).sum() == 4
     assert metrics["best_epoch"] in (1, 2)
     assert metrics["loss"] > 0
@@ -312,3 +313,20 @@ def test_training_reads_dicom_films_with_scans_selection_rule(data_copy):
 def test_a_bad_selection_option_is_a_one_line_error(dataset, tmp_path):
     code, _, stderr = run(["--data", dataset, "--out", tmp_path / "out", "--select", "all", "--views", "LL"])
     assert "--select all scores every file" in assert_one_line_error(code, stderr)
+
+
+def test_a_positive_class_the_data_lacks_is_a_one_line_error_before_anything_is_written(dataset, tmp_path):
+    code, _, stderr = run(["--data", dataset, "--out", tmp_path / "out", "--positive", "VIRUS"])
+    assert "--positive VIRUS: not a class of the model (NORMAL, PNEUMONIA)" in assert_one_line_error(code, stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_test_metrics_score_the_positive_class_given(dataset, tmp_path):
+    """--positive NORMAL turns the binary metrics around: NORMAL's recall is the sensitivity."""
+    out = tmp_path / "out"
+    code, _, stderr = run(["--data", dataset, "--out", out, "--epochs", "1", "--positive", "normal", *FAST])
+    assert code == 0, stderr
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["positive_classes"] == ["NORMAL"]
+    assert metrics["sensitivity"] == metrics["per_class"]["NORMAL"]["recall"]
+    assert metrics["specificity"] == metrics["per_class"]["PNEUMONIA"]["recall"]

@@ -16,6 +16,7 @@ from batchcam import config as config_module
 from batchcam.cli import COMMANDS, main
 from batchcam.errors import UsageError
 from batchcam.options import Binding, config_bindings, option_values, path_argument
+from conftest import write_xrays
 from tests.unit.test_options import help_entries
 
 COMMAND_NAMES = sorted(COMMANDS)
@@ -218,3 +219,42 @@ def test_a_model_file_is_checked_to_be_a_bounded_regular_file_before_anything_ru
     with pytest.raises(UsageError) as refused:
         config_module.check_model(path)
     assert str(refused.value) == f"--model {path} {said}"
+
+
+NBV = ("NORMAL", "BACTERIA", "VIRUS")
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    (None, (2,)),                                 # no PNEUMONIA: the last class
+    (("VIRUS", "BACTERIA"), (1, 2)),              # in the model's order whatever the order given
+    (("virus", "Bacteria", "VIRUS"), (1, 2)),     # any case, each once
+    (("NORMAL",), (0,)),
+])
+def test_positive_classes_resolve_to_the_models_indices(given, expected):
+    assert config_module.resolve_positive(given, NBV) == expected
+
+
+def test_the_default_positive_class_is_pneumonia_in_any_case():
+    assert config_module.resolve_positive(None, ("pneumonia", "NORMAL")) == (0,)
+
+
+@pytest.mark.parametrize(("given", "said"), [
+    (("FUNGAL",), "--positive FUNGAL: not a class of the model (NORMAL, BACTERIA, VIRUS)"),
+    (("VIRUS", "TB", "x"), "--positive TB,x: not a class of the model (NORMAL, BACTERIA, VIRUS)"),
+    (("VIRUS", ""), "empty class name"),
+    (("NORMAL", "BACTERIA", "VIRUS"), "names every class of the model"),
+])
+def test_a_positive_class_the_model_lacks_or_every_class_at_once_is_refused_in_one_line(given, said):
+    with pytest.raises(UsageError) as refused:
+        config_module.resolve_positive(given, NBV)
+    assert said in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_an_unknown_positive_class_is_exit_2_before_the_report_is_made(tmp_path, tiny_model, capsys):
+    root = tmp_path / "xrays"
+    write_xrays(root, count=1)
+    report = tmp_path / "report"
+    assert main(["scan", str(root), "--out", str(report), "--model", str(tiny_model), "--positive", "VIRUS"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["batchcam: error: --positive VIRUS: not a class of the model (NORMAL, PNEUMONIA)"]
+    assert not report.exists()

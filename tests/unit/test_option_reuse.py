@@ -29,6 +29,7 @@ VARIED: dict[str, tuple[list[str], str, str]] = {
     "workers": (["--workers", "1"], NONE, ""),
     "cam": (["--cam", "hirescam"], ALL, ""),
     "target": (["--target", "NORMAL"], ALL, ""),
+    "positive": (["--positive", "NORMAL"], NONE, ""),
     "save_cams": (["--save-cams"], ALL, "the last run kept no maps for cams.npz"),
     "full": (["--full"], ALL, "what --full is for"),
     "quiet": (["--quiet"], NONE, ""),

@@ -20,7 +20,7 @@ import torch
 
 from batchcam.cam.backends import EagerForward, OnnxForward, choose_backend, make_forward
 from batchcam.cam.explainer import CamExplainer, linear_head
-from batchcam.config import ScanConfig, resolve_target
+from batchcam.config import ScanConfig, resolve_positive, resolve_target
 from batchcam.decode.discover import IMAGE_EXTENSIONS, Discovery, discover
 from batchcam.engines import local
 from batchcam.engines.heat_scale import rescale_overlays
@@ -78,6 +78,7 @@ class Ready:
     autocast: torch.dtype | None
     target: int | None
     settings_key: str                # the rows' (report.store.settings_key)
+    positive: tuple[int, ...]        # the classes the binary metrics score as positive (--positive)
     step: ModelStep | None = None    # built here only for an explicit --backend onnx
     problems: tuple[str, ...] = ()   # discovery's warnings, said once the run's log is open
     unlisted: tuple[str, ...] = ()   # folders that could not be listed (relative to ROOT)
@@ -95,13 +96,14 @@ def prepare(config: ScanConfig, console: Console) -> Ready:
     loaded = load_model(config.model, console.warn)
     check_decoder(config, loaded)
     target = resolve_target(config.target, loaded.spec.class_names)
+    positive = resolve_positive(config.positive, loaded.spec.class_names)
     autocast = resolve_precision(config.precision, device)
     key = settings_key(config, resolved={"model": model_identity(loaded), "precision": precision_name(autocast),
                                          "target": "predicted" if target is None else loaded.spec.class_names[target]})
     step = None
     if config.backend == "onnx":  # asked for by name: a reason it cannot run is exit 2, REPORT untouched
         step = model_step(config, loaded, prepared_model(loaded, device), device, autocast, len(files), console.log)
-    return Ready(files, loaded, device, autocast, target, key, step, problems=tuple(discovery.problems),
+    return Ready(files, loaded, device, autocast, target, key, positive, step, problems=tuple(discovery.problems),
                  unlisted=tuple(discovery.unlisted))
 
 
@@ -220,7 +222,7 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
                                    finished_at=now_iso(), seconds=seconds, selection=config.selection, rows=rows)
         report_manifest["settings"] = settings(config, resolved={
             "model": str(loaded.path), "device": str(device), "precision": precision_name(ready.autocast),
-            "backend": backend})
+            "backend": backend, "positive": [loaded.spec.class_names[c] for c in ready.positive]})
         report_manifest["report_id"] = report.report_id()
         report_manifest["unlisted"] = {"folders": [display_path(folder) for folder in ready.unlisted],
                                        "rows_kept": len(plan.kept)}
@@ -228,7 +230,8 @@ def write_scan(report: ReportFolder, config: ScanConfig, console: Console, ready
         this_run = run_record(report_manifest, changes)
         reviews = write_report(report, rows, loaded, report_manifest,
                                cams={**previous_cams, **new_cams} if config.keeps_cams else None,
-                               page_size=config.page_size, runs=[*runs_before, this_run], stop=guard.check)
+                               page_size=config.page_size, runs=[*runs_before, this_run], positive=ready.positive,
+                               stop=guard.check)
         after_publishing(report, rows, store, this_run, reviews)
     if guard.signum is not None:
         raise Interrupted(guard.signum, published=True)
@@ -262,7 +265,7 @@ def scan_job(config: ScanConfig, console: Console, ready: Ready, report: ReportF
 
 
 def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, report_manifest: dict,
-                 cams: dict[str, np.ndarray] | None, page_size: int, runs: list[dict],
+                 cams: dict[str, np.ndarray] | None, page_size: int, runs: list[dict], positive: tuple[int, ...],
                  stop: Callable[[], None] = lambda: None) -> list[Review] | None:
     """Publish the run's gallery, CSV, manifest (and metrics, cams) as one new generation; return the
     stored review decisions, re-marked for files gone or changed, when they need writing (after the
@@ -271,13 +274,13 @@ def write_report(report: ReportFolder, rows: list[Row], loaded: LoadedModel, rep
     stored_reviews = report.read_reviews()
     reviews = mark_states(stored_reviews, rows)
     decisions = current_decisions(reviews, rows)
-    metrics = with_review(scan_metrics(rows, class_names), rows, decisions)
+    metrics = with_review(scan_metrics(rows, class_names, positive), rows, decisions)
     scan_files: dict[str, Content] = {"predictions.csv": csv_content(rows, class_names),
                                       "manifest.json": json_content(report_manifest)}
     if cams is not None:
         scan_files["cams.npz"] = cams_content({row.path: cams[row.path] for row in rows if row.path in cams})
-    publish_outputs(report, rows, class_names, report_manifest, metrics, page_size, decisions=decisions, runs=runs,
-                    stop=stop, scan_files=scan_files)
+    publish_outputs(report, rows, class_names, report_manifest, metrics, page_size, positive, decisions=decisions,
+                    runs=runs, stop=stop, scan_files=scan_files)
     return reviews if reviews != stored_reviews else None
 
 

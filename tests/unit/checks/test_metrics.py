@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchcam.checks.metrics import classification_metrics, positive_class_index, roc_auc, roc_curve
+from batchcam.checks.metrics import classification_metrics, roc_auc, roc_curve
+from batchcam.config import default_positive_index
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 
@@ -29,7 +30,7 @@ def test_classification_metrics_match_a_hand_computed_example():
     m = classification_metrics(LABELS, PREDICTIONS, _probabilities(SCORES), CLASSES)
 
     assert m["n"] == 7
-    assert m["positive_class"] == "PNEUMONIA"
+    assert m["positive_classes"] == ["PNEUMONIA"]
     assert m["accuracy"] == pytest.approx(5 / 7)
     assert m["sensitivity"] == pytest.approx(3 / 4)
     assert m["specificity"] == pytest.approx(2 / 3)
@@ -101,9 +102,9 @@ def test_empty_input_gives_none_rather_than_dividing_by_zero():
 
 
 def test_positive_class_is_pneumonia_in_any_case_else_the_last_class():
-    assert positive_class_index(["NORMAL", "PNEUMONIA"]) == 1
-    assert positive_class_index(["pneumonia", "normal"]) == 0
-    assert positive_class_index(["cat", "dog", "bird"]) == 2
+    assert default_positive_index(["NORMAL", "PNEUMONIA"]) == 1
+    assert default_positive_index(["pneumonia", "normal"]) == 0
+    assert default_positive_index(["cat", "dog", "bird"]) == 2
 
 
 def test_three_class_metrics_treat_the_positive_class_against_all_others():
@@ -113,7 +114,7 @@ def test_three_class_metrics_treat_the_positive_class_against_all_others():
     probabilities = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.5, 0.3],
                               [0.1, 0.3, 0.6], [0.1, 0.1, 0.8]])
     m = classification_metrics(labels, predictions, probabilities, names)
-    assert m["positive_class"] == "PNEUMONIA"
+    assert m["positive_classes"] == ["PNEUMONIA"]
     assert m["confusion_matrix"] == [[1, 0, 0], [0, 1, 1], [0, 1, 1]]
     # PNEUMONIA vs rest: TP 1, FN 1, FP 1, TN 2
     assert m["sensitivity"] == pytest.approx(0.5)
@@ -127,3 +128,78 @@ def test_three_class_metrics_treat_the_positive_class_against_all_others():
 def test_roc_curve_runs_from_origin_to_one_one_and_merges_tied_scores():
     points = roc_curve(np.array([True, False, True, False]), np.array([0.9, 0.5, 0.5, 0.1]))
     assert points == [(0.0, 0.0), (0.0, 0.5), (0.5, 1.0), (1.0, 1.0)]
+
+
+# NORMAL / BACTERIA / VIRUS, eight images. Rows: label, prediction, probabilities.
+NBV = ("NORMAL", "BACTERIA", "VIRUS")
+NBV_LABELS = [0, 0, 0, 1, 1, 2, 2, 2]
+NBV_PROBABILITIES = np.array([
+    [0.70, 0.20, 0.10],   # NORMAL   -> NORMAL
+    [0.50, 0.10, 0.40],   # NORMAL   -> NORMAL
+    [0.20, 0.30, 0.50],   # NORMAL   -> VIRUS
+    [0.10, 0.60, 0.30],   # BACTERIA -> BACTERIA
+    [0.45, 0.40, 0.15],   # BACTERIA -> NORMAL
+    [0.10, 0.20, 0.70],   # VIRUS    -> VIRUS
+    [0.20, 0.50, 0.30],   # VIRUS    -> BACTERIA
+    [0.30, 0.30, 0.40],   # VIRUS    -> VIRUS
+])
+NBV_PREDICTIONS = NBV_PROBABILITIES.argmax(axis=1).tolist()
+
+
+def pairwise_auc(is_positive, scores) -> float:
+    """The AUC by counting every (positive, negative) pair, ties one half: the definition, not a rank formula."""
+    positives = [s for s, p in zip(scores, is_positive) if p]
+    negatives = [s for s, p in zip(scores, is_positive) if not p]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def test_several_positive_classes_score_pneumonia_of_any_kind_against_normal():
+    m = classification_metrics(NBV_LABELS, NBV_PREDICTIONS, NBV_PROBABILITIES, NBV, positive=[1, 2])
+    assert m["positive_classes"] == ["BACTERIA", "VIRUS"]
+    # Pneumonia (BACTERIA or VIRUS) vs NORMAL, whichever kind was predicted:
+    #   truly pneumonia: 5 images, predicted pneumonia: 4 (the BACTERIA one predicted NORMAL is missed)
+    #   truly normal: 3 images, one predicted VIRUS
+    assert m["sensitivity"] == pytest.approx(4 / 5)
+    assert m["specificity"] == pytest.approx(2 / 3)
+    assert m["precision"] == pytest.approx(4 / 5)
+    assert m["f1"] == pytest.approx(0.8)
+    pneumonia = NBV_PROBABILITIES[:, 1] + NBV_PROBABILITIES[:, 2]
+    assert m["roc_auc"] == pytest.approx(pairwise_auc([label > 0 for label in NBV_LABELS], pneumonia))
+    assert m["confusion_matrix"] == [[2, 0, 1], [1, 1, 0], [0, 1, 2]]
+    assert m["accuracy"] == pytest.approx(5 / 8)
+
+
+def test_a_virus_predicted_as_bacteria_is_still_a_found_pneumonia():
+    """Confusing the two positive classes costs accuracy, not sensitivity."""
+    m = classification_metrics([1, 2], [2, 1], np.array([[0.1, 0.3, 0.6], [0.1, 0.6, 0.3]]), NBV, positive=[1, 2])
+    assert m["accuracy"] == 0.0
+    assert m["sensitivity"] == 1.0
+
+
+def test_each_class_against_the_rest_and_their_macro_averages():
+    m = classification_metrics(NBV_LABELS, NBV_PREDICTIONS, NBV_PROBABILITIES, NBV)
+    assert list(m["per_class"]) == list(NBV)
+    expected = {"NORMAL": (3, 2 / 3, 2 / 3), "BACTERIA": (2, 1 / 2, 1 / 2), "VIRUS": (3, 2 / 3, 2 / 3)}
+    for c, name in enumerate(NBV):
+        found = m["per_class"][name]
+        n, precision, recall = expected[name]
+        assert (found["n"], found["precision"], found["recall"]) == (n, pytest.approx(precision),
+                                                                     pytest.approx(recall)), name
+        assert found["roc_auc"] == pytest.approx(
+            pairwise_auc([label == c for label in NBV_LABELS], NBV_PROBABILITIES[:, c])), name
+    macro = m["macro"]
+    assert macro["classes"] == 3
+    assert macro["precision"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    assert macro["roc_auc"] == pytest.approx(np.mean([m["per_class"][name]["roc_auc"] for name in NBV]))
+    assert m["positive_classes"] == ["VIRUS"]   # no PNEUMONIA: the last class
+
+
+def test_macro_averages_leave_out_a_class_without_images_rather_than_counting_it_as_zero():
+    labels, predictions = [0, 1, 0, 1], [0, 1, 1, 1]
+    probabilities = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.2, 0.7, 0.1]])
+    m = classification_metrics(labels, predictions, probabilities, NBV)
+    assert m["per_class"]["VIRUS"] == {"n": 0, "precision": None, "recall": None, "f1": None, "roc_auc": None}
+    assert m["macro"]["classes"] == 2
+    assert m["macro"]["recall"] == pytest.approx((1 / 2 + 1) / 2)
+    assert m["sensitivity"] is None and m["roc_auc"] is None   # VIRUS, the default positive, has no image
