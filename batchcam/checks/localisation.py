@@ -6,8 +6,9 @@ both for chest X-ray saliency):
 - the pointing game (Zhang et al., ECCV 2016): a hit when the map's hottest point (``cam_peak_x``,
   ``cam_peak_y`` of predictions.csv, in original pixels) lies inside any box of its image, edges
   included;
-- the share of the displayed heat (min-max normalised map, upsampled bilinearly to the image's
-  geometry, as the overlay shows it) that lies inside the union of the image's boxes. This needs
+- the share of the displayed heat (min-max normalised map, upsampled bilinearly to the geometry of
+  the part of the image the model saw, as the overlay shows it: the whole image, or a center-crop
+  model's box) that lies inside the union of the image's boxes. This needs
   the raw maps, so REPORT must come from ``scan --save-cams`` (``cams.npz``); without them only
   the pointing game is reported, and the command says so.
 
@@ -27,15 +28,17 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from batchcam.checks.attention import energy_share, heat_grid
 from batchcam.config import MAX_BOXES_BYTES, shown
+from batchcam.decode.imaging import view_box
 from batchcam.errors import UsageError
 from batchcam.records import Row
 from batchcam.runtime.bounded import read_input
@@ -130,20 +133,28 @@ def point_in_boxes(x: float, y: float, boxes: list[Box]) -> bool:
     return any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in boxes)
 
 
-def energy_in_boxes(cam: torch.Tensor, width: int, height: int, boxes: list[Box]) -> float | None:
-    """Share of the displayed heat inside the union of the boxes (pixel centres, original pixels)."""
-    heat = heat_grid(cam, width, height)
+def energy_in_boxes(cam: torch.Tensor, view: Box, boxes: list[Box]) -> float | None:
+    """Share of the displayed heat inside the union of the boxes (pixel centres, original pixels); the map
+    covers ``view``, the part of the image the model saw (all of it, or a center-crop model's box)."""
+    left, top, right, bottom = view
+    heat = heat_grid(cam, max(1, round(right - left)), max(1, round(bottom - top)))
     rows, columns = heat.shape
-    ys = (torch.arange(rows, dtype=torch.float32) + 0.5) * height / rows
-    xs = (torch.arange(columns, dtype=torch.float32) + 0.5) * width / columns
+    ys = top + (torch.arange(rows, dtype=torch.float32) + 0.5) * (bottom - top) / rows
+    xs = left + (torch.arange(columns, dtype=torch.float32) + 0.5) * (right - left) / columns
     region = torch.zeros(rows, columns, dtype=torch.bool)
     for x0, y0, x1, y1 in boxes:
         region |= ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
     return energy_share(heat, region)
 
 
-def localisation(rows: list[Row], boxes: Boxes, cams: dict[str, np.ndarray] | None, boxes_file: str) -> dict:
-    """Per-image and overall pointing game and energy share (see the module's docstring)."""
+def localisation(rows: list[Row], boxes: Boxes, cams: dict[str, np.ndarray] | None, boxes_file: str,
+                 preprocessing: Mapping[str, Any] | None = None) -> dict:
+    """Per-image and overall pointing game and energy share (see the module's docstring).
+
+    ``preprocessing`` (the manifest's model block: ``image_size``, ``resize``) places each map on the part
+    of its image the model saw; without it, or for ``squash``, a map covers the whole image.
+    """
+    size, resize = (preprocessing or {}).get("image_size"), (preprocessing or {}).get("resize", "squash")
     images: list[dict[str, object]] = []
     hits, energies = 0, []
     for row in rows:
@@ -152,8 +163,10 @@ def localisation(rows: list[Row], boxes: Boxes, cams: dict[str, np.ndarray] | No
             continue
         energy = None
         if cams is not None and row.path in cams and row.width is not None and row.height is not None:
-            energy = energy_in_boxes(torch.from_numpy(np.asarray(cams[row.path], dtype=np.float32)),
-                                     row.width, row.height, row_boxes)
+            view = (view_box(row.width, row.height, size, resize) if isinstance(size, int) and resize == "center-crop"
+                    else (0.0, 0.0, float(row.width), float(row.height)))
+            energy = energy_in_boxes(torch.from_numpy(np.asarray(cams[row.path], dtype=np.float32)), view,
+                                     row_boxes)
         hit = point_in_boxes(row.cam_peak_x, row.cam_peak_y, row_boxes)
         energy_inside = None if energy is None else round(energy, 6)
         hits += hit

@@ -34,7 +34,8 @@ def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn,
     cams = report.read_cams() if report.exists("cams.npz") else None
     if cams is None:
         warn(f"{report_path}/cams.npz is missing (scan with --save-cams): reporting the pointing game only")
-    results = localisation(rows, boxes, cams, str(boxes_path))
+    model = manifest.get("model")
+    results = localisation(rows, boxes, cams, str(boxes_path), preprocessing=model if isinstance(model, dict) else None)
     if not results["n"]:
         warn(f"no ok image of {report_path} has a box in {boxes_path}")
     metrics = report.read_json("metrics.json")

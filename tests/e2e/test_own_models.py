@@ -304,6 +304,31 @@ def test_a_center_crop_model_scans_exactly_with_its_map_peak_and_overlay_in_the_
         assert np.abs(inside - inside.mean(2, keepdims=True)).max() > 40                     # coloured: heat
 
 
+def test_evaluate_places_a_center_crop_models_heat_in_its_view_box(tmp_path, xrays):
+    """The map covers the view box: a box around it holds all the heat, a strip beside it none."""
+    user = user_model("resnet18", pre=Preprocessing(size=SIZE, resize="center-crop"), split_on=xrays)
+    torch.save(user.state_dict(), tmp_path / "model.pth")
+    imported(tmp_path / "model.pth", tmp_path / "model.pt", "--resize", "center-crop", "--input-size", "64")
+    scanned(xrays[0].parent, tmp_path / "report", tmp_path / "model.pt")
+    rows = rows_by_path(tmp_path / "report")
+    views = {path.name: view_box(int(rows[path.name]["width"]), int(rows[path.name]["height"]), SIZE, "center-crop")
+             for path in xrays}
+
+    def heat_inside(boxes: dict[str, tuple[float, float, float, float]]) -> list[float | None]:
+        lines = ["path,x0,y0,x1,y1", *(f"{name},{x0},{y0},{x1},{y1}" for name, (x0, y0, x1, y1) in boxes.items())]
+        (tmp_path / "boxes.csv").write_text("\n".join(lines) + "\n")
+        assert said("evaluate", str(tmp_path / "report"), "--boxes", str(tmp_path / "boxes.csv"))[0] == 0
+        images = json.loads((tmp_path / "report" / "metrics.json").read_text())["localisation"]["images"]
+        return [image["energy_inside"] for image in images]
+
+    around = [share for share in heat_inside(views) if share is not None]   # None: a map without heat
+    assert len(around) >= 2 and around == [pytest.approx(1.0)] * len(around)
+    beside = {name: (0.0, 0.0, left - 1, float(rows[name]["height"])) for name, (left, *_) in views.items()
+              if left >= 2}
+    assert beside                                                             # some films are wider than tall
+    assert set(heat_inside(beside)) <= {0.0, None}
+
+
 @pytest.fixture(scope="module")
 def architectures(xrays, tmp_path_factory):
     """Each heavy architecture built once: (user model, plain state dict file)."""
