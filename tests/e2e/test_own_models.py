@@ -496,3 +496,78 @@ def test_decode_gpu_is_refused_for_a_center_crop_model_before_report_is_touched(
         check_decoder(ScanConfig(root=root, out=out, decode="gpu"), loaded)
     check_decoder(ScanConfig(root=root, out=out, decode="cpu"), loaded)
     assert not out.exists()
+
+
+# ---- calibrate with another backbone ---------------------------------------------------------------------
+
+CALIBRATION_IMAGES_PER_CLASS = 340      # calibrate holds out 30%: 204 held out in all, 238 per class to fit
+
+
+def overlapping_tree(root: Path) -> list[tuple[Path, int]]:
+    """Noise films whose brightness leans by class but overlaps: a model can learn it and still err."""
+    rng = np.random.default_rng(0)
+    files = []
+    for label, name in enumerate(NAMES):
+        (root / name).mkdir(parents=True)
+        for i in range(CALIBRATION_IMAGES_PER_CLASS):
+            level = rng.uniform(90, 150) + 20 * label
+            path = root / name / f"{i:03d}.png"
+            Image.fromarray(np.clip(rng.normal(level, 30, (40, 48)), 0, 255).astype(np.uint8)).save(path)
+            files.append((path, label))
+    return files
+
+
+def fitted_head(user: nn.Module, head: nn.Linear, files: list[tuple[Path, int]]) -> nn.Module:
+    """``user`` with ``head`` scoring the direction between the two classes' mean features (standardised) on
+    some of ``files``, scaled by a one-dimensional logistic fit: better than chance, not perfect, so the
+    held-out images hold an estimate of the temperature (a full logistic fit on a thousand features
+    would learn these few images by heart)."""
+    some = files[::5]
+    features: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0].detach()))
+    with torch.no_grad():
+        user(reference_inputs([path for path, _ in some], SMALL))
+    hook.remove()
+    x, y = features[0], torch.tensor([label for _, label in some])
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    standard = (x - mean) / scale
+    direction = standard[y == 1].mean(0) - standard[y == 0].mean(0)
+    score = standard @ direction
+    slope, offset = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    optimiser = torch.optim.Adam([slope, offset], lr=0.05)
+    for _ in range(300):
+        optimiser.zero_grad()
+        logit = slope * score / score.std() + offset
+        nn.functional.binary_cross_entropy_with_logits(logit, y.float()).backward()
+        optimiser.step()
+    with torch.no_grad():
+        weight = float(slope) / 2 * direction / score.std() / scale           # the two logits: -z/2 and z/2
+        head.weight.copy_(torch.stack([-weight, weight]))
+        bias = float(offset) / 2 - float((weight * mean).sum())
+        head.bias.copy_(torch.tensor([-bias, bias]))
+    return user
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "features"), [("efficientnet_b0", 1280), ("densenet121", 1024)])
+def test_calibrate_fits_the_statistics_of_another_backbone_and_scan_flags_with_them(arch, features, tmp_path):
+    files = overlapping_tree(tmp_path / "labelled")
+    user = user_model(arch, pre=SMALL)
+    head = user.classifier if arch == "densenet121" else user.classifier[-1]
+    fitted_head(user, head, files)
+    torch.save({"model_state_dict": user.state_dict(), "class_names": list(NAMES)}, tmp_path / "model.pth")
+    imported(tmp_path / "model.pth", tmp_path / "model.pt", "--input-size", "64")
+
+    code, _, err = said("calibrate", str(tmp_path / "labelled"), "--model", str(tmp_path / "model.pt"),
+                        "--out", str(tmp_path / "calibrated.pt"), "--batch-size", "64")
+    assert code == 0, err
+    calibrated = load_checkpoint(tmp_path / "calibrated.pt")
+    assert calibrated.ood is not None and tuple(calibrated.ood.means.shape) == (len(NAMES), features)
+    assert 0.5 <= calibrated.temperature <= 5
+    before = load_checkpoint(tmp_path / "model.pt").model.state_dict()
+    assert all(torch.equal(value, before[name]) for name, value in calibrated.model.state_dict().items())
+
+    scanned(tmp_path / "labelled" / "NORMAL", tmp_path / "report", tmp_path / "calibrated.pt")
+    rows = rows_by_path(tmp_path / "report")
+    assert all(row["ood_flag"] in ("true", "false") and float(row["ood_score"]) > 0 for row in rows.values())
+    assert manifest(tmp_path / "report")["ood"]["statistics"] is True
