@@ -65,6 +65,8 @@ SERIES_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E
 UNLABELLED_COLOUR = "#8a8a8a"
 POSITIVE_COLOUR = "#D55E00"          # the ROC curve of two classes' positive one
 POSITIVE_SET_COLOUR = "#000000"      # of several positive classes together, dashed beside the per-class curves
+POSITIVE_SET_DASHES = "6 3"
+SERIES_DASHES = ("", "2 2", "8 3 2 3")  # the first six classes' curves solid, the next six dotted, ...
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class RocCurve:
     points: str                         # SVG polyline points in the plot's coordinates
     auc: float | None
     colour: str
+    dashes: str = ""                    # SVG stroke-dasharray; "" for a solid line
     positive_set: bool = False          # the positive classes together, when --positive names several
 
 
@@ -311,15 +314,22 @@ def roc_chart(labelled: Sequence[Row], class_names: Sequence[str], positive: Seq
                          colour=POSITIVE_COLOUR if len(class_names) == 2 else POSITIVE_SET_COLOUR,
                          points=roc_points(np.isin(labels, [class_names[c] for c in positive]),
                                            positive_scores(labelled, positive)),
-                         auc=metrics.get("roc_auc"), positive_set=len(class_names) > 2)
+                         auc=metrics.get("roc_auc"), positive_set=len(class_names) > 2,
+                         dashes=POSITIVE_SET_DASHES if len(class_names) > 2 else "")
     if len(class_names) == 2:
         return Roc(curves=[set_curve], one_vs_rest=False)
     per_class = metrics.get("per_class", {})
-    curves = [RocCurve(name=name, colour=SERIES_COLOURS[c % len(SERIES_COLOURS)], auc=auc,
+    curves = [RocCurve(name=name, auc=auc, **series_style(c),
                        points=roc_points(labels == name, np.array([row.probabilities[c] for row in labelled])))
               for c, name in enumerate(class_names)
               if (auc := per_class.get(name, {}).get("roc_auc")) is not None]
     return Roc(curves=curves + ([set_curve] if len(positive) > 1 else []), one_vs_rest=True)
+
+
+def series_style(index: int) -> dict[str, str]:
+    """The colour of a class's curve, and beyond the six colours a dash pattern, so no two classes look alike."""
+    cycle, colour = divmod(index, len(SERIES_COLOURS))
+    return {"colour": SERIES_COLOURS[colour], "dashes": SERIES_DASHES[cycle % len(SERIES_DASHES)]}
 
 
 def positive_scores(rows: Sequence[Row], positive: Sequence[int]) -> np.ndarray:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
 import pytest
 from helpers import page_cards, page_data, records
 from PIL import Image
@@ -399,3 +400,19 @@ def test_the_three_class_page_shows_each_class_in_the_filter_the_matrix_the_curv
     assert [p.get("data-class") for p in index.all("polyline")] == [*NBV, "BACTERIA or VIRUS"]
     assert len(index.all("table", **{"class": "metrics per-class"})) == 1
     assert any("BACTERIA or VIRUS as positive" in data for data in index.text)
+
+
+def test_eight_classes_never_draw_two_curves_alike():
+    """Six colour-blind-safe colours: from the seventh class on, a dash pattern tells the curves apart."""
+    names = tuple(f"C{i}" for i in range(8))
+    rows = []
+    for i in range(32):
+        p = np.full(8, 0.02)
+        p[i % 8] += 0.84 - 0.01 * (i // 8)
+        p[(i + 1) % 8] += 0.01 * (i // 8)
+        rows.append(Row(path=f"C{i % 8}/{i}.png", status="ok", prediction=names[int(p.argmax())],
+                        confidence=float(p.max()), probabilities=(p / p.sum()).tolist(), label=names[i % 8],
+                        cam_target="x", overlay=overlay_path(f"{i}.png"), width=64, height=48))
+    curves = summarise(rows, names, scan_metrics(rows, names)).roc.curves
+    assert len(curves) == 8
+    assert len({(c.colour, c.dashes) for c in curves}) == 8
