@@ -398,7 +398,7 @@ def train(args: argparse.Namespace, dropout: float, out: Path, class_names: list
     random.seed(args.seed)
     np.random.seed(args.seed)
     device = resolve_device(args.device)
-    positive = resolve_positive(args.positive, class_names)
+    positive = args.positive_classes
     model, spec = initial_model(args, class_names, dropout)
     model = model.to(device)
     if device.type == "cuda":
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.selection = selection(args)
         class_names, splits = discover_splits(args.data, args.val_split, args.seed)
-        resolve_positive(args.positive, class_names)  # a class the data lacks is refused before anything is written
+        args.positive_classes = resolve_positive(args.positive, class_names)  # refused before anything is written
         print(f"classes {class_names}; images: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()), flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         if args.compare_dropout is not None:

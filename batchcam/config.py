@@ -684,22 +684,25 @@ def resolve_target(target: str, class_names: tuple[str, ...]) -> int | None:
 
 
 def resolve_positive(positive: Sequence[str] | None, class_names: Sequence[str]) -> tuple[int, ...]:
-    """The indices of the ``--positive`` classes (case-insensitive, each once, in the model's order); the
-    default (PNEUMONIA, else the last class) when None. UsageError for a name the model lacks or for every
-    class at once (nothing would be negative)."""
+    """The indices of the ``--positive`` classes (case-insensitive, as ``resolve_target`` matches: the first
+    class of that name; each once, in the classes' order); the default (PNEUMONIA, else the last class) when
+    None. UsageError for a name not among ``class_names`` (a model's, or the training data's folders) or for
+    every class at once (nothing would be negative)."""
     if positive is None:
         return (default_positive_index(class_names),)
-    index = {name.lower(): i for i, name in enumerate(class_names)}
+    classes = ", ".join(class_names)
+    index: dict[str, int] = {}
+    for i, name in enumerate(class_names):
+        index.setdefault(name.lower(), i)
     if not all(positive):
-        raise UsageError(f"--positive {','.join(positive)!r} has an empty class name; name classes of the model "
-                         f"({', '.join(class_names)}), separated by commas")
+        raise UsageError(f"--positive {','.join(positive)!r} has an empty class name; name some of the classes "
+                         f"({classes}), separated by commas")
     unknown = [name for name in positive if name.lower() not in index]
     if unknown:
-        raise UsageError(f"--positive {','.join(unknown)}: not a class of the model ({', '.join(class_names)})")
+        raise UsageError(f"--positive {','.join(unknown)}: not one of the classes ({classes})")
     chosen = tuple(sorted({index[name.lower()] for name in positive}))
     if len(chosen) == len(class_names):
-        raise UsageError(f"--positive names every class of the model ({', '.join(class_names)}): leave at least one "
-                         "negative")
+        raise UsageError(f"--positive names every class ({classes}): leave at least one negative")
     return chosen
 
 

@@ -53,9 +53,8 @@ def binary_metrics(is_positive: np.ndarray, said_positive: np.ndarray, scores: n
     tn = int(np.sum(~is_positive & ~said_positive))
     fp = int(np.sum(~is_positive & said_positive))
     fn = int(np.sum(is_positive & ~said_positive))
-    sensitivity, precision = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
-    return {"sensitivity": sensitivity, "specificity": _ratio(tn, tn + fp), "precision": precision,
-            "f1": f1_score(precision, sensitivity),
+    return {"sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp), "precision": _ratio(tp, tp + fp),
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn),   # the harmonic mean of the two; 0 when either is 0
             "roc_auc": roc_auc(is_positive, scores) if len(is_positive) else None}
 
 
@@ -67,20 +66,18 @@ def one_vs_rest(is_class: np.ndarray, said_class: np.ndarray, scores: np.ndarray
 
 
 def macro_averages(per_class: Iterable[dict]) -> dict:
-    """The unweighted mean of each per-class metric over the classes where it is defined (None where it is
-    defined for none); ``classes``: how many classes have labelled images."""
-    found = list(per_class)
-    averages: dict = {"classes": sum(1 for metrics in found if metrics["n"])}
-    for name in ("precision", "recall", "f1", "roc_auc"):
-        defined = [metrics[name] for metrics in found if metrics[name] is not None]
-        averages[name] = float(np.mean(defined)) if defined else None
+    """The unweighted means over the classes that have labelled images (``classes``: how many), so every
+    mean is over one set: a class the model never predicts counts precision 0 (it finds none of its
+    images), and the AUC is averaged where it is defined (a class alone among the labels has none); None
+    where no class has images. A class predicted but never a label is left out, as its recall is undefined;
+    its false positives already cost the other classes their recall."""
+    present = [metrics for metrics in per_class if metrics["n"]]
+    averages: dict = {"classes": len(present)}
+    for name in ("precision", "recall", "f1"):
+        averages[name] = float(np.mean([metrics[name] or 0.0 for metrics in present])) if present else None
+    aucs = [metrics["roc_auc"] for metrics in present if metrics["roc_auc"] is not None]
+    averages["roc_auc"] = float(np.mean(aucs)) if aucs else None
     return averages
-
-
-def f1_score(precision: float | None, recall: float | None) -> float | None:
-    if precision is None or recall is None or precision + recall == 0:
-        return None
-    return 2 * precision * recall / (precision + recall)
 
 
 def roc_auc(is_positive: np.ndarray, scores: np.ndarray) -> float | None:

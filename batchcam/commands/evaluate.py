@@ -34,19 +34,20 @@ def _evaluate_locked(report: ReportFolder, boxes: Boxes, boxes_path: Path, warn,
     cams = report.read_cams() if report.exists("cams.npz") else None
     if cams is None:
         warn(f"{report_path}/cams.npz is missing (scan with --save-cams): reporting the pointing game only")
-    model = manifest.get("model")
-    results = localisation(rows, boxes, cams, str(boxes_path), preprocessing=model if isinstance(model, dict) else None)
+    model_block = manifest.get("model")
+    results = localisation(rows, boxes, cams, str(boxes_path),
+                           preprocessing=model_block if isinstance(model_block, dict) else None)
     if not results["n"]:
         warn(f"no ok image of {report_path} has a box in {boxes_path}")
+    positive = positive_of(manifest, class_names)
     metrics = report.read_json("metrics.json")
     if not isinstance(metrics, dict):
         if report.read_text("metrics.json") is not None:
             warn(f"{report_path / 'metrics.json'} is unreadable; computing it again from predictions.csv")
-        metrics = scan_metrics(rows, class_names, positive_of(manifest, class_names)) or {}
+        metrics = scan_metrics(rows, class_names, positive) or {}
     metrics["localisation"] = results
     drawn: DrawnBoxes = {row.path: found for row in rows if (found := boxes.for_row(row))}
-    publish_outputs(report, rows, class_names, manifest, metrics, page_size_of(manifest),
-                    positive_of(manifest, class_names), drawn=drawn,
+    publish_outputs(report, rows, class_names, manifest, metrics, page_size_of(manifest), positive, drawn=drawn,
                     decisions=current_decisions(report.read_reviews(), rows), runs=report.read_runs(), stop=stop)
     try:
         report.tidy()

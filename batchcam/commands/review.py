@@ -61,12 +61,12 @@ def _import_locked(report: ReportFolder, text: str, source: str, stop: Callable[
     imported = reviewlib.with_report_values(imported, rows, source)
     merged = reviewlib.mark_states(reviewlib.merge(report.read_reviews(), imported), rows)
     decisions = reviewlib.current_decisions(merged, rows)
+    positive = positive_of(manifest, class_names)
     metrics = report.read_json("metrics.json")
     if not isinstance(metrics, dict):
-        metrics = scan_metrics(rows, class_names, positive_of(manifest, class_names))
+        metrics = scan_metrics(rows, class_names, positive)
     metrics = reviewlib.with_review(metrics, rows, decisions)
-    publish_outputs(report, rows, class_names, manifest, metrics, page_size_of(manifest),
-                    positive_of(manifest, class_names), decisions=decisions,
+    publish_outputs(report, rows, class_names, manifest, metrics, page_size_of(manifest), positive, decisions=decisions,
                     runs=report.read_runs(), stop=stop)
     try:
         report.write_reviews(merged)

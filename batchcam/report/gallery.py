@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from urllib.parse import quote
 
@@ -33,7 +33,7 @@ from jinja2 import Environment, FileSystemLoader, Template, select_autoescape
 from markupsafe import Markup
 
 from batchcam.cam.overlay import jet
-from batchcam.checks.metrics import reliability_bins, roc_curve
+from batchcam.checks.metrics import reliability_bins, roc_auc, roc_curve
 from batchcam.config import default_positive_index
 from batchcam.records import ATTENTION_THRESHOLD, Row, shown_attributes, shown_columns, shown_values, status_counts
 from batchcam.report.changes import RECENT_RUNS, change_counts, short_time, since_text
@@ -229,7 +229,7 @@ def summarise(rows: Sequence[Row], class_names: Sequence[str], metrics: dict | N
                    positive_name=positive_name(class_names, positive),
                    histogram=probability_histogram(ok_rows, class_names, positive),
                    confusion=confusion_chart(metrics) if metrics and labelled else None,
-                   roc=roc_chart(labelled, class_names, positive, metrics) if metrics and labelled else None,
+                   roc=roc_chart(labelled, class_names, positive) if metrics and labelled else None,
                    attention_flagged=sum(bool(row.attention_flag) for row in ok_rows),
                    attention_measured=sum(row.attention_outside is not None for row in ok_rows),
                    reliability=reliability_chart(labelled, metrics) if metrics and labelled else None,
@@ -265,9 +265,7 @@ def probability_histogram(rows: Sequence[Row], class_names: Sequence[str], posit
     scores = positive_scores(rows, positive)
     name = positive_name(class_names, positive)
     labels = np.array([row.label for row in rows], dtype=object)
-    series = [(f"true {class_name}", colour, labels == class_name)
-              for class_name, colour in zip(class_names, SERIES_COLOURS * len(class_names))]
-    series = [s for s in series if s[2].any()]
+    series = [s for s in label_series(labels, class_names, positive) if s[2].any()]
     unlabelled = labels == ""
     if unlabelled.any() or not series:
         series.append(("no label" if series else "all images", UNLABELLED_COLOUR, unlabelled))
@@ -291,6 +289,17 @@ def probability_histogram(rows: Sequence[Row], class_names: Sequence[str], posit
                      threshold_x=CHART_WIDTH / 2 if len(class_names) == 2 else None)
 
 
+def label_series(labels: np.ndarray, class_names: Sequence[str],
+                 positive: Sequence[int]) -> list[tuple[str, str, np.ndarray]]:
+    """The histogram's series by true label: (name, colour, mask) for each class while the colours last,
+    else the positive classes and the others (bars cannot be told apart by a dash pattern)."""
+    if len(class_names) <= len(SERIES_COLOURS):
+        return [(f"true {name}", colour, labels == name) for name, colour in zip(class_names, SERIES_COLOURS)]
+    is_positive = np.isin(labels, [class_names[c] for c in positive])
+    return [(f"true {positive_name(class_names, positive)}", SERIES_COLOURS[1], is_positive),
+            ("true other classes", SERIES_COLOURS[0], (labels != "") & ~is_positive)]
+
+
 def confusion_chart(metrics: dict) -> Confusion:
     names = list(metrics["class_names"])
     matrix = metrics["confusion_matrix"]
@@ -306,28 +315,39 @@ def confusion_chart(metrics: dict) -> Confusion:
     return Confusion(class_names=names, cells=cells, cell_size=CONFUSION_CELL, description=description)
 
 
-def roc_chart(labelled: Sequence[Row], class_names: Sequence[str], positive: Sequence[int], metrics: dict) -> Roc:
-    """Two classes: the positive class's curve, as the metrics score it. More: each class against the rest
-    where both are present (``per_class`` AUC), then the positive classes together when they are several."""
+def roc_chart(labelled: Sequence[Row], class_names: Sequence[str], positive: Sequence[int]) -> Roc | None:
+    """Two classes: the positive class's curve, as the metrics score it. More: each class against the rest,
+    then the positive classes together when they are several; a curve only where both sides have labelled
+    images (its AUC is defined), and no chart without one. The AUCs are computed from the rows, so a report
+    re-rendered from an older metrics.json draws them too."""
     labels = np.array([row.label for row in labelled], dtype=object)
-    set_curve = RocCurve(name=positive_name(class_names, positive),
-                         colour=POSITIVE_COLOUR if len(class_names) == 2 else POSITIVE_SET_COLOUR,
-                         points=roc_points(np.isin(labels, [class_names[c] for c in positive]),
-                                           positive_scores(labelled, positive)),
-                         auc=metrics.get("roc_auc"), positive_set=len(class_names) > 2,
-                         dashes=POSITIVE_SET_DASHES if len(class_names) > 2 else "")
     if len(class_names) == 2:
-        return Roc(curves=[set_curve], one_vs_rest=False)
-    per_class = metrics.get("per_class", {})
-    curves = [RocCurve(name=name, auc=auc, **series_style(c),
-                       points=roc_points(labels == name, np.array([row.probabilities[c] for row in labelled])))
-              for c, name in enumerate(class_names)
-              if (auc := per_class.get(name, {}).get("roc_auc")) is not None]
-    return Roc(curves=curves + ([set_curve] if len(positive) > 1 else []), one_vs_rest=True)
+        return Roc(curves=[positive_set_curve(labels, labelled, class_names, positive, POSITIVE_COLOUR, "")],
+                   one_vs_rest=False)
+    curves = [roc_line(name, labels == name, np.array([row.probabilities[c] for row in labelled]), **series_style(c))
+              for c, name in enumerate(class_names)]
+    if len(positive) > 1:
+        curves.append(positive_set_curve(labels, labelled, class_names, positive, POSITIVE_SET_COLOUR,
+                                         POSITIVE_SET_DASHES))
+    curves = [curve for curve in curves if curve.auc is not None]
+    return Roc(curves=curves, one_vs_rest=True) if curves else None
+
+
+def positive_set_curve(labels: np.ndarray, labelled: Sequence[Row], class_names: Sequence[str],
+                       positive: Sequence[int], colour: str, dashes: str) -> RocCurve:
+    curve = roc_line(positive_name(class_names, positive), np.isin(labels, [class_names[c] for c in positive]),
+                     positive_scores(labelled, positive), colour, dashes)
+    return replace(curve, positive_set=len(class_names) > 2)
+
+
+def roc_line(name: str, is_positive: np.ndarray, scores: np.ndarray, colour: str, dashes: str) -> RocCurve:
+    return RocCurve(name=name, points=roc_points(is_positive, scores), auc=roc_auc(is_positive, scores),
+                    colour=colour, dashes=dashes)
 
 
 def series_style(index: int) -> dict[str, str]:
-    """The colour of a class's curve, and beyond the six colours a dash pattern, so no two classes look alike."""
+    """The colour of a class's curve, and beyond the six colours a dash pattern: no two of the first 18
+    classes look alike (beyond them the looks repeat; each curve's tooltip names its class)."""
     cycle, colour = divmod(index, len(SERIES_COLOURS))
     return {"colour": SERIES_COLOURS[colour], "dashes": SERIES_DASHES[cycle % len(SERIES_DASHES)]}
 

@@ -416,3 +416,31 @@ def test_eight_classes_never_draw_two_curves_alike():
     curves = summarise(rows, names, scan_metrics(rows, names)).roc.curves
     assert len(curves) == 8
     assert len({(c.colour, c.dashes) for c in curves}) == 8
+
+
+def test_a_class_alone_among_the_labels_draws_no_curve_and_a_chart_without_curves_is_left_out():
+    rows = [row for row in three_class_rows() if row.label in ("", "VIRUS")]       # one labelled class
+    summary = summarise(rows, NBV, scan_metrics(rows, NBV, positive=[1, 2]), positive=[1, 2])
+    assert summary.roc is None
+    rows = [row for row in three_class_rows() if row.label != "BACTERIA"]          # BACTERIA has no image
+    curves = summarise(rows, NBV, scan_metrics(rows, NBV, positive=[1, 2]), positive=[1, 2]).roc.curves
+    assert [c.name for c in curves] == ["NORMAL", "VIRUS", "BACTERIA or VIRUS"]
+
+
+def test_a_report_re_rendered_from_an_older_metrics_json_still_draws_each_class():
+    """metrics.json written before per-class metrics existed: the curves come from the rows."""
+    rows = three_class_rows()
+    old = {key: value for key, value in scan_metrics(rows, NBV).items() if key not in ("per_class", "macro")}
+    text = render_gallery(rows, NBV, MANIFEST, old, 100)["index.html"]
+    assert [p.get("data-class") for p in Page(text).all("polyline")] == list(NBV)
+    assert not Page(text).all("table", **{"class": "metrics per-class"})
+
+
+def test_more_classes_than_colours_stack_the_histogram_by_positive_or_not():
+    names = tuple(f"C{i}" for i in range(8))
+    rows = [Row(path=f"C{i % 8}/{i}.png", status="ok", prediction=names[i % 8], confidence=0.3,
+                probabilities=[0.3 if c == i % 8 else 0.1 for c in range(8)], label=names[i % 8], cam_target="x",
+                overlay=overlay_path(f"{i}.png"), width=64, height=48) for i in range(16)]
+    histogram = summarise(rows, names, scan_metrics(rows, names)).histogram
+    assert [name for _, name in histogram.legend] == ["true C7", "true other classes"]
+    assert sum(bar.count for bar in histogram.bars) == 16

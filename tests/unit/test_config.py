@@ -239,10 +239,10 @@ def test_the_default_positive_class_is_pneumonia_in_any_case():
 
 
 @pytest.mark.parametrize(("given", "said"), [
-    (("FUNGAL",), "--positive FUNGAL: not a class of the model (NORMAL, BACTERIA, VIRUS)"),
-    (("VIRUS", "TB", "x"), "--positive TB,x: not a class of the model (NORMAL, BACTERIA, VIRUS)"),
+    (("FUNGAL",), "--positive FUNGAL: not one of the classes (NORMAL, BACTERIA, VIRUS)"),
+    (("VIRUS", "TB", "x"), "--positive TB,x: not one of the classes (NORMAL, BACTERIA, VIRUS)"),
     (("VIRUS", ""), "empty class name"),
-    (("NORMAL", "BACTERIA", "VIRUS"), "names every class of the model"),
+    (("NORMAL", "BACTERIA", "VIRUS"), "names every class (NORMAL, BACTERIA, VIRUS)"),
 ])
 def test_a_positive_class_the_model_lacks_or_every_class_at_once_is_refused_in_one_line(given, said):
     with pytest.raises(UsageError) as refused:
@@ -256,5 +256,5 @@ def test_an_unknown_positive_class_is_exit_2_before_the_report_is_made(tmp_path,
     report = tmp_path / "report"
     assert main(["scan", str(root), "--out", str(report), "--model", str(tiny_model), "--positive", "VIRUS"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["batchcam: error: --positive VIRUS: not a class of the model (NORMAL, PNEUMONIA)"]
+    assert err == ["batchcam: error: --positive VIRUS: not one of the classes (NORMAL, PNEUMONIA)"]
     assert not report.exists()

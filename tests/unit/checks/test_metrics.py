@@ -84,12 +84,12 @@ def test_undefined_metrics_are_none_not_made_up_numbers():
     assert m["confusion_matrix"] == [[3, 0], [0, 0]]
 
 
-def test_f1_is_none_when_nothing_positive_is_found():
-    # Positives exist but none is predicted: sensitivity 0, precision undefined -> F1 undefined.
+def test_f1_is_zero_when_nothing_positive_is_found():
+    # Positives exist but none is predicted: sensitivity 0, precision undefined, F1 = 2TP / (2TP + FP + FN) = 0.
     m = classification_metrics([1, 0], [0, 0], _probabilities([0.4, 0.1]), CLASSES)
     assert m["sensitivity"] == 0.0
     assert m["precision"] is None
-    assert m["f1"] is None
+    assert m["f1"] == 0.0
     assert m["roc_auc"] == pytest.approx(1.0)
 
 
@@ -203,3 +203,21 @@ def test_macro_averages_leave_out_a_class_without_images_rather_than_counting_it
     assert m["macro"]["classes"] == 2
     assert m["macro"]["recall"] == pytest.approx((1 / 2 + 1) / 2)
     assert m["sensitivity"] is None and m["roc_auc"] is None   # VIRUS, the default positive, has no image
+
+
+def test_a_class_the_model_always_gets_wrong_pulls_the_macro_f1_down_rather_than_dropping_out():
+    """BACTERIA and VIRUS swapped: their precision and recall are 0, so is their F1, and the macro F1 is 1/3."""
+    labels, predictions = [0, 0, 1, 1, 2, 2], [0, 0, 2, 2, 1, 1]
+    m = classification_metrics(labels, predictions, np.eye(3)[predictions] * 0.8 + 0.2 / 3, NBV)
+    assert [m["per_class"][name]["f1"] for name in NBV] == [1.0, 0.0, 0.0]
+    assert m["macro"]["f1"] == pytest.approx(1 / 3)
+
+
+def test_macro_means_are_over_the_classes_with_images_a_class_never_predicted_counting_precision_zero():
+    # NORMAL 2 images, BACTERIA 2 (never predicted), VIRUS none (predicted once).
+    labels, predictions = [0, 0, 1, 1], [0, 0, 0, 2]
+    m = classification_metrics(labels, predictions, np.eye(3)[predictions] * 0.8 + 0.2 / 3, NBV)
+    assert m["per_class"]["BACTERIA"]["precision"] is None                 # undefined on its own...
+    assert m["macro"]["classes"] == 2
+    assert m["macro"]["precision"] == pytest.approx((2 / 3 + 0) / 2)      # ...0 in the mean over NORMAL, BACTERIA
+    assert m["macro"]["recall"] == pytest.approx((1 + 0) / 2)
