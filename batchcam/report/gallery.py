@@ -22,6 +22,7 @@ no file name, class name or error text can become markup.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -153,6 +154,7 @@ class Confusion:
     cells: list[ConfusionCell]
     cell_size: float
     description: str
+    width: int                          # on the page, in CSS pixels: more classes, a wider matrix
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,9 @@ class Summary:
 CHART_WIDTH, CHART_HEIGHT = 420, 220
 ROC_SIZE = 220
 CONFUSION_CELL = 78
+CONFUSION_LABELS_WIDTH = 110            # the true-class labels left of the cells
+CONFUSION_MIN_WIDTH = 270               # the two-class matrix's width on the page
+CONFUSION_MIN_SCALE = 0.75              # many classes shrink it no further, so its counts stay readable
 
 
 def summarise(rows: Sequence[Row], class_names: Sequence[str], metrics: dict | None,
@@ -312,7 +317,9 @@ def confusion_chart(metrics: dict) -> Confusion:
                                        share=count / row_total,
                                        title=f"true {true_name}, predicted {predicted_name}: {count}"))
     description = "; ".join(cell.title for cell in cells)
-    return Confusion(class_names=names, cells=cells, cell_size=CONFUSION_CELL, description=description)
+    drawn_width = CONFUSION_LABELS_WIDTH + len(names) * CONFUSION_CELL
+    return Confusion(class_names=names, cells=cells, cell_size=CONFUSION_CELL, description=description,
+                     width=max(CONFUSION_MIN_WIDTH, math.ceil(CONFUSION_MIN_SCALE * drawn_width)))
 
 
 def roc_chart(labelled: Sequence[Row], class_names: Sequence[str], positive: Sequence[int]) -> Roc | None:

@@ -413,9 +413,12 @@ def test_eight_classes_never_draw_two_curves_alike():
         rows.append(Row(path=f"C{i % 8}/{i}.png", status="ok", prediction=names[int(p.argmax())],
                         confidence=float(p.max()), probabilities=(p / p.sum()).tolist(), label=names[i % 8],
                         cam_target="x", overlay=overlay_path(f"{i}.png"), width=64, height=48))
-    curves = summarise(rows, names, scan_metrics(rows, names)).roc.curves
-    assert len(curves) == 8
-    assert len({(c.colour, c.dashes) for c in curves}) == 8
+    summary = summarise(rows, names, scan_metrics(rows, names))
+    assert len(summary.roc.curves) == 8
+    assert len({(c.colour, c.dashes) for c in summary.roc.curves}) == 8
+    two = labelled_rows()
+    assert summarise(two, CLASSES, scan_metrics(two, CLASSES)).confusion.width == 270     # as it always was
+    assert summary.confusion.width >= 0.75 * (110 + 8 * 78)                              # its counts stay legible
 
 
 def test_a_class_alone_among_the_labels_draws_no_curve_and_a_chart_without_curves_is_left_out():
