@@ -24,17 +24,17 @@ def classification_metrics(labels: ArrayLike, predictions: ArrayLike, probabilit
     labels = np.asarray(labels, dtype=np.int64)
     predictions = np.asarray(predictions, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(len(labels), len(class_names))
-    positive = sorted(set(positive)) if positive is not None else [default_positive_index(class_names)]
+    positive_set = sorted(set(positive)) if positive is not None else [default_positive_index(class_names)]
     n_classes = len(class_names)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
-    is_pos = np.isin(labels, positive)
-    binary = binary_metrics(is_pos, np.isin(predictions, positive), probabilities[:, positive].sum(axis=1))
+    binary = binary_metrics(np.isin(labels, positive_set), np.isin(predictions, positive_set),
+                            probabilities[:, positive_set].sum(axis=1))
     per_class = {name: one_vs_rest(labels == c, predictions == c, probabilities[:, c])
                  for c, name in enumerate(class_names)}
     return {
         "n": int(len(labels)),
-        "positive_classes": [class_names[c] for c in positive],
+        "positive_classes": [class_names[c] for c in positive_set],
         "accuracy": _ratio(int(np.sum(labels == predictions)), len(labels)),
         **binary,
         "class_names": list(class_names),

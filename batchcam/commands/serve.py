@@ -137,7 +137,7 @@ def create_app(explainer: Explainer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
     decode_lock = threading.Lock()  # one full-resolution image in memory at a time, server-wide
     # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN. /openapi.json stays.
     app = FastAPI(title="batchcam", version=__version__, docs_url=None, redoc_url=None,
-                  description="Chest X-ray prediction (NORMAL/PNEUMONIA) with a Grad-CAM overlay. "
+                  description=f"Chest X-ray prediction ({'/'.join(explainer.class_names)}) with a Grad-CAM overlay. "
                               "Uploads are processed in memory and never written to disk.")
     app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)
     page = (templates_dir() / "serve.html").read_text(encoding="utf-8")

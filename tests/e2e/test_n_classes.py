@@ -662,6 +662,8 @@ def test_the_serve_api_gives_every_class_its_probability(tree, model3):
     with TestClient(app, base_url="http://127.0.0.1:8000") as client:
         answer = client.post("/api/predict", files=[("files", (name, (tree / name / "001.png").read_bytes(),
                                                               "application/octet-stream")) for name in THREE])
+        described = client.get("/openapi.json").json()["info"]["description"]
+    assert "NORMAL/BACTERIA/VIRUS" in described
     assert answer.status_code == 200
     results = answer.json()["results"]
     assert [list(result["probabilities"]) for result in results] == [list(THREE)] * 3
