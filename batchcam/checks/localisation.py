@@ -154,7 +154,8 @@ def localisation(rows: list[Row], boxes: Boxes, cams: dict[str, np.ndarray] | No
     ``preprocessing`` (the manifest's model block: ``image_size``, ``resize``) places each map on the part
     of its image the model saw; without it, or for ``squash``, a map covers the whole image.
     """
-    size, resize = (preprocessing or {}).get("image_size"), (preprocessing or {}).get("resize", "squash")
+    model = preprocessing or {}
+    size, resize = model.get("image_size"), model.get("resize", "squash")
     images: list[dict[str, object]] = []
     hits, energies = 0, []
     for row in rows:

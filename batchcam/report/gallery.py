@@ -154,6 +154,7 @@ class Confusion:
     cells: list[ConfusionCell]
     cell_size: float
     description: str
+    drawn_width: int                    # of the SVG's viewBox: the true-class labels, then the cells
     width: int                          # on the page, in CSS pixels: more classes, a wider matrix
 
 
@@ -318,8 +319,9 @@ def confusion_chart(metrics: dict) -> Confusion:
                                        title=f"true {true_name}, predicted {predicted_name}: {count}"))
     description = "; ".join(cell.title for cell in cells)
     drawn_width = CONFUSION_LABELS_WIDTH + len(names) * CONFUSION_CELL
+    width = max(CONFUSION_MIN_WIDTH, math.ceil(CONFUSION_MIN_SCALE * drawn_width))
     return Confusion(class_names=names, cells=cells, cell_size=CONFUSION_CELL, description=description,
-                     width=max(CONFUSION_MIN_WIDTH, math.ceil(CONFUSION_MIN_SCALE * drawn_width)))
+                     drawn_width=drawn_width, width=width)
 
 
 def roc_chart(labelled: Sequence[Row], class_names: Sequence[str], positive: Sequence[int]) -> Roc | None:
